@@ -1,0 +1,37 @@
+# Two entry points, each doing its own set-up on a fresh machine: `make demo`, `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ../shared/data
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: setup test lint format demo clean
+
+# torch is installed first from its exact CPU version: a loose torch requirement would pull
+# several GB of CUDA wheels. The stamp re-runs the install only when the pins change.
+$(BIN)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: setup
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+test: setup lint
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/fedcollm run configs/tiny.toml --data-dir $(DATA_DIR) --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,298 @@
+"""One experiment = one TOML file, validated before any model is loaded.
+
+Every table below is a dataclass; a TOML key that is not a field, a value of the wrong type
+or a value outside its allowed set is a `ConfigError` naming the key and what is allowed.
+Defaults follow the same authors' FedMKT paper where FedCoLLM leaves a value unstated
+(LoRA r 8 / alpha 16 / dropout 0.05, AdamW betas (0.9, 0.95), weight decay 0.1, clipping 1.0,
+lambda 1, T 1, one local epoch); see docs/CONFIG.md for the reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+
+@dataclass
+class TinyModel:
+    """A randomly initialised Llama-style model built in code (tests, smoke runs)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" (built from `tiny` below), a local model directory, or a hub id.
+    name: str = "tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModel = field(default_factory=TinyModel)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # Empty: picked per architecture (attention projections; see models.py).
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    # 0 keeps the whole training split; N keeps a seeded sample of N rows.
+    train_limit: int = 0
+    # "iid": the training split cut into K+1 equal parts (D_a, D_1..D_K), as in the paper.
+    # "dirichlet": D_a as before, the rest spread over clients by Dirichlet(alpha) per group.
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    dirichlet_by: Literal["label", "source"] = "label"
+    max_length: int = 256
+
+
+@dataclass
+class OptimConfig:
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ClientConfig:
+    local_epochs: int = 1
+    # 0: no cap; N: at most N optimiser steps per round (a step budget).
+    max_steps: int = 0
+    batch_size: int = 4
+    lr: float = 3e-4
+    # The paper averages with 1/K; "num_examples" weights by client data size (FedAvg).
+    aggregation: Literal["uniform", "num_examples"] = "uniform"
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = True
+    # R: optimiser steps per round on D_a; 0 means one pass over D_a.
+    kd_steps: int = 0
+    batch_size: int = 4
+    slm_lr: float = 3e-4
+    llm_lr: float = 3e-5
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    # forward: KL(teacher || student); reverse: KL(student || teacher); symmetric: their mean.
+    kd_direction: Literal["forward", "reverse", "symmetric"] = "forward"
+    # alternating: Algorithm 1 (SLM step, then LLM step, per batch); sequential: all SLM
+    # steps, then all LLM steps toward the final SLM.
+    schedule: Literal["alternating", "sequential"] = "alternating"
+    # 0: full vocabulary (default). k > 0: KL over the teacher's top-k tokens only.
+    top_k: int = 0
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["validation", "test"] = "validation"
+    # 0: every question of the split.
+    limit: int = 0
+    batch_size: int = 16
+
+
+@dataclass
+class FederationConfig:
+    # dtype of the adapter on the wire (bf16 is not accepted by Flower's ArrayRecord).
+    adapter_dtype: Literal["float32", "float16"] = "float32"
+    # CPUs each simulated client gets: clients run ceil(total_cpus / client_cpus) at a time.
+    client_cpus: int = 1
+    # Seconds the server waits for client replies each round.
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    rounds: int = 2
+    num_clients: int = 3
+    task: str = "arc_easy"
+    # Directory with <task>/<split>.jsonl in hub layout; empty: the Hugging Face hub.
+    data_dir: str = ""
+    llm: ModelConfig = field(default_factory=ModelConfig)
+    slm: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Positive integers and fractions that would make a run meaningless if zero or negative.
+_POSITIVE = {
+    "rounds", "num_clients", "lora.r", "lora.alpha", "data.max_length", "client.batch_size",
+    "client.local_epochs", "distill.batch_size", "eval.batch_size", "client.lr",
+    "distill.slm_lr", "distill.llm_lr", "distill.kd_temperature", "data.dirichlet_alpha",
+    "federation.client_cpus", "federation.round_timeout",
+}  # fmt: skip
+_NON_NEGATIVE = {
+    "data.train_limit", "client.max_steps", "distill.kd_steps", "distill.top_k", "eval.limit",
+    "distill.kd_weight", "optim.weight_decay", "optim.max_grad_norm", "lora.dropout",
+}  # fmt: skip
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(v) for v in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """Check one value against its field type; return it in that type."""
+    origin = typing.get_origin(tp)
+    wrong = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_type_name(tp)}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise wrong
+        return list(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise wrong
+    if not isinstance(value, tp):
+        raise wrong
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        if name not in fields:
+            allowed = ", ".join(prefix + f for f in fields)
+            raise ConfigError(f"unknown key '{key}'; allowed here: {allowed}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _convert(key, value, tp)
+    return cls(**kwargs)
+
+
+def _get(config: Config, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_meaning(config: Config) -> None:
+    """Cross-field checks: values that are well typed but make no sense together."""
+    for key in _POSITIVE:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {_get(config, key)}")
+    for key in _NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {_get(config, key)}")
+    if config.task not in TASKS:
+        raise ConfigError(f"task: unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
+    if not 0 <= config.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {config.lora.dropout}")
+    for key in ("optim.beta1", "optim.beta2"):
+        if not 0 <= _get(config, key) < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {_get(config, key)}")
+    if config.data_dir:
+        task_dir = Path(config.data_dir).expanduser() / config.task
+        if not (task_dir / "train.jsonl").is_file():
+            raise ConfigError(
+                f"data_dir: {task_dir / 'train.jsonl'} does not exist; point data_dir (or "
+                f"--data-dir) at a directory holding {config.task}/train.jsonl"
+            )
+    for role in ("llm", "slm"):
+        name = _get(config, f"{role}.name")
+        looks_local = name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+        if name != "tiny" and looks_local and not (Path(name).expanduser() / "config.json").is_file():
+            raise ConfigError(
+                f"{role}.name: {name!r} is not a model directory (no config.json there); "
+                "give \"tiny\", a directory saved with save_pretrained, or a hub id"
+            )
+    if config.data.partition == "dirichlet" and config.data.dirichlet_by == "source":
+        if config.task not in ("arc_easy", "arc_challenge"):
+            raise ConfigError(
+                f"data.dirichlet_by: {config.task} rows carry no question source; "
+                "use \"label\" (only ARC ids name their source)"
+            )
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = _build(Config, values)
+    _check_meaning(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set client.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        table = values
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is a value, not a table")
+        table[path[-1]] = value
+    return values
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, data_dir: str | None = None
+) -> Config:
+    """Read, override and validate a TOML config; raises ConfigError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    values = apply_overrides(values, overrides or [])
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    return config_from_dict(values)

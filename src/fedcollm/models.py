@@ -1,0 +1,155 @@
+"""Causal LMs and their LoRA adapters.
+
+A model is "tiny" (a random Llama built in code, with a byte-level tokenizer that needs no
+download), a local directory saved with `save_pretrained`, or a hub id. LoRA comes from
+`peft`; an adapter moves as the state dict `get_peft_model_state_dict` returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from fedcollm.config import LoraConfig, ModelConfig
+
+Adapter = dict[str, torch.Tensor]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# LoRA on the attention projections. For GPT-2 (c_attn) and OPT (q, k, v, out) with r = 8 this
+# gives the paper's adapter sizes: 0.29M of GPT-2-Small's 124M, 3.15M of OPT-1.3B's 1316M.
+TARGET_MODULES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "gpt_neox": ["query_key_value"],
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or tuned as configured."""
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus an end-of-text token.
+
+    Built in code, so tiny models need no files; it splits text exactly like GPT-2's
+    pre-tokenizer, which keeps lm-eval's context/continuation split meaningful."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def tiny_llama(spec: ModelConfig, vocab_size: int, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama; the same seed gives the same weights on every node."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.tiny.hidden_size,
+        intermediate_size=spec.tiny.intermediate_size,
+        num_hidden_layers=spec.tiny.num_layers,
+        num_attention_heads=spec.tiny.num_heads,
+        num_key_value_heads=spec.tiny.num_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(DTYPES[spec.dtype])
+
+
+def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """The model and tokenizer a config names; raises ModelError with the fix on failure."""
+    if spec.name == "tiny":
+        tokenizer = byte_tokenizer()
+        return tiny_llama(spec, len(tokenizer), seed), tokenizer
+    local = Path(spec.name).expanduser()
+    source = str(local) if local.is_dir() else spec.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local.is_dir())
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[spec.dtype], local_files_only=local.is_dir()
+        )
+    except OSError as err:
+        where = "the directory" if local.is_dir() else "the hub (is it reachable?)"
+        raise ModelError(f"could not load model {spec.name!r} from {where}: {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
+    if lora.target_modules:
+        return lora.target_modules
+    model_type = model.config.model_type
+    if model_type not in TARGET_MODULES:
+        raise ModelError(
+            f"no default LoRA target modules for architecture {model_type!r}; "
+            "set lora.target_modules, e.g. [\"q_proj\", \"v_proj\"]"
+        )
+    return TARGET_MODULES[model_type]
+
+
+def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
+    """Wrap a model with a fresh LoRA adapter (B = 0, so the wrapped model is unchanged)."""
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules(model, lora),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ModelError(f"lora.target_modules: {err}") from None
+
+
+def get_adapter(model: PeftModel) -> Adapter:
+    """A detached CPU copy of the adapter's weights, keyed as PEFT saves them."""
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter(model: PeftModel, adapter: Adapter) -> None:
+    """Load adapter weights in place; every LoRA tensor is overwritten."""
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+    state = {k: v.to(device=device, dtype=dtype) for k, v in adapter.items()}
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"adapter keys this model does not have: {unexpected[:3]}")
+
+
+def adapter_numel(adapter: Adapter) -> int:
+    return sum(t.numel() for t in adapter.values())
+
+
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """PEFT format: loadable with `PeftModel.from_pretrained(base_model, directory)`."""
+    model.save_pretrained(str(directory))

@@ -1,0 +1,147 @@
+"""The four multiple-choice QA tasks of the paper, with lm-evaluation-harness prompts.
+
+A row becomes a `Question`: a context (the prompt) and the choice strings. lm-eval scores the
+continuation `" " + choice` after the context; training uses the very same text, with the
+loss on the continuation of the correct choice only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TARGET_DELIMITER = " "
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as the task expects; names the file and line."""
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+    # The answer label ("A", "1", ...) and where the question comes from; used for non-IID splits.
+    label: str
+    source: str
+
+    @property
+    def answer(self) -> str:
+        return self.choices[self.gold]
+
+
+def _arc(row: dict[str, Any]) -> Question:
+    labels = list(row["choices"]["label"])
+    return Question(
+        id=row["id"],
+        context=f"Question: {row['question']}\nAnswer:",
+        choices=tuple(row["choices"]["text"]),
+        gold=labels.index(row["answerKey"]),
+        label=row["answerKey"],
+        # ARC ids name the exam they come from: "Mercury_7175875", "NYSEDREGENTS_2010_8_12".
+        source=row["id"].split("_")[0],
+    )
+
+
+def _openbookqa(row: dict[str, Any]) -> Question:
+    labels = list(row["choices"]["label"])
+    answer = row["answerKey"].strip()
+    return Question(
+        id=row["id"],
+        context=row["question_stem"],
+        choices=tuple(row["choices"]["text"]),
+        gold=labels.index(answer),
+        label=answer,
+        source="openbookqa",
+    )
+
+
+def _commonsense_qa(row: dict[str, Any]) -> Question:
+    texts = row["choices"]["text"]
+    labels = list(row["choices"]["label"])
+    listed = "".join(f"\n{label}. {text}" for label, text in zip(labels, texts, strict=True))
+    return Question(
+        id=row["id"],
+        context=f"Question: {row['question'].strip()}{listed}\nAnswer:",
+        # lm-eval answers CommonsenseQA with the letter, not the choice text.
+        choices=tuple(labels),
+        gold=labels.index(row["answerKey"]),
+        label=row["answerKey"],
+        source=row.get("question_concept", "commonsense_qa"),
+    )
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    hub_path: str
+    hub_name: str | None
+    to_question: Callable[[dict[str, Any]], Question]
+
+
+TASKS: dict[str, Task] = {
+    "arc_easy": Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", _arc),
+    "arc_challenge": Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", _arc),
+    "openbookqa": Task("openbookqa", "allenai/openbookqa", "main", _openbookqa),
+    "commonsense_qa": Task("commonsense_qa", "tau/commonsense_qa", None, _commonsense_qa),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def _read_jsonl(path: Path, task: Task) -> list[Question]:
+    questions = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                questions.append(task.to_question(row))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+            except (KeyError, TypeError) as err:
+                raise DataError(
+                    f"{path}:{number}: missing or malformed field {err} for task {task.name}"
+                ) from None
+            except ValueError:
+                raise DataError(
+                    f"{path}:{number}: answerKey {row.get('answerKey')!r} is not one of the "
+                    "choice labels"
+                ) from None
+    return questions
+
+
+def _read_hub(task: Task, split: str) -> list[Question]:
+    import datasets  # imported here: only hub runs pay for it
+
+    try:
+        rows = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
+    except Exception as err:  # noqa: BLE001 - any hub failure means the same to the user
+        raise DataError(
+            f"could not load {task.hub_path} ({split}) from the hub: {err}. "
+            "Without a hub, pass --data-dir with a directory holding <task>/<split>.jsonl"
+        ) from None
+    return [task.to_question(row) for row in rows]
+
+
+def load_questions(task_name: str, split: str, data_dir: str | Path | None) -> list[Question]:
+    """All questions of one split, from `data_dir/<task>/<split>.jsonl` or else from the hub."""
+    task = get_task(task_name)
+    if not data_dir:
+        return _read_hub(task, split)
+    path = Path(data_dir).expanduser() / task.name / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist; the data directory must hold {task.name}/{split}.jsonl"
+        )
+    return _read_jsonl(path, task)

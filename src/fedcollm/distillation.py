@@ -1,0 +1,143 @@
+"""Mutual knowledge distillation between the server LLM and the SLM on D_a (step 4).
+
+Each model's loss is its answer-token cross-entropy plus kd_weight * KL toward the other
+model's next-token distribution at the same answer positions. The KL runs over the full
+vocabulary in one vectorised pass over all answer positions of the batch; the teacher side
+carries no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fedcollm.config import DistillConfig, OptimConfig
+from fedcollm.data import Batch, Example, cycle_batches
+from fedcollm.training import answer_logits, make_optimizer, optimizer_step
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    top_k: int = 0,
+) -> torch.Tensor:
+    """KL between next-token distributions, mean over positions, scaled by T^2.
+
+    student, teacher: (N, V) logits at the same N answer positions; only `student` should
+    carry gradient. forward = KL(teacher || student), reverse = KL(student || teacher),
+    symmetric = their mean. If the vocabularies differ in size (padded embedding matrices),
+    the shared leading tokens are compared. top_k > 0 keeps the teacher's k most likely
+    tokens and renormalises both distributions over them.
+    """
+    vocab = min(student.shape[-1], teacher.shape[-1])
+    student, teacher = student[:, :vocab].float(), teacher[:, :vocab].float()
+    if top_k:
+        keep = teacher.topk(top_k, dim=-1).indices
+        student, teacher = student.gather(-1, keep), teacher.gather(-1, keep)
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    forward = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    reverse = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    kl = {"forward": forward, "reverse": reverse, "symmetric": (forward + reverse) / 2}
+    if direction not in kl:
+        raise ValueError(f"kd_direction must be one of {sorted(kl)}, got {direction!r}")
+    return kl[direction] * temperature**2
+
+
+@dataclass
+class DistillLosses:
+    """Per-step losses of one round of mutual distillation."""
+
+    slm_ce: list[float] = field(default_factory=list)
+    slm_kd: list[float] = field(default_factory=list)
+    llm_ce: list[float] = field(default_factory=list)
+    llm_kd: list[float] = field(default_factory=list)
+
+    def means(self) -> dict[str, float]:
+        return {
+            f"distill_{name}": (sum(v) / len(v) if v else float("nan"))
+            for name, v in vars(self).items()
+        }
+
+
+@torch.no_grad()
+def teacher_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Answer-position logits of a model acting as teacher: eval mode, no gradient."""
+    was_training = model.training
+    model.eval()
+    logits, _ = answer_logits(model, batch)
+    model.train(was_training)
+    return logits
+
+
+class MutualDistillation:
+    """Holds the two optimisers and runs R steps of co-tuning per call.
+
+    The LLM's optimiser (for omega) lives across rounds. The SLM's is made anew each round,
+    because theta is overwritten by the clients' aggregate before every distillation.
+    """
+
+    def __init__(self, llm, slm, cfg: DistillConfig, optim: OptimConfig):
+        self.llm, self.slm, self.cfg, self.optim = llm, slm, cfg, optim
+        self.llm_optimizer = make_optimizer(llm.parameters(), cfg.llm_lr, optim)
+        self._make_slm_optimizer = lambda: make_optimizer(slm.parameters(), cfg.slm_lr, optim)
+
+    def _loss(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor):
+        ce = F.cross_entropy(student.float(), targets)
+        kd = kd_loss(student, teacher, self.cfg.kd_temperature, self.cfg.kd_direction,
+                     self.cfg.top_k)  # fmt: skip
+        return ce + self.cfg.kd_weight * kd, ce.item(), kd.item()
+
+    def _slm_step(self, optimizer, batch, llm_teacher, losses: DistillLosses) -> None:
+        logits, targets = answer_logits(self.slm, batch)
+        loss, ce, kd = self._loss(logits, targets, llm_teacher)
+        optimizer_step(optimizer, loss, self.optim.max_grad_norm)
+        losses.slm_ce.append(ce)
+        losses.slm_kd.append(kd)
+
+    def _llm_step(self, batch, llm_out, slm_teacher, losses: DistillLosses) -> None:
+        logits, targets = llm_out if llm_out is not None else answer_logits(self.llm, batch)
+        loss, ce, kd = self._loss(logits, targets, slm_teacher)
+        optimizer_step(self.llm_optimizer, loss, self.optim.max_grad_norm)
+        losses.llm_ce.append(ce)
+        losses.llm_kd.append(kd)
+
+    def run(
+        self,
+        aux_data: Sequence[Example],
+        pad_id: int,
+        seed: int,
+        on_step: Callable[[int, int, DistillLosses], None] | None = None,
+    ) -> DistillLosses:
+        steps = self.cfg.kd_steps or -(-len(aux_data) // self.cfg.batch_size)
+        batches = list(cycle_batches(aux_data, self.cfg.batch_size, pad_id, steps, seed))
+        slm_optimizer = self._make_slm_optimizer()
+        self.llm.train()
+        self.slm.train()
+        torch.manual_seed(seed)  # LoRA dropout
+        losses = DistillLosses()
+        if self.cfg.schedule == "alternating":
+            for step, batch in enumerate(batches, start=1):
+                # Algorithm 1: update theta toward the LLM, then omega toward the updated SLM.
+                # The LLM's forward serves twice: detached, as the SLM's teacher, and as its
+                # own student pass (omega does not change in between), saving one forward.
+                llm_out = answer_logits(self.llm, batch)
+                self._slm_step(slm_optimizer, batch, llm_out[0].detach(), losses)
+                self._llm_step(batch, llm_out, teacher_logits(self.slm, batch), losses)
+                if on_step:
+                    on_step(step, steps, losses)
+        else:
+            for step, batch in enumerate(batches, start=1):
+                self._slm_step(slm_optimizer, batch, teacher_logits(self.llm, batch), losses)
+                if on_step:
+                    on_step(step, 2 * steps, losses)
+            for step, batch in enumerate(batches, start=steps + 1):
+                self._llm_step(batch, None, teacher_logits(self.slm, batch), losses)
+                if on_step:
+                    on_step(step, 2 * steps, losses)
+        return losses

@@ -1,0 +1,87 @@
+"""metrics.jsonl (one object per round, round 0 = zero-shot), progress lines, the summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per round to `out_dir/metrics.jsonl` as soon as it is known."""
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        self.path.write_text("")
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def progress_line(row: dict[str, Any], rounds: int) -> str:
+    """One line per round while the run goes on."""
+    parts = [f"round {row['round']}/{rounds}"]
+    if row["round"] > 0:
+        parts.append(f"client loss {_fmt(row['client_train_loss'])}")
+        if row.get("distill_slm_kd") is not None:
+            parts.append(f"KD(slm) {_fmt(row['distill_slm_kd'])} KD(llm) {_fmt(row['distill_llm_kd'])}")
+    parts.append(f"LLM acc {_fmt(row['llm_acc'])} / SLM acc {_fmt(row['slm_acc'])}")
+    parts.append(f"{_fmt(row['seconds']['round'], '.1f')} s")
+    return " | ".join(parts)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The table printed at the end of a run: accuracy and communication per round."""
+    head = (
+        f"{'round':>5}  {'LLM acc':>8} {'acc_norm':>8}  {'SLM acc':>8} {'acc_norm':>8}  "
+        f"{'client loss':>11}  {'sent/client':>11} {'recv/client':>11}  {'seconds':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    total_bytes = 0
+    for r in rows:
+        clients = r.get("clients", [])
+        sent = sum(c["bytes_sent"] for c in clients)
+        received = sum(c["bytes_received"] for c in clients)
+        total_bytes += sent + received
+        per_client = max(len(clients), 1)
+        lines.append(
+            f"{r['round']:>5}  {_fmt(r['llm_acc']):>8} {_fmt(r['llm_acc_norm']):>8}  "
+            f"{_fmt(r['slm_acc']):>8} {_fmt(r['slm_acc_norm']):>8}  "
+            f"{_fmt(r.get('client_train_loss')):>11}  "
+            f"{human_bytes(sent / per_client) if clients else '-':>11} "
+            f"{human_bytes(received / per_client) if clients else '-':>11}  "
+            f"{_fmt(r['seconds']['round'], '.1f'):>8}"
+        )
+    lines.append("")
+    last = rows[-1]
+    lines.append(f"evaluated on {last['eval_questions']} {last['eval_split']} questions of {last['task']}")
+    if "adapter_params" in last:
+        lines.append(
+            f"SLM adapter: {last['adapter_params']:,} parameters, "
+            f"{100 * last['adapter_params'] / last['slm_params']:.3f}% of the SLM's "
+            f"{last['slm_params']:,}; total traffic {human_bytes(total_bytes)}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""One FedCoLLM run in Flower's simulation engine: K virtual clients on this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedcollm.config import Config
+
+
+def simulate(config: Config, out_dir: Path, verbose: bool = False) -> list[dict[str, Any]]:
+    """Run the ServerApp and K ClientApps; returns the metrics rows, re-raises server errors."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedcollm.client_app import make_client_app
+    from fedcollm.server_app import run_server
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    outcome: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        # Flower only logs what escapes a ServerApp; keep it to hand it to the caller.
+        try:
+            outcome["rows"] = run_server(grid, config, out_dir)
+        except Exception as err:  # noqa: BLE001
+            outcome["error"] = err
+
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": config.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False},
+    }
+    run_simulation(
+        server_app=server_app,
+        client_app=make_client_app(config),
+        num_supernodes=config.num_clients,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    if "rows" not in outcome:
+        raise RuntimeError("the simulation ended before the server finished; rerun with -v")
+    return outcome["rows"]

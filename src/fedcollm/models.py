@@ -7,6 +7,7 @@ download), a local directory saved with `save_pretrained`, or a hub id. LoRA com
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ from transformers import (
 from fedcollm.config import LoraConfig, ModelConfig
 
 Adapter = dict[str, torch.Tensor]
+
+# peft calls a transformers method that transformers 5 renamed; harmless, and once per model.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -122,6 +126,8 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target_modules(model, lora),
+        # GPT-2 stores its projections transposed (Conv1D).
+        fan_in_fan_out=model.config.model_type == "gpt2",
         task_type="CAUSAL_LM",
     )
     try:

@@ -13,7 +13,7 @@ from fedcollm.config import Config
 def simulate(config: Config, out_dir: Path, verbose: bool = False) -> list[dict[str, Any]]:
     """Run the ServerApp and K ClientApps; returns the metrics rows, re-raises server errors."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -21,7 +21,9 @@ def simulate(config: Config, out_dir: Path, verbose: bool = False) -> list[dict[
     from fedcollm.server_app import run_server
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        # Flower logs every round at INFO and warns that run_simulation is "deprecated" in
+        # favour of `flwr run`, which `fedcollm run` wraps on purpose; errors still show.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
 

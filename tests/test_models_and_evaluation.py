@@ -1,0 +1,127 @@
+"""Models, adapters and multiple-choice scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from peft import PeftModel
+from tinymodels import PAD, TOKENIZER, batch, nudge_lora_b, tiny_lora_model, tiny_model
+
+from fedcollm.config import LoraConfig
+from fedcollm.evaluation import accuracy, choice_loglikelihoods, evaluate_multiple_choice
+from fedcollm.models import (
+    ModelError,
+    add_lora,
+    get_adapter,
+    save_adapter,
+    set_adapter,
+    target_modules,
+)
+from fedcollm.tasks import Question
+from fedcollm.training import answer_logits
+
+V = len(TOKENIZER)
+TINY_ARCHITECTURES = {
+    "llama": transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4),
+    "qwen2": transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+    "gpt2": transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4),
+    "opt": transformers.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+        num_attention_heads=4, word_embed_proj_dim=32),
+    "gemma": transformers.GemmaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=8),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
+def test_default_lora_targets_and_answer_logits_for_each_architecture(arch):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(TINY_ARCHITECTURES[arch]).eval()
+    peft_model = add_lora(model, LoraConfig())
+    assert get_adapter(peft_model), f"no LoRA modules found for {arch}"
+    b = batch()
+    logits, targets = answer_logits(peft_model, b)
+    full = peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert torch.allclose(logits, full[:, :-1][b.answer_mask[:, 1:]], atol=1e-5)
+    assert torch.equal(targets, b.input_ids[:, 1:][b.answer_mask[:, 1:]])
+
+
+def test_default_adapter_of_gpt2_small_has_the_papers_size():
+    # GPT-2-Small with LoRA r=8 on c_attn: 0.29M parameters, as in the paper's Table 2.
+    config = transformers.GPT2Config(n_embd=768, n_layer=12, n_head=12)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    lora_model = add_lora(model, LoraConfig())
+    lora_params = sum(p.numel() for n, p in lora_model.named_parameters() if "lora_" in n)
+    assert lora_params == 294_912
+
+
+def test_unknown_architecture_asks_for_target_modules():
+    model = tiny_model()
+    model.config.model_type = "mystery"
+    with pytest.raises(ModelError, match="set lora.target_modules"):
+        target_modules(model, LoraConfig())
+    assert target_modules(model, LoraConfig(target_modules=["q_proj"])) == ["q_proj"]
+
+
+def test_adapter_round_trip_and_peft_format(tmp_path):
+    model = tiny_lora_model(seed=0)
+    nudge_lora_b(model)
+    adapter = get_adapter(model)
+    other = tiny_lora_model(seed=0)
+    assert any(not torch.equal(adapter[k], v) for k, v in get_adapter(other).items())
+    set_adapter(other, adapter)
+    assert all(torch.equal(adapter[k], v) for k, v in get_adapter(other).items())
+
+    save_adapter(model, tmp_path / "slm")
+    loaded = PeftModel.from_pretrained(tiny_model(seed=0), tmp_path / "slm").eval()
+    b = batch()
+    expected = model.eval()(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    got = loaded(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert torch.allclose(expected, got, atol=1e-6)
+
+
+QUESTIONS = [
+    Question("q1", "Question: Which is a mammal?\nAnswer:", ("a whale", "a trout", "an ant"),
+             0, "A", "test"),
+    Question("q2", "The sun rises in the", ("east", "west"), 1, "B", "test"),
+    Question("q3", "Question: Pick\nAnswer:", ("x", "yyyyyyyy", "zz", "w"), 2, "C", "test"),
+]  # fmt: skip
+
+
+def _naive_loglikelihood(model, context, continuation):
+    """One unbatched full forward per choice, the slow obvious way."""
+    ctx = TOKENIZER.encode(context, add_special_tokens=False)
+    whole = TOKENIZER.encode(context + continuation, add_special_tokens=False)
+    logprobs = F.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
+def test_batched_loglikelihoods_equal_one_forward_per_choice():
+    model = tiny_model(seed=3).eval()
+    lls = choice_loglikelihoods(model, TOKENIZER, QUESTIONS, batch_size=3)
+    for q, scores in zip(QUESTIONS, lls, strict=True):
+        naive = [_naive_loglikelihood(model, q.context, " " + c) for c in q.choices]
+        assert scores == pytest.approx(naive, abs=1e-4)
+
+
+def test_acc_and_acc_norm_follow_lm_eval():
+    # acc: argmax of summed log-likelihood; acc_norm: divided by the choice's characters.
+    lls = [[-3.0, -2.0, -5.0], [-1.0, -4.0], [-9.0, -10.0, -8.5, -9.5]]
+    result = accuracy(QUESTIONS, lls)
+    assert result.predictions == [1, 0, 2]
+    # q1: -3/7 > -2/7? no: -0.43 vs -0.29 vs -0.83 -> 1; q3: -9/1, -10/8, -8.5/2, -9.5/1 -> 1
+    assert result.predictions_norm == [1, 0, 1]
+    assert result.acc == pytest.approx(1 / 3)
+    assert result.acc_norm == pytest.approx(0.0)
+    assert result.n == 3
+
+
+def test_evaluation_leaves_training_mode_as_it_was():
+    model = tiny_model(seed=3).train()
+    evaluate_multiple_choice(model, TOKENIZER, QUESTIONS)
+    assert model.training
+    assert PAD == TOKENIZER.pad_token_id

@@ -61,8 +61,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="TOML experiment file (see configs/)")
     run.add_argument("--out", help="output directory (default runs/<config name>)")
     run.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set client.lr=1e-4 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set client.lr=1e-4 (repeatable)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     run.set_defaults(func=cmd_run)
 

@@ -238,16 +238,20 @@ def _check_meaning(config: Config) -> None:
     for role in ("llm", "slm"):
         name = _get(config, f"{role}.name")
         looks_local = name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
-        if name != "tiny" and looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        if (
+            name != "tiny"
+            and looks_local
+            and not (Path(name).expanduser() / "config.json").is_file()
+        ):
             raise ConfigError(
                 f"{role}.name: {name!r} is not a model directory (no config.json there); "
-                "give \"tiny\", a directory saved with save_pretrained, or a hub id"
+                'give "tiny", a directory saved with save_pretrained, or a hub id'
             )
     if config.data.partition == "dirichlet" and config.data.dirichlet_by == "source":
         if config.task not in ("arc_easy", "arc_challenge"):
             raise ConfigError(
                 f"data.dirichlet_by: {config.task} rows carry no question source; "
-                "use \"label\" (only ARC ids name their source)"
+                'use "label" (only ARC ids name their source)'
             )
 
 

@@ -47,7 +47,9 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
     if row["round"] > 0:
         parts.append(f"client loss {_fmt(row['client_train_loss'])}")
         if row.get("distill_slm_kd") is not None:
-            parts.append(f"KD(slm) {_fmt(row['distill_slm_kd'])} KD(llm) {_fmt(row['distill_llm_kd'])}")
+            parts.append(
+                f"KD(slm) {_fmt(row['distill_slm_kd'])} KD(llm) {_fmt(row['distill_llm_kd'])}"
+            )
     parts.append(f"LLM acc {_fmt(row['llm_acc'])} / SLM acc {_fmt(row['slm_acc'])}")
     parts.append(f"{_fmt(row['seconds']['round'], '.1f')} s")
     return " | ".join(parts)
@@ -77,7 +79,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         )
     lines.append("")
     last = rows[-1]
-    lines.append(f"evaluated on {last['eval_questions']} {last['eval_split']} questions of {last['task']}")
+    lines.append(
+        f"evaluated on {last['eval_questions']} {last['eval_split']} questions of {last['task']}"
+    )
     if "adapter_params" in last:
         lines.append(
             f"SLM adapter: {last['adapter_params']:,} parameters, "

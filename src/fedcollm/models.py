@@ -114,7 +114,7 @@ def target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
     if model_type not in TARGET_MODULES:
         raise ModelError(
             f"no default LoRA target modules for architecture {model_type!r}; "
-            "set lora.target_modules, e.g. [\"q_proj\", \"v_proj\"]"
+            'set lora.target_modules, e.g. ["q_proj", "v_proj"]'
         )
     return TARGET_MODULES[model_type]
 

@@ -34,9 +34,7 @@ from fedcollm.wire import (
 class FedCoLLM(FedAvg):
     """Every client trains every round; aggregation is replaced by aggregate-then-distill."""
 
-    def __init__(
-        self, server: CoTuningServer, eval_questions: list[Question], metrics: MetricsLog
-    ):
+    def __init__(self, server: CoTuningServer, eval_questions: list[Question], metrics: MetricsLog):
         k = server.config.num_clients
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=k

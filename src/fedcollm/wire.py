@@ -18,7 +18,9 @@ from fedcollm.models import DTYPES, Adapter
 
 def adapter_to_record(adapter: Adapter, dtype: str = "float32") -> ArrayRecord:
     """theta in the wire dtype (ArrayRecord takes fp32 or fp16, not bf16)."""
-    return ArrayRecord(OrderedDict((k, v.to(DTYPES[dtype]).contiguous()) for k, v in adapter.items()))
+    return ArrayRecord(
+        OrderedDict((k, v.to(DTYPES[dtype]).contiguous()) for k, v in adapter.items())
+    )
 
 
 def record_to_adapter(record: ArrayRecord) -> Adapter:

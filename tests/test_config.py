@@ -295,7 +295,7 @@ def test_overrides_replace_file_values(tmp_path):
             'distill.kd_direction="reverse"',  # a quoted TOML string
             "slm.tiny={ hidden_size = 24, num_heads = 2 }",  # a nested table value
             "llm.tiny.num_layers=1",  # one key of an existing nested table
-            "lora.target_modules=[\"q_proj\", \"v_proj\"]",
+            'lora.target_modules=["q_proj", "v_proj"]',
             "distill.enabled=false",
         ],
     )

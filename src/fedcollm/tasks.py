@@ -100,8 +100,12 @@ def get_task(name: str) -> Task:
 
 def _read_jsonl(path: Path, task: Task) -> list[Question]:
     questions = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

@@ -16,8 +16,13 @@ USER_ERRORS = (ConfigError, DataError, ModelError)
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=args.set, data_dir=args.data_dir)
+    from fedcollm.models import model_path
     from fedcollm.simulation import simulate  # heavy imports only once the config is valid
 
+    # Fetch and convert registry models here, once, before server and clients load them.
+    for spec in (config.llm, config.slm):
+        if spec.name != "tiny":
+            model_path(spec.name)
     out_dir = Path(args.out or f"runs/{Path(args.config).stem}")
     print(f"fedcollm run: {config.num_clients} clients, {config.rounds} rounds, "
           f"task {config.task}, output in {out_dir}", flush=True)  # fmt: skip
@@ -72,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("evaluate", help="multiple-choice accuracy of one model")
-    ev.add_argument("--model", required=True, help='"tiny", a model directory or a hub id')
+    ev.add_argument("--model", required=True,
+                    help='"tiny", a registry name (fedcollm models), a model directory or a hub id')
     ev.add_argument("--adapter", help="a saved PEFT adapter directory to apply")
     ev.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     ev.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")

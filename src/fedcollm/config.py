@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedcollm.registry import REGISTRY
+
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "commonsense_qa")
 
 
@@ -35,7 +37,7 @@ class TinyModel:
 
 @dataclass
 class ModelConfig:
-    # "tiny" (built from `tiny` below), a local model directory, or a hub id.
+    # "tiny" (built from `tiny` below), a registry short name, a local directory, or a hub id.
     name: str = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyModel = field(default_factory=TinyModel)
@@ -237,6 +239,8 @@ def _check_meaning(config: Config) -> None:
             )
     for role in ("llm", "slm"):
         name = _get(config, f"{role}.name")
+        if name in REGISTRY:
+            continue
         looks_local = name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
         if (
             name != "tiny"

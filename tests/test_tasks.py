@@ -271,4 +271,24 @@ def test_unknown_task():
         get_task("mmlu")
     with pytest.raises(DataError, match="unknown task"):
         load_questions("mmlu", "train", "/nonexistent")
-    assert set(TASKS) == {"arc_easy", "arc_challenge", "openbookqa", "commonsense_qa"}
+    paper = {"arc_easy", "arc_challenge", "openbookqa", "commonsense_qa"}
+    assert set(TASKS) == paper | {"vell_fruits"}
+
+
+def test_builtin_task_is_deterministic_and_in_arc_format():
+    from fedcollm import synthetic
+
+    train = load_questions("vell_fruits", "train", None)
+    assert len(train) == synthetic.SPLIT_SIZES["train"]
+    assert train == load_questions("vell_fruits", "train", None)
+    validation = load_questions("vell_fruits", "validation", None)
+    assert not {q.context for q in validation} & {q.context for q in train}
+    facts = synthetic.world()
+    for q in train + validation:
+        assert q.context.startswith("Question: ") and q.context.endswith("\nAnswer:")
+        assert len(q.choices) == 4 and len(set(q.choices)) == 4
+        fruit = next(f for f in facts if f" {f}" in q.context)
+        assert q.answer == facts[fruit]
+    # Answers are spread over the four positions, so position alone cannot score.
+    positions = [q.gold for q in validation]
+    assert all(positions.count(i) > len(positions) / 8 for i in range(4))

@@ -1,4 +1,5 @@
-"""The four multiple-choice QA tasks of the paper, with lm-evaluation-harness prompts.
+"""The four multiple-choice QA tasks of the paper, with lm-evaluation-harness prompts, and
+the built-in `vell_fruits` task generated in code.
 
 A row becomes a `Question`: a context (the prompt) and the choice strings. lm-eval scores the
 continuation `" " + choice` after the context; training uses the very same text, with the
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedcollm import synthetic
 
 TARGET_DELIMITER = " "
 
@@ -89,6 +92,8 @@ TASKS: dict[str, Task] = {
     "arc_challenge": Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", _arc),
     "openbookqa": Task("openbookqa", "allenai/openbookqa", "main", _openbookqa),
     "commonsense_qa": Task("commonsense_qa", "tau/commonsense_qa", None, _commonsense_qa),
+    # Generated in code (see synthetic.py); ARC's layout and prompt.
+    synthetic.NAME: Task(synthetic.NAME, "", None, _arc),
 }
 
 
@@ -141,6 +146,8 @@ def _read_hub(task: Task, split: str) -> list[Question]:
 def load_questions(task_name: str, split: str, data_dir: str | Path | None) -> list[Question]:
     """All questions of one split, from `data_dir/<task>/<split>.jsonl` or else from the hub."""
     task = get_task(task_name)
+    if task.name == synthetic.NAME:
+        return [task.to_question(row) for row in synthetic.generate(split)]
     if not data_dir:
         return _read_hub(task, split)
     path = Path(data_dir).expanduser() / task.name / f"{split}.jsonl"

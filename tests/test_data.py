@@ -309,3 +309,26 @@ def test_cycle_batches_wraps_around():
     batches = list(cycle_batches(examples, batch_size=2, pad_id=0, steps=6, seed=1))
     seen = Counter(i for b in batches for i in batch_ids(b))
     assert seen == Counter({0: 3, 1: 3, 2: 3, 3: 3})
+
+
+class _MergingTokenizer:
+    """Encodes "ab" as one token when the two letters meet, else one token per letter."""
+
+    def encode(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            if text[i : i + 2] == "ab":
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+
+def test_the_model_reads_the_contexts_own_tokens_as_lm_eval_does():
+    # "xa" + "b" merges across the boundary in the whole text; lm-eval feeds the context's own
+    # tokens and then whatever the whole text has after that many tokens.
+    example = encode_pair(_MergingTokenizer(), "xa", "bc", max_length=16)
+    assert example.input_ids == [ord("x"), ord("a"), ord("c")]
+    assert example.answer_mask == [False, False, True]

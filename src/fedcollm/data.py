@@ -81,16 +81,18 @@ class Example:
 
 
 def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> Example:
-    """Tokenise as lm-evaluation-harness does: encode the whole text once and take the tokens
-    after the context's own encoding as the continuation. Trailing spaces of the context move
-    to the continuation; no special tokens are added. Long prompts lose their left end."""
+    """Tokenise as lm-evaluation-harness does: the continuation is the whole text's tokens
+    after as many tokens as the context alone encodes to, and the model reads the context's
+    own tokens followed by those. Trailing spaces of the context move to the continuation; no
+    special tokens are added. Long prompts lose their left end."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     context_ids = tokenizer.encode(context, add_special_tokens=False)
     whole_ids = tokenizer.encode(context + continuation, add_special_tokens=False)
-    n_answer = len(whole_ids) - len(context_ids)
-    ids = whole_ids[-max_length:]
+    answer_ids = whole_ids[len(context_ids) :]
+    n_answer = len(answer_ids)
+    ids = (context_ids + answer_ids)[-max_length:]
     mask = [False] * (len(ids) - n_answer) + [True] * n_answer
     return Example(input_ids=ids, answer_mask=mask[-len(ids) :])
 

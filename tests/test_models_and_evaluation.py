@@ -100,10 +100,16 @@ def _naive_loglikelihood(model, context, continuation):
     return sum(logprobs[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
 
 
-def test_batched_loglikelihoods_equal_one_forward_per_choice():
+# Same prompt length and choice count as q3: scored in one batch, sharing the prompt pass.
+SAME_LENGTH = Question("q4", "Question: Pack\nAnswer:", ("a", "bbbb", "cc", "ddddddd"), 3, "D", "t")
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_batched_loglikelihoods_equal_one_forward_per_choice(batch_size):
     model = tiny_model(seed=3).eval()
-    lls = choice_loglikelihoods(model, TOKENIZER, QUESTIONS, batch_size=3)
-    for q, scores in zip(QUESTIONS, lls, strict=True):
+    questions = [*QUESTIONS, SAME_LENGTH]
+    lls = choice_loglikelihoods(model, TOKENIZER, questions, batch_size=batch_size)
+    for q, scores in zip(questions, lls, strict=True):
         naive = [_naive_loglikelihood(model, q.context, " " + c) for c in q.choices]
         assert scores == pytest.approx(naive, abs=1e-4)
 

@@ -80,20 +80,34 @@ class Example:
     answer_mask: list[bool]
 
 
-def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> Example:
-    """Tokenise as lm-evaluation-harness does: the continuation is the whole text's tokens
-    after as many tokens as the context alone encodes to, and the model reads the context's
-    own tokens followed by those. Trailing spaces of the context move to the continuation; no
-    special tokens are added. Long prompts lose their left end."""
+def encode_continuations(
+    tokenizer, context: str, continuations: Sequence[str], max_length: int
+) -> tuple[list[int], list[list[int]]]:
+    """Tokenise as lm-evaluation-harness does: a continuation's tokens are the whole text's
+    tokens after as many tokens as the context alone encodes to, and the model reads the
+    context's own tokens followed by those. Trailing spaces of the context move to the
+    continuation; no special tokens are added. Returns the context tokens (shared by every
+    continuation; its left end cut so that the longest pair fits in `max_length`) and the
+    tokens of each continuation."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
+        context, continuations = context[:-spaces], [context[-spaces:] + c for c in continuations]
     context_ids = tokenizer.encode(context, add_special_tokens=False)
-    whole_ids = tokenizer.encode(context + continuation, add_special_tokens=False)
-    answer_ids = whole_ids[len(context_ids) :]
-    n_answer = len(answer_ids)
+    answers = [
+        tokenizer.encode(context + c, add_special_tokens=False)[len(context_ids) :]
+        for c in continuations
+    ]
+    keep = max(max_length - max(len(a) for a in answers), 1)
+    return context_ids[-keep:], answers
+
+
+def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> Example:
+    """One (context, continuation) pair as a training example; see `encode_continuations`."""
+    context_ids, (answer_ids,) = encode_continuations(
+        tokenizer, context, [continuation], max_length
+    )
     ids = (context_ids + answer_ids)[-max_length:]
-    mask = [False] * (len(ids) - n_answer) + [True] * n_answer
+    mask = [False] * len(context_ids) + [True] * len(answer_ids)
     return Example(input_ids=ids, answer_mask=mask[-len(ids) :])
 
 

@@ -2,19 +2,22 @@
 
 Each choice is scored by the summed log-likelihood of its continuation `" " + choice` after
 the prompt (acc), and by that sum divided by the choice's length in characters (acc_norm).
+The prompt is run once per question and its key/value cache shared by all of its choices;
+questions whose prompts have the same token length are batched together, so there is no
+padding in the prompt pass and the choices are right-padded after it.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fedcollm.data import collate, encode_pair
+from fedcollm.data import encode_continuations
 from fedcollm.tasks import TARGET_DELIMITER, Question
-from fedcollm.training import answer_logits, answer_rows
 
 
 @dataclass
@@ -29,6 +32,34 @@ class Accuracy:
         return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n}
 
 
+def _score_group(model, contexts: list[list[int]], choices: list[list[list[int]]], pad_id: int):
+    """Summed log-probabilities of the choices of questions whose contexts have one length.
+
+    contexts: B context token lists of one length L; choices: B lists of n token lists.
+    Returns B lists of n floats."""
+    n = len(choices[0])
+    context = torch.tensor(contexts)  # (B, L)
+    out = model(input_ids=context, use_cache=True, logits_to_keep=1)
+    # The context's last position predicts every choice's first token.
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n, 0)  # (B*n, V)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    flat = [c for per_question in choices for c in per_question]
+    width = max(len(c) for c in flat)
+    ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
+    real = torch.zeros((len(flat), width), dtype=torch.bool)
+    for row, c in enumerate(flat):
+        ids[row, : len(c)] = torch.tensor(c)
+        real[row, : len(c)] = True
+    attention = torch.cat([torch.ones(len(flat), context.shape[1], dtype=torch.long), real], 1)
+    logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits
+    # Position j of a choice predicts its token j+1.
+    rest = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    totals = first.gather(-1, ids[:, :1])[:, 0].double()
+    totals += (rest.double() * real[:, 1:]).sum(1)
+    return totals.view(len(choices), n).tolist()
+
+
 @torch.inference_mode()
 def choice_loglikelihoods(
     model: torch.nn.Module,
@@ -38,31 +69,31 @@ def choice_loglikelihoods(
     max_length: int = 256,
 ) -> list[list[float]]:
     """Summed log-probability of every choice's continuation, per question."""
-    requests = [
-        (q_index, encode_pair(tokenizer, q.context, TARGET_DELIMITER + choice, max_length))
-        for q_index, q in enumerate(questions)
-        for choice in q.choices
+    encoded = [
+        encode_continuations(
+            tokenizer, q.context, [TARGET_DELIMITER + c for c in q.choices], max_length
+        )
+        for q in questions
     ]
-    # Longest first, so that batches hold similar lengths and little padding.
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1].input_ids))
-    scores = [0.0] * len(requests)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, (context, answers) in enumerate(encoded):
+        groups[len(context), len(answers)].append(index)
+    scores: list[list[float]] = [[] for _ in questions]
     was_training = model.training
     model.eval()
-    pad_id = tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate([requests[i][1] for i in chunk], pad_id)
-        logits, targets = answer_logits(model, batch)
-        token_logprobs = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])
-        sums = torch.zeros(len(chunk), dtype=torch.float64)
-        sums.index_add_(0, answer_rows(batch), token_logprobs[:, 0].double())
-        for i, total in zip(chunk, sums.tolist(), strict=True):
-            scores[i] = total
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            results = _score_group(
+                model,
+                [encoded[i][0] for i in chunk],
+                [encoded[i][1] for i in chunk],
+                tokenizer.pad_token_id,
+            )
+            for i, result in zip(chunk, results, strict=True):
+                scores[i] = result
     model.train(was_training)
-    per_question: list[list[float]] = [[] for _ in questions]
-    for (q_index, _), score in zip(requests, scores, strict=True):
-        per_question[q_index].append(score)
-    return per_question
+    return scores
 
 
 def accuracy(questions: Sequence[Question], loglikelihoods: Sequence[Sequence[float]]) -> Accuracy:

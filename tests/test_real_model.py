@@ -14,6 +14,8 @@ from fedcollm.registry import ensure_model
 from fedcollm.tasks import load_questions
 
 pytestmark = pytest.mark.slow
+# "Which two traits would best distinguish a bird from other vertebrates?" -> feathers and wings
+KNOWN_ID = "AKDE&ED_2012_8_43"
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 from fedcollm.config import Config
 from fedcollm.cotuning import build_slm, client_update, encode, training_split
+from fedcollm.metrics import worth_reporting
 from fedcollm.wire import (
     adapter_digest,
     adapter_to_record,
@@ -51,7 +52,14 @@ def train(config: Config, msg: Message, context: Context) -> Message:
     slm_adapter = record_to_adapter(received)
     server_round = int(msg.content["config"]["server-round"])
     seed = (config.seed * 1_000 + server_round) * 1_000 + partition
-    update = client_update(slm, slm_adapter, client_data, config, tokenizer.pad_token_id, seed)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if worth_reporting(step, total):
+            print(f"  client {partition} round {server_round}: step {step}/{total} loss {loss:.3f}")
+
+    update = client_update(
+        slm, slm_adapter, client_data, config, tokenizer.pad_token_id, seed, on_step=progress
+    )
     arrays = adapter_to_record(update.adapter, config.federation.adapter_dtype)
     metrics = MetricRecord(
         {

@@ -41,6 +41,11 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+def worth_reporting(step: int, total: int, reports: int = 5) -> bool:
+    """True on about `reports` evenly spaced steps of `total`, always on the last one."""
+    return step == total or step % max(total // reports, 1) == 0
+
+
 def progress_line(row: dict[str, Any], rounds: int) -> str:
     """One line per round while the run goes on."""
     parts = [f"round {row['round']}/{rounds}"]

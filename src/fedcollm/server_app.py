@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedcollm.config import Config
 from fedcollm.cotuning import ClientUpdate, CoTuningServer, evaluation_questions
-from fedcollm.metrics import MetricsLog, progress_line, summary_table
+from fedcollm.metrics import MetricsLog, progress_line, summary_table, worth_reporting
 from fedcollm.models import adapter_numel
 from fedcollm.tasks import Question
 from fedcollm.wire import (
@@ -85,7 +85,7 @@ class FedCoLLM(FedAvg):
             )
         if not updates:
             raise RuntimeError(f"round {server_round}: no client returned an update: {dropped}")
-        result = self.server.server_update(updates, server_round)
+        result = self.server.server_update(updates, server_round, on_step=self._distill_progress)
         self.row.update(
             clients=sorted(clients, key=lambda c: c["partition"]),
             dropped=dropped,
@@ -97,6 +97,12 @@ class FedCoLLM(FedAvg):
         )
         next_theta = adapter_to_record(result.slm_adapter, self.config.federation.adapter_dtype)
         return next_theta, MetricRecord({"train_loss": self.row["client_train_loss"]})
+
+    def _distill_progress(self, step: int, total: int, losses) -> None:
+        if worth_reporting(step, total):
+            latest = {k: v[-1] for k, v in vars(losses).items() if v}
+            shown = " ".join(f"{k} {v:.3f}" for k, v in latest.items())
+            print(f"  distillation step {step}/{total}: {shown}", flush=True)
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central evaluation of the LLM and the global SLM; writes the round's metrics row."""

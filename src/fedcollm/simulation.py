@@ -14,6 +14,7 @@ def simulate(config: Config, out_dir: Path, verbose: bool = False) -> list[dict[
     """Run the ServerApp and K ClientApps; returns the metrics rows, re-raises server errors."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every client's progress line, not a sample
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 

@@ -21,6 +21,7 @@ from fedcollm.config import Config
 from fedcollm.cotuning import ClientUpdate, CoTuningServer, evaluation_questions
 from fedcollm.metrics import MetricsLog, progress_line, summary_table, worth_reporting
 from fedcollm.models import adapter_numel
+from fedcollm.report import write_report
 from fedcollm.tasks import Question
 from fedcollm.wire import (
     adapter_digest,
@@ -147,8 +148,10 @@ def run_server(grid: Grid, config: Config, out_dir: Path) -> list[dict[str, Any]
         evaluate_fn=strategy.evaluate,
     )
     server.save_adapters(out_dir)
+    report = write_report(strategy.metrics.rows, config.to_dict(), out_dir)
     print("\n" + summary_table(strategy.metrics.rows), flush=True)
-    print(f"\nmetrics: {strategy.metrics.path}\nadapters: {out_dir / 'adapters'}", flush=True)
+    print(f"\nreport: {report}\nmetrics: {strategy.metrics.path}", flush=True)
+    print(f"adapters: {out_dir / 'adapters'}", flush=True)
     return strategy.metrics.rows
 
 

@@ -397,3 +397,9 @@ def test_cli_main_rejects_bad_set_value(tmp_path, capsys):
     assert main(["run", str(path), "--set", "client.lr=-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: client.lr: must be greater than 0")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")))
+def test_every_shipped_config_is_valid(path, data_dir):
+    config = load_config(path, data_dir=str(data_dir))
+    assert config.rounds > 0 and config.num_clients > 0

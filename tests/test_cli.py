@@ -26,7 +26,7 @@ def test_evaluate_rejects_an_unknown_task_and_a_missing_adapter(data_dir, tmp_pa
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --task: unknown task 'piqa'; choose one of arc_easy, arc_challenge, "
-        "openbookqa, commonsense_qa"
+        "openbookqa, commonsense_qa, vell_fruits"
     ]
     result = fedcollm("evaluate", "--model", "tiny", "--task", "arc_easy", "--data-dir",
                       str(data_dir), "--adapter", str(tmp_path), "--limit", "1")  # fmt: skip

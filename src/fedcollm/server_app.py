@@ -32,6 +32,11 @@ from fedcollm.wire import (
 )
 
 
+def _partition(reply: Message) -> int:
+    """The data partition a reply comes from (failed replies first; they carry none)."""
+    return -1 if reply.has_error() else int(reply.content["metrics"]["partition"])
+
+
 class FedCoLLM(FedAvg):
     """Every client trains every round; aggregation is replaced by aggregate-then-distill."""
 
@@ -59,6 +64,9 @@ class FedCoLLM(FedAvg):
         """Steps 3-4 on the clients' replies; returns the theta to broadcast next."""
         clients_seconds = time.perf_counter() - self.round_started
         updates, clients, dropped = [], [], []
+        # Replies arrive in whatever order clients finish; summing in partition order keeps
+        # the aggregate bit-for-bit reproducible.
+        replies = sorted(replies, key=_partition)
         for reply in replies:
             if reply.has_error():
                 dropped.append({"node": reply.metadata.src_node_id, "error": str(reply.error)})
@@ -88,7 +96,7 @@ class FedCoLLM(FedAvg):
             raise RuntimeError(f"round {server_round}: no client returned an update: {dropped}")
         result = self.server.server_update(updates, server_round, on_step=self._distill_progress)
         self.row.update(
-            clients=sorted(clients, key=lambda c: c["partition"]),
+            clients=clients,
             dropped=dropped,
             client_train_loss=sum(u.train_loss for u in updates) / len(updates),
             aggregate_sha256=adapter_digest(result.aggregate),

@@ -47,6 +47,11 @@ def client_state(config: Config, partition: int):
 def train(config: Config, msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     partition = int(context.node_config["partition-id"])
+    if partition >= config.num_clients:
+        raise ValueError(
+            f"this node has partition-id {partition}, but the config has num_clients = "
+            f"{config.num_clients}: start as many SuperNodes as num_clients"
+        )
     slm, tokenizer, client_data = client_state(config, partition)
     received = msg.content["arrays"]
     slm_adapter = record_to_adapter(received)

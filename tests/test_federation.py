@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory, data_dir):
 
     InMemoryGrid.push_messages = recording_push
     try:
-        config = load_config(TINY, data_dir=str(data_dir))
+        config = load_config(TINY, data_dir=str(data_dir), overrides=["eval.clients=true"])
         out = tmp_path_factory.mktemp("tiny")
         simulate(config, out)
     finally:
@@ -63,6 +63,14 @@ def test_run_leaves_metrics_for_every_round(tiny_run):
             # which is 8% of this tiny adapter's 16 small arrays (negligible on real models).
             assert client["bytes_sent"] == client["bytes_received"]
             assert payload < client["bytes_sent"] <= payload + 128 * n_arrays
+
+
+def test_clients_score_their_own_adapter_after_the_last_local_update(tiny_run):
+    config, _, rows, _ = tiny_run
+    assert all("own_acc" not in c for r in rows[:-1] for c in r["clients"])
+    own = [c["own_acc"] for c in rows[-1]["clients"]]
+    assert len(own) == config.num_clients and all(0 <= a <= 1 for a in own)
+    assert all(0 <= c["own_acc_norm"] <= 1 for c in rows[-1]["clients"])
 
 
 def test_clients_receive_the_distilled_adapter_not_the_plain_average(tiny_run):

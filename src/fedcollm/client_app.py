@@ -13,7 +13,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcollm.config import Config
-from fedcollm.cotuning import build_slm, client_update, encode, training_split
+from fedcollm.cotuning import (
+    build_slm,
+    client_update,
+    encode,
+    evaluation_questions,
+    training_split,
+)
+from fedcollm.evaluation import evaluate_multiple_choice
 from fedcollm.metrics import worth_reporting
 from fedcollm.wire import (
     adapter_digest,
@@ -66,8 +73,17 @@ def train(config: Config, msg: Message, context: Context) -> Message:
         slm, slm_adapter, client_data, config, tokenizer.pad_token_id, seed, on_step=progress
     )
     arrays = adapter_to_record(update.adapter, config.federation.adapter_dtype)
+    own = {}
+    if msg.content["config"].get("evaluate-own"):
+        # The client's own adapter after its last local update, scored where it lives.
+        accuracy = evaluate_multiple_choice(
+            slm, tokenizer, evaluation_questions(config), config.eval.batch_size,
+            config.data.max_length,
+        )  # fmt: skip
+        own = {"own_acc": accuracy.acc, "own_acc_norm": accuracy.acc_norm}
     metrics = MetricRecord(
         {
+            **own,
             "num-examples": update.num_examples,
             "train_loss": update.train_loss,
             "steps": update.steps,

@@ -108,6 +108,8 @@ class EvalConfig:
     # 0: every question of the split.
     limit: int = 0
     batch_size: int = 16
+    # Each client also scores its own adapter after its last local update (final round).
+    clients: bool = False
 
 
 @dataclass

@@ -175,14 +175,17 @@ class CoTuningServer:
         seconds["distillation"] = time.perf_counter() - start
         return ServerRound(aggregate, self.slm_adapter, losses, seconds)
 
-    def evaluate(self, questions: Sequence[Question]) -> dict[str, Accuracy]:
-        """Accuracy of the LLM (with omega) and of the global SLM (with theta)."""
+    def evaluate(
+        self, questions: Sequence[Question], roles: Sequence[str] = ("llm", "slm")
+    ) -> dict[str, Accuracy]:
+        """Accuracy of the LLM (with omega) and/or of the global SLM (with theta)."""
         cfg = self.config
+        models = {"llm": self.llm, "slm": self.slm}
         return {
             role: evaluate_multiple_choice(
-                model, self.tokenizer, questions, cfg.eval.batch_size, cfg.data.max_length
+                models[role], self.tokenizer, questions, cfg.eval.batch_size, cfg.data.max_length
             )
-            for role, model in (("llm", self.llm), ("slm", self.slm))
+            for role in roles
         }
 
     def save_adapters(self, out_dir: Path) -> None:

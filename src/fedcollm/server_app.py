@@ -56,6 +56,7 @@ class FedCoLLM(FedAvg):
         """Step 1: broadcast theta, which after round 1 is the previous distilled adapter."""
         self.round_started = time.perf_counter()
         self.row = {"broadcast_sha256": adapter_digest(record_to_adapter(arrays))}
+        config["evaluate-own"] = self.config.eval.clients and server_round == self.config.rounds
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -90,6 +91,7 @@ class FedCoLLM(FedAvg):
                     "bytes_sent": record_bytes(reply.content["arrays"]),
                     "seconds": float(metrics["seconds"]),
                     "received_sha256": reply.content["receipt"]["received_sha256"],
+                    **{k: float(metrics[k]) for k in ("own_acc", "own_acc_norm") if k in metrics},
                 }
             )
         if not updates:
@@ -116,7 +118,10 @@ class FedCoLLM(FedAvg):
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central evaluation of the LLM and the global SLM; writes the round's metrics row."""
         start = time.perf_counter()
-        accuracy = self.server.evaluate(self.eval_questions)
+        # Without distillation (FedAvg) the LLM never changes: score it once.
+        if server_round == 0 or self.config.distill.enabled:
+            self.llm_accuracy = self.server.evaluate(self.eval_questions, ["llm"])["llm"]
+        accuracy = {"llm": self.llm_accuracy, **self.server.evaluate(self.eval_questions, ["slm"])}
         row = {
             "round": server_round,
             "task": self.config.task,

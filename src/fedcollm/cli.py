@@ -1,4 +1,5 @@
-"""The `fedcollm` command: `run` a co-tuning job, `evaluate` a model, list `models`."""
+"""The `fedcollm` command: `run` a co-tuning job, run an `experiment` and its `report`,
+`evaluate` a model, list `models`."""
 
 from __future__ import annotations
 
@@ -17,17 +18,62 @@ USER_ERRORS = (ConfigError, DataError, ModelError, RegistryError)
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=args.set, data_dir=args.data_dir)
-    from fedcollm.models import model_path
     from fedcollm.simulation import simulate  # heavy imports only once the config is valid
 
-    # Fetch and convert registry models here, once, before server and clients load them.
-    for spec in (config.llm, config.slm):
-        if spec.name != "tiny":
-            model_path(spec.name)
+    _prepare_models(config)
     out_dir = Path(args.out or f"runs/{Path(args.config).stem}")
     print(f"fedcollm run: {config.num_clients} clients, {config.rounds} rounds, "
           f"task {config.task}, output in {out_dir}", flush=True)  # fmt: skip
     simulate(config, out_dir, verbose=args.verbose)
+    return 0
+
+
+def _prepare_models(config) -> None:
+    """Fetch and convert registry models once, before any server or client loads them."""
+    from fedcollm.models import model_path
+
+    for spec in (config.llm, config.slm):
+        if spec.name != "tiny":
+            model_path(spec.name)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from fedcollm.experiment import METHODS
+
+    config = load_config(args.config, overrides=args.set, data_dir=args.data_dir)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    tasks = [t.strip() for t in (args.tasks or config.task).split(",") if t.strip()]
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(
+                f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}"
+            )
+    for task in tasks:
+        load_config(args.config, overrides=[*args.set, f"task={task!r}"], data_dir=args.data_dir)
+    if args.seeds < 1:
+        raise ConfigError("--seeds: must be 1 or more")
+    from fedcollm.experiment import run_experiment
+    from fedcollm.tables import write_experiment_report
+
+    _prepare_models(config)
+    out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
+    seeds = [config.seed + i for i in range(args.seeds)]
+    run_experiment(config, methods, seeds, tasks, out)
+    print(f"\nreport: {write_experiment_report(out)}")
+    print((out / "report.md").read_text())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedcollm.tables import compare, write_experiment_report
+
+    for directory in args.dirs:
+        if not (Path(directory) / "runs").is_dir():
+            raise ConfigError(f"{directory}: not an experiment directory (it has no runs/)")
+    if len(args.dirs) == 1:
+        print(write_experiment_report(Path(args.dirs[0])).read_text())
+    else:
+        print(compare(Path(args.dirs[0]), Path(args.dirs[1]), args.metric))
     return 0
 
 
@@ -111,6 +157,21 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of a tiny model's weights")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate)
+
+    exp = sub.add_parser("experiment", help="the paper's comparison: every method, every seed")
+    exp.add_argument("config", help="TOML experiment file (models, split, budget)")
+    exp.add_argument("--methods", default="zero-shot,standalone,fedavg,centralized,fedcollm")
+    exp.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, ...")
+    exp.add_argument("--tasks", help="comma-separated tasks (default: the config's task)")
+    exp.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")
+    exp.add_argument("--out", help="experiment directory; a re-run resumes there")
+    exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    exp.set_defaults(func=cmd_experiment)
+
+    rep = sub.add_parser("report", help="rebuild an experiment's report, or compare two")
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="one directory, or two to compare")
+    rep.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
+    rep.set_defaults(func=cmd_report)
 
     models = sub.add_parser("models", help="the registry of pretrained models usable offline")
     models.add_argument("--fetch", nargs="+", metavar="NAME", help="fetch and convert these now")

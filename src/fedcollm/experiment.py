@@ -1,0 +1,177 @@
+"""The paper's comparison: every method with the same models, data split, seeds and budget.
+
+| method      | what is trained                         | scored                           |
+| ----------- | --------------------------------------- | -------------------------------- |
+| zero-shot   | nothing                                 | LLM, SLM                         |
+| standalone  | each client's SLM adapter on its D_k    | each client's SLM                |
+| fedavg      | FedCoLLM with distillation off          | global SLM, each client's SLM    |
+| centralized | the LLM adapter on D_a and all D_k      | LLM (an upper bound)             |
+| fedcollm    | Algorithm 1                             | LLM, global SLM, each client's SLM |
+
+Standalone and centralized are the clients' SFT loop on other data; fedavg and fedcollm are
+the same Flower run. The budget is the same in optimiser passes: T rounds of E local epochs
+(or T x max_steps steps) for a standalone client; the same epochs over the union of all data
+for the centralised LLM (or the total steps FedCoLLM spends: T x (K x max_steps + R)).
+Each (task, method, seed) leaves `runs/<task>/<method>/seed<seed>/result.json`; a re-run on
+the same directory skips what is there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fedcollm.config import Config
+from fedcollm.cotuning import (
+    LLM_SEED_OFFSET,
+    build_slm,
+    build_tuned_model,
+    encode,
+    evaluation_questions,
+    training_split,
+)
+from fedcollm.evaluation import evaluate_multiple_choice
+from fedcollm.metrics import worth_reporting
+from fedcollm.models import get_adapter, set_adapter
+from fedcollm.training import fine_tune
+
+METHODS = ("zero-shot", "standalone", "fedavg", "centralized", "fedcollm")
+
+
+def _score(model, tokenizer, config: Config) -> dict[str, float]:
+    result = evaluate_multiple_choice(
+        model, tokenizer, evaluation_questions(config), config.eval.batch_size,
+        config.data.max_length,
+    )  # fmt: skip
+    return {"acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
+
+
+def _build_llm(config: Config):
+    return build_tuned_model(config.llm, config, config.seed + LLM_SEED_OFFSET)
+
+
+def _sft(model, tokenizer, examples, config: Config, *, lr: float, max_steps: int, seed: int,
+         label: str) -> None:  # fmt: skip
+    def progress(step: int, total: int, loss: float) -> None:
+        if worth_reporting(step, total):
+            print(f"  {label}: step {step}/{total} loss {loss:.3f}", flush=True)
+
+    fine_tune(
+        model, examples, epochs=config.rounds * config.client.local_epochs,
+        max_steps=max_steps, batch_size=config.client.batch_size, lr=lr, optim=config.optim,
+        pad_id=tokenizer.pad_token_id, seed=seed, on_step=progress,
+    )  # fmt: skip
+
+
+def zero_shot(config: Config, _out: Path) -> dict[str, Any]:
+    llm, tokenizer = _build_llm(config)
+    llm_score = _score(llm, tokenizer, config)
+    del llm
+    slm, tokenizer = build_slm(config)
+    slm_score = _score(slm, tokenizer, config)
+    return {"llm": llm_score, "slm_global": slm_score, "slm_clients": [slm_score]}
+
+
+def standalone(config: Config, _out: Path) -> dict[str, Any]:
+    """Each client tunes alone on its D_k with the federated run's local budget."""
+    slm, tokenizer = build_slm(config)
+    initial = get_adapter(slm)
+    questions, split = training_split(config)
+    scores = []
+    for k, indices in enumerate(split.clients):
+        set_adapter(slm, initial)
+        _sft(slm, tokenizer, encode(questions, indices, tokenizer, config), config,
+             lr=config.client.lr,
+             max_steps=config.rounds * config.client.max_steps,
+             seed=config.seed * 1_000 + k, label=f"client {k}")  # fmt: skip
+        scores.append(_score(slm, tokenizer, config))
+    return {"llm": None, "slm_global": None, "slm_clients": scores}
+
+
+def centralized(config: Config, _out: Path) -> dict[str, Any]:
+    """The LLM tuned on all the data at once: the paper's upper bound for the LLM."""
+    llm, tokenizer = _build_llm(config)
+    questions, split = training_split(config)
+    everything = sorted(split.aux + [i for part in split.clients for i in part])
+    steps_per_round = config.num_clients * config.client.max_steps + config.distill.kd_steps
+    max_steps = config.rounds * steps_per_round if config.client.max_steps else 0
+    _sft(llm, tokenizer, encode(questions, everything, tokenizer, config), config,
+         lr=config.distill.llm_lr, max_steps=max_steps, seed=config.seed, label="LLM")  # fmt: skip
+    return {"llm": _score(llm, tokenizer, config), "slm_global": None, "slm_clients": None}
+
+
+def federated(config: Config, out: Path) -> dict[str, Any]:
+    from fedcollm.simulation import simulate
+
+    rows = simulate(config, out)
+    last = rows[-1]
+    trained_llm = config.distill.enabled
+    return {
+        "llm": _row_score(last, "llm") if trained_llm else None,
+        "slm_global": _row_score(last, "slm"),
+        "slm_clients": [
+            {"acc": c["own_acc"], "acc_norm": c["own_acc_norm"], "n": last["eval_questions"]}
+            for c in last["clients"]
+        ],
+        "history": rows,
+    }
+
+
+def _row_score(row: dict[str, Any], role: str) -> dict[str, float]:
+    return {"acc": row[f"{role}_acc"], "acc_norm": row[f"{role}_acc_norm"],
+            "n": row["eval_questions"]}  # fmt: skip
+
+
+RUNNERS = {
+    "zero-shot": zero_shot,
+    "standalone": standalone,
+    "fedavg": federated,
+    "centralized": centralized,
+    "fedcollm": federated,
+}
+
+
+def method_config(config: Config, task: str, method: str, seed: int) -> Config:
+    run = copy.deepcopy(config)
+    run.task, run.seed = task, seed
+    run.eval.clients = True
+    if method == "fedavg":
+        run.distill.enabled = False
+    return run
+
+
+def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / "runs" / task / method / f"seed{seed}"
+
+
+def run_experiment(
+    config: Config, methods: list[str], seeds: list[int], tasks: list[str], out: Path
+) -> list[dict[str, Any]]:
+    """Run what is missing under `out`, then return every result there."""
+    plan = [(t, s, m) for t in tasks for s in seeds for m in methods]
+    for number, (task, seed, method) in enumerate(plan, start=1):
+        directory = run_dir(out, task, method, seed)
+        done = directory / "result.json"
+        label = f"[{number}/{len(plan)}] {task} {method} seed {seed}"
+        if done.is_file():
+            print(f"{label}: done before, kept", flush=True)
+            continue
+        print(f"{label}: running", flush=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        run = method_config(config, task, method, seed)
+        result = RUNNERS[method](run, directory)
+        result.update(task=task, method=method, seed=seed,
+                      seconds=time.perf_counter() - start, config=run.to_dict())  # fmt: skip
+        partial = done.with_suffix(".partial")
+        partial.write_text(json.dumps(result, indent=1))
+        partial.rename(done)  # a result is there whole or not at all
+        print(f"{label}: finished in {result['seconds']:.0f} s", flush=True)
+    return load_results(out)
+
+
+def load_results(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*/result.json"))]

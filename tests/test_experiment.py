@@ -1,0 +1,103 @@
+"""The paper's comparison: methods, budgets, resume, and the tables built from results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedcollm import experiment
+from fedcollm.config import load_config
+from fedcollm.experiment import run_experiment
+from fedcollm.tables import compare, mean_ci, table1, write_experiment_report
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
+
+
+def test_mean_and_95_percent_interval():
+    mean, half = mean_ci([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6)
+    assert half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert math.isnan(mean_ci([0.4])[1])
+
+
+def _result(method, seed, llm=None, global_=None, clients=None, task="arc_easy"):
+    score = lambda a: None if a is None else {"acc": a, "acc_norm": a / 2, "n": 10}  # noqa: E731
+    return {"task": task, "method": method, "seed": seed, "llm": score(llm),
+            "slm_global": score(global_),
+            "slm_clients": None if clients is None else [score(c) for c in clients]}  # fmt: skip
+
+
+def test_table1_averages_clients_then_seeds_and_omits_what_a_method_lacks():
+    results = [
+        _result("fedcollm", 0, llm=0.5, global_=0.4, clients=[0.2, 0.4]),
+        _result("fedcollm", 1, llm=0.7, global_=0.6, clients=[0.4, 0.6]),
+        _result("standalone", 0, clients=[0.1, 0.3]),
+    ]
+    text = table1(results)
+    ci = 100 * 12.706 * 0.1414213562 / math.sqrt(2)
+    assert f"| LLM | FedCoLLM | 60.0 ± {ci:.1f} |" in text
+    assert f"| SLM, clients' own adapters | FedCoLLM | 40.0 ± {ci:.1f} |" in text
+    assert "| SLM, clients' own adapters | Standalone | 20.0 |" in text
+    assert "Centralized" not in text  # no such runs
+    assert "| LLM | FedCoLLM | 30.0" in table1(results, "acc_norm")
+
+
+def _record_budgets(monkeypatch):
+    seen = []
+    real = experiment.fine_tune
+
+    def recording(model, examples, **kwargs):
+        seen.append({"examples": len(examples), **kwargs})
+        return real(model, examples, **kwargs)
+
+    monkeypatch.setattr(experiment, "fine_tune", recording)
+    return seen
+
+
+def test_baselines_get_the_federated_budget_and_runs_resume(tmp_path, data_dir, monkeypatch):
+    config = load_config(TINY, data_dir=str(data_dir))
+    seen = _record_budgets(monkeypatch)
+    results = run_experiment(config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"],
+                             tmp_path)  # fmt: skip
+    assert {r["method"] for r in results} == {"zero-shot", "standalone", "centralized"}
+    standalone = [s for s in seen if s["lr"] == config.client.lr]
+    assert len(standalone) == config.num_clients
+    assert all(s["max_steps"] == config.rounds * config.client.max_steps for s in standalone)
+    assert all(s["examples"] == 50 for s in standalone)  # each client's own D_k only
+    (central,) = [s for s in seen if s["lr"] == config.distill.llm_lr]
+    assert central["examples"] == config.data.train_limit  # D_a and every D_k
+    steps = config.num_clients * config.client.max_steps + config.distill.kd_steps
+    assert central["max_steps"] == config.rounds * steps
+
+    # A re-run on the same directory keeps what is there and runs nothing.
+    monkeypatch.setattr(experiment, "RUNNERS", {m: None for m in experiment.METHODS})
+    again = run_experiment(config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"],
+                           tmp_path)  # fmt: skip
+    assert again == results
+    report = write_experiment_report(tmp_path)
+    assert "| LLM | Centralized |" in report.read_text()
+    assert (tmp_path / "results.csv").read_text().count("slm_client") == config.num_clients + 1
+
+
+@pytest.mark.slow
+def test_fedavg_is_fedcollm_without_distillation(tmp_path, data_dir):
+    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1"])
+    (result,) = run_experiment(config, ["fedavg"], [0], ["arc_easy"], tmp_path)
+    assert result["llm"] is None  # the LLM is not trained in FedAvg
+    assert len(result["slm_clients"]) == config.num_clients
+    row = result["history"][-1]
+    assert "distill_slm_kd" not in row and row["aggregate_sha256"] == row["distilled_sha256"]
+    saved = json.loads((tmp_path / "runs/arc_easy/fedavg/seed0/result.json").read_text())
+    assert saved["config"]["distill"]["enabled"] is False
+
+
+def test_compare_two_experiments(tmp_path):
+    for name, acc in (("a", 0.5), ("b", 0.6)):
+        run = tmp_path / name / "runs" / "arc_easy" / "fedcollm" / "seed0"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(_result("fedcollm", 0, llm=acc)))
+    text = compare(tmp_path / "a", tmp_path / "b")
+    assert "| LLM | FedCoLLM | arc_easy | 50.0 | 60.0 | +10.0 |" in text

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup test lint format demo demo-tiny clean
+.PHONY: setup test lint format demo demo-tiny bench-agreement clean
 
 # torch is installed first from its exact CPU version: a loose torch requirement would pull
 # several GB of CUDA wheels. The stamp re-runs the install only when the pins change.
@@ -38,6 +38,12 @@ demo: setup
 # The same pipeline on tiny random models and ARC-Easy: about half a minute.
 demo-tiny: setup
 	$(BIN)/fedcollm run configs/tiny.toml --data-dir $(DATA_DIR) --out runs/demo-tiny
+
+# Does fedcollm score multiple choice exactly as lm-evaluation-harness? (benchmark only)
+bench-agreement: setup
+	$(BIN)/pip install -q lm-eval==0.4.13
+	$(BIN)/python benchmarks/lm_eval_agreement.py --model smollm2-135m --limit 200 \
+		--data-dir $(DATA_DIR)
 
 clean:
 	rm -rf $(VENV) runs

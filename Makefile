@@ -20,8 +20,8 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 setup: $(BIN)/.installed
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: setup
 	$(BIN)/ruff format src tests

@@ -18,9 +18,9 @@ from fedcollm.cotuning import (
     client_update,
     encode,
     evaluation_questions,
+    score,
     training_split,
 )
-from fedcollm.evaluation import evaluate_multiple_choice
 from fedcollm.metrics import worth_reporting
 from fedcollm.wire import (
     adapter_digest,
@@ -76,10 +76,7 @@ def train(config: Config, msg: Message, context: Context) -> Message:
     own = {}
     if msg.content["config"].get("evaluate-own"):
         # The client's own adapter after its last local update, scored where it lives.
-        accuracy = evaluate_multiple_choice(
-            slm, tokenizer, evaluation_questions(config), config.eval.batch_size,
-            config.data.max_length,
-        )  # fmt: skip
+        accuracy = score(slm, tokenizer, config, evaluation_questions(config))
         own = {"own_acc": accuracy.acc, "own_acc_norm": accuracy.acc_norm}
     metrics = MetricRecord(
         {

@@ -179,18 +179,19 @@ class CoTuningServer:
         self, questions: Sequence[Question], roles: Sequence[str] = ("llm", "slm")
     ) -> dict[str, Accuracy]:
         """Accuracy of the LLM (with omega) and/or of the global SLM (with theta)."""
-        cfg = self.config
         models = {"llm": self.llm, "slm": self.slm}
-        return {
-            role: evaluate_multiple_choice(
-                models[role], self.tokenizer, questions, cfg.eval.batch_size, cfg.data.max_length
-            )
-            for role in roles
-        }
+        return {role: score(models[role], self.tokenizer, self.config, questions) for role in roles}
 
     def save_adapters(self, out_dir: Path) -> None:
         save_adapter(self.slm, out_dir / "adapters" / "slm")
         save_adapter(self.llm, out_dir / "adapters" / "llm")
+
+
+def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Accuracy:
+    """Multiple-choice accuracy with the config's evaluation settings."""
+    return evaluate_multiple_choice(
+        model, tokenizer, questions, config.eval.batch_size, config.data.max_length
+    )
 
 
 def evaluation_questions(config: Config) -> list[Question]:

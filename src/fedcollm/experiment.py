@@ -31,9 +31,9 @@ from fedcollm.cotuning import (
     build_tuned_model,
     encode,
     evaluation_questions,
+    score,
     training_split,
 )
-from fedcollm.evaluation import evaluate_multiple_choice
 from fedcollm.metrics import worth_reporting
 from fedcollm.models import get_adapter, set_adapter
 from fedcollm.training import fine_tune
@@ -42,11 +42,7 @@ METHODS = ("zero-shot", "standalone", "fedavg", "centralized", "fedcollm")
 
 
 def _score(model, tokenizer, config: Config) -> dict[str, float]:
-    result = evaluate_multiple_choice(
-        model, tokenizer, evaluation_questions(config), config.eval.batch_size,
-        config.data.max_length,
-    )  # fmt: skip
-    return {"acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
+    return score(model, tokenizer, config, evaluation_questions(config)).summary()
 
 
 def _build_llm(config: Config):

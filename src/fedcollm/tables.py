@@ -173,7 +173,9 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
             means = [
                 statistics.fmean(h[i][f"{role}_acc"] for h in runs) for i in range(len(rounds))
             ]
-            ax.plot(rounds, means, style, label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}")
+            ax.plot(
+                rounds, means, style, label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}"
+            )
         ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel="accuracy", xticks=rounds)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

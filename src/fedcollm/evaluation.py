@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedcollm.data import encode_continuations
+from fedcollm.data import Example, collate, encode_continuations
 from fedcollm.tasks import TARGET_DELIMITER, Question
 
 
@@ -44,14 +44,10 @@ def _score_group(model, contexts: list[list[int]], choices: list[list[list[int]]
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n, 0)  # (B*n, V)
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)
-    flat = [c for per_question in choices for c in per_question]
-    width = max(len(c) for c in flat)
-    ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
-    real = torch.zeros((len(flat), width), dtype=torch.bool)
-    for row, c in enumerate(flat):
-        ids[row, : len(c)] = torch.tensor(c)
-        real[row, : len(c)] = True
-    attention = torch.cat([torch.ones(len(flat), context.shape[1], dtype=torch.long), real], 1)
+    # Every choice token is scored: right-padded like any batch, all of it "answer".
+    batch = collate([Example(c, [True] * len(c)) for q in choices for c in q], pad_id)
+    ids, real = batch.input_ids, batch.answer_mask
+    attention = torch.cat([torch.ones(len(ids), context.shape[1], dtype=torch.long), real], 1)
     logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits
     # Position j of a choice predicts its token j+1.
     rest = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]

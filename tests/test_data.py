@@ -17,7 +17,7 @@ from fedcollm.data import (
     training_batches,
 )
 from fedcollm.models import byte_tokenizer
-from fedcollm.tasks import Question, load_questions
+from fedcollm.tasks import DataError, Question, load_questions
 
 TOKENIZER = byte_tokenizer()
 PAD = TOKENIZER.pad_token_id
@@ -140,9 +140,9 @@ def test_dirichlet_by_source(arc_train):
 
 
 def test_too_many_clients_for_the_rows(arc_train):
-    with pytest.raises(ValueError, match="cannot feed 3 clients"):
+    with pytest.raises(DataError, match="cannot feed 3 clients"):
         split_training_data(arc_train[:3], num_clients=3, seed=0)
-    with pytest.raises(ValueError, match="cannot feed 4 clients"):
+    with pytest.raises(DataError, match="cannot feed 4 clients"):
         split_training_data(arc_train, num_clients=4, seed=0, limit=4)
     # K + 1 rows are just enough: one each.
     split = split_training_data(arc_train[:4], num_clients=3, seed=0)

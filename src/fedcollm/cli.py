@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedcollm.checkpoint import check_out_dir
 from fedcollm.config import TASKS, ConfigError, ModelConfig, load_config
 from fedcollm.models import ModelError
 from fedcollm.registry import RegistryError
@@ -18,13 +19,16 @@ USER_ERRORS = (ConfigError, DataError, ModelError, RegistryError)
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=args.set, data_dir=args.data_dir)
+    from fedcollm.cotuning import training_split
     from fedcollm.simulation import simulate  # heavy imports only once the config is valid
 
+    training_split(config)  # a config that the data cannot serve fails before any model loads
     _prepare_models(config)
     out_dir = Path(args.out or f"runs/{Path(args.config).stem}")
+    check_out_dir(out_dir, args.resume)
     print(f"fedcollm run: {config.num_clients} clients, {config.rounds} rounds, "
           f"task {config.task}, output in {out_dir}", flush=True)  # fmt: skip
-    simulate(config, out_dir, verbose=args.verbose)
+    simulate(config, out_dir, verbose=args.verbose, resume=args.resume)
     return 0
 
 
@@ -136,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set client.lr=1e-4 (repeatable)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last round"
     )
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     run.set_defaults(func=cmd_run)

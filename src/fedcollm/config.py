@@ -120,6 +120,12 @@ class FederationConfig:
     client_cpus: int = 1
     # Seconds the server waits for client replies each round.
     round_timeout: float = 3600.0
+    # A round goes on with the clients that answered if at least this many sent a valid
+    # update; with fewer it is skipped (theta unchanged, no distillation).
+    min_clients: int = 1
+    # Reject a client update whose L2 distance from the broadcast theta exceeds this
+    # (0: no bound). Each round's metrics list every client's update_norm to tune it by.
+    max_update_norm: float = 1000.0
 
 
 @dataclass
@@ -149,11 +155,12 @@ _POSITIVE = {
     "rounds", "num_clients", "lora.r", "lora.alpha", "data.max_length", "client.batch_size",
     "client.local_epochs", "distill.batch_size", "eval.batch_size", "client.lr",
     "distill.slm_lr", "distill.llm_lr", "distill.kd_temperature", "data.dirichlet_alpha",
-    "federation.client_cpus", "federation.round_timeout",
+    "federation.client_cpus", "federation.round_timeout", "federation.min_clients",
 }  # fmt: skip
 _NON_NEGATIVE = {
     "data.train_limit", "client.max_steps", "distill.kd_steps", "distill.top_k", "eval.limit",
     "distill.kd_weight", "optim.weight_decay", "optim.max_grad_norm", "lora.dropout",
+    "federation.max_update_norm",
 }  # fmt: skip
 
 
@@ -253,6 +260,11 @@ def _check_meaning(config: Config) -> None:
                 f"{role}.name: {name!r} is not a model directory (no config.json there); "
                 'give "tiny", a directory saved with save_pretrained, or a hub id'
             )
+    if config.federation.min_clients > config.num_clients:
+        raise ConfigError(
+            f"federation.min_clients: {config.federation.min_clients} is more than "
+            f"num_clients = {config.num_clients}; no round could ever complete"
+        )
     if config.data.partition == "dirichlet" and config.data.dirichlet_by == "source":
         if config.task not in ("arc_easy", "arc_challenge"):
             raise ConfigError(

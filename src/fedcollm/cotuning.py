@@ -127,9 +127,11 @@ class CoTuningServer:
 
     The LLM and omega are only ever read here; nothing in this class hands them out."""
 
-    def __init__(self, config: Config, llm, slm, tokenizer, aux_data: Sequence[Example]):
+    def __init__(
+        self, config: Config, llm, slm, tokenizer, aux_data: Sequence[Example], split: DataSplit
+    ):
         self.config, self.llm, self.slm, self.tokenizer = config, llm, slm, tokenizer
-        self.aux_data = list(aux_data)
+        self.aux_data, self.split = list(aux_data), split
         self.distillation = MutualDistillation(llm, slm, config.distill, config.optim)
 
     @classmethod
@@ -143,7 +145,8 @@ class CoTuningServer:
                 "pick two models of one family (same tokenizer)"
             )
         questions, split = training_split(config)
-        return cls(config, llm, slm, tokenizer, encode(questions, split.aux, tokenizer, config))
+        aux_data = encode(questions, split.aux, tokenizer, config)
+        return cls(config, llm, slm, tokenizer, aux_data, split)
 
     @property
     def pad_id(self) -> int:

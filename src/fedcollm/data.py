@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedcollm.tasks import TARGET_DELIMITER, Question
+from fedcollm.tasks import TARGET_DELIMITER, DataError, Question
 
 
 @dataclass
@@ -33,7 +33,7 @@ def _dirichlet_parts(
                 parts[client].extend(piece.tolist())
         if all(parts):
             return [sorted(p) for p in parts]
-    raise ValueError(
+    raise DataError(
         f"a Dirichlet({alpha}) split left a client without data 100 times; "
         "raise data.dirichlet_alpha or use fewer clients"
     )
@@ -58,7 +58,7 @@ def split_training_data(
     if limit:
         order = order[:limit]
     if len(order) < num_clients + 1:
-        raise ValueError(
+        raise DataError(
             f"{len(order)} training rows cannot feed {num_clients} clients and the server; "
             "use fewer clients or a larger data.train_limit"
         )

@@ -100,9 +100,11 @@ def centralized(config: Config, _out: Path) -> dict[str, Any]:
 
 
 def federated(config: Config, out: Path) -> dict[str, Any]:
+    from fedcollm.checkpoint import latest_round
     from fedcollm.simulation import simulate
 
-    rows = simulate(config, out)
+    # A run that was interrupted goes on from its last complete round.
+    rows = simulate(config, out, resume=latest_round(out / "checkpoint") is not None)
     last = rows[-1]
     trained_llm = config.distill.enabled
     return {

@@ -17,6 +17,10 @@ class MetricsLog:
         self.path.write_text("")
         self.rows: list[dict[str, Any]] = []
 
+    def write_all(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.write(row)
+
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with self.path.open("a") as f:

@@ -17,12 +17,14 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from fedcollm.checkpoint import check_out_dir, load_checkpoint, restore, save_checkpoint
 from fedcollm.config import Config
 from fedcollm.cotuning import ClientUpdate, CoTuningServer, evaluation_questions
 from fedcollm.metrics import MetricsLog, progress_line, summary_table, worth_reporting
-from fedcollm.models import adapter_numel
+from fedcollm.models import DTYPES, Adapter, adapter_numel
 from fedcollm.report import write_report
 from fedcollm.tasks import Question
+from fedcollm.validation import UpdateRejected, check_update
 from fedcollm.wire import (
     adapter_digest,
     adapter_to_record,
@@ -33,73 +35,145 @@ from fedcollm.wire import (
 
 
 def _partition(reply: Message) -> int:
-    """The data partition a reply comes from (failed replies first; they carry none)."""
-    return -1 if reply.has_error() else int(reply.content["metrics"]["partition"])
+    """The data partition a reply says it comes from (-1 when it says nothing readable)."""
+    try:
+        return int(reply.content["metrics"]["partition"])
+    except Exception:  # noqa: BLE001 - failed, empty or malformed replies carry none
+        return -1
+
+
+def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUpdate, dict]:
+    """A client's reply as a screened update plus its metrics row; UpdateRejected if bad."""
+    content = reply.content
+    arrays, metrics = content.array_records.get("arrays"), content.metric_records.get("metrics")
+    if arrays is None or metrics is None:
+        raise UpdateRejected("empty message: it lacks the adapter arrays or the metrics")
+    try:
+        tensors = arrays.to_torch_state_dict()
+    except Exception as err:  # noqa: BLE001 - whatever the client sent, say what it was
+        raise UpdateRejected(f"arrays are not readable as tensors ({err})") from None
+    wire = DTYPES[config.federation.adapter_dtype]
+    norm = check_update(tensors, sent, wire, config.federation.max_update_norm)
+    try:
+        row = {
+            "partition": int(metrics["partition"]),
+            "num_examples": int(metrics["num-examples"]),
+            "train_loss": float(metrics["train_loss"]),
+            "steps": int(metrics["steps"]),
+            "bytes_received": int(metrics["bytes_received"]),
+            "bytes_sent": record_bytes(arrays),
+            "seconds": float(metrics["seconds"]),
+            "update_norm": norm,
+            **{k: float(metrics[k]) for k in ("own_acc", "own_acc_norm") if k in metrics},
+        }
+        row["received_sha256"] = str(content.config_records["receipt"]["received_sha256"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UpdateRejected(f"metrics incomplete or malformed ({err!r})") from None
+    if not 0 <= row["partition"] < config.num_clients or row["num_examples"] < 1:
+        raise UpdateRejected(
+            f"partition {row['partition']} with {row['num_examples']} examples is not one of "
+            f"the {config.num_clients} client partitions"
+        )
+    update = ClientUpdate(
+        adapter={k: v.float() for k, v in tensors.items()},
+        num_examples=row["num_examples"],
+        train_loss=row["train_loss"],
+        steps=row["steps"],
+    )
+    return update, row
 
 
 class FedCoLLM(FedAvg):
-    """Every client trains every round; aggregation is replaced by aggregate-then-distill."""
+    """Every client trains every round; aggregation is replaced by aggregate-then-distill.
 
-    def __init__(self, server: CoTuningServer, eval_questions: list[Question], metrics: MetricsLog):
-        k = server.config.num_clients
+    Rounds after a resume keep their true numbers: Flower counts from 1 again, and
+    `first_round` is added back wherever the round number matters."""
+
+    def __init__(
+        self,
+        server: CoTuningServer,
+        eval_questions: list[Question],
+        metrics: MetricsLog,
+        checkpoints: Path,
+        first_round: int = 0,
+    ):
+        quorum = server.config.federation.min_clients
         super().__init__(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=k
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=quorum,
+            min_available_nodes=quorum,
         )
         self.server, self.eval_questions, self.metrics = server, eval_questions, metrics
         self.config: Config = server.config
+        self.checkpoints, self.first_round = checkpoints, first_round
         self.row: dict[str, Any] = {}
         self.round_started = time.perf_counter()
+        self.sent: Adapter = {}
+        self.sent_to: set[int] = set()
+        self.node_partitions: dict[int, int] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config, grid: Grid
     ) -> Iterable[Message]:
         """Step 1: broadcast theta, which after round 1 is the previous distilled adapter."""
+        server_round += self.first_round
         self.round_started = time.perf_counter()
-        self.row = {"broadcast_sha256": adapter_digest(record_to_adapter(arrays))}
+        self.sent = record_to_adapter(arrays)
+        self.row = {"broadcast_sha256": adapter_digest(self.sent)}
         config["evaluate-own"] = self.config.eval.clients and server_round == self.config.rounds
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent_to = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def _screen(self, server_round: int, replies: Iterable[Message]):
+        """Valid updates in partition order, and what was dropped or rejected, and why."""
+        updates, clients, dropped, rejected = [], [], [], []
+        # Replies arrive in whatever order clients finish; summing in partition order keeps
+        # the aggregate bit-for-bit reproducible.
+        replies = sorted(replies, key=_partition)
+        timeout = f"no reply within round_timeout {self.config.federation.round_timeout:g} s"
+        for node in sorted(self.sent_to - {r.metadata.src_node_id for r in replies}):
+            partition = self.node_partitions.get(node)
+            dropped.append({"node": node, "partition": partition, "error": timeout})
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            who = {"node": node, "partition": self.node_partitions.get(node, _partition(reply))}
+            if reply.has_error():
+                dropped.append({**who, "error": str(reply.error)})
+                continue
+            try:
+                update, client = read_update(reply, self.sent, self.config)
+                if any(c["partition"] == client["partition"] for c in clients):
+                    raise UpdateRejected(f"partition {client['partition']} already answered")
+            except UpdateRejected as err:
+                print(f"round {server_round}: rejected the update of node {node} "
+                      f"(partition {who['partition']}): {err}", flush=True)  # fmt: skip
+                rejected.append({**who, "reason": str(err)})
+                continue
+            self.node_partitions[node] = client["partition"]
+            updates.append(update)
+            clients.append(client)
+        return updates, clients, dropped, rejected
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Steps 3-4 on the clients' replies; returns the theta to broadcast next."""
+        """Steps 3-4 on the clients' valid replies; returns the theta to broadcast next."""
+        server_round += self.first_round
         clients_seconds = time.perf_counter() - self.round_started
-        updates, clients, dropped = [], [], []
-        # Replies arrive in whatever order clients finish; summing in partition order keeps
-        # the aggregate bit-for-bit reproducible.
-        replies = sorted(replies, key=_partition)
-        for reply in replies:
-            if reply.has_error():
-                dropped.append({"node": reply.metadata.src_node_id, "error": str(reply.error)})
-                continue
-            metrics = reply.content["metrics"]
-            updates.append(
-                ClientUpdate(
-                    adapter=record_to_adapter(reply.content["arrays"]),
-                    num_examples=int(metrics["num-examples"]),
-                    train_loss=float(metrics["train_loss"]),
-                    steps=int(metrics["steps"]),
-                )
+        updates, clients, dropped, rejected = self._screen(server_round, replies)
+        self.row.update(clients=clients, dropped=dropped, rejected=rejected)
+        quorum = self.config.federation.min_clients
+        if len(updates) < quorum:
+            self.row["skipped"] = (
+                f"{len(updates)} valid updates, fewer than federation.min_clients = {quorum}"
             )
-            clients.append(
-                {
-                    "partition": int(metrics["partition"]),
-                    "num_examples": int(metrics["num-examples"]),
-                    "train_loss": float(metrics["train_loss"]),
-                    "steps": int(metrics["steps"]),
-                    "bytes_received": int(metrics["bytes_received"]),
-                    "bytes_sent": record_bytes(reply.content["arrays"]),
-                    "seconds": float(metrics["seconds"]),
-                    "received_sha256": reply.content["receipt"]["received_sha256"],
-                    **{k: float(metrics[k]) for k in ("own_acc", "own_acc_norm") if k in metrics},
-                }
-            )
-        if not updates:
-            raise RuntimeError(f"round {server_round}: no client returned an update: {dropped}")
+            print(f"round {server_round}: skipped, theta unchanged: {self.row['skipped']}")
+            self.row["seconds"] = {"clients": clients_seconds}
+            return None, None
         result = self.server.server_update(updates, server_round, on_step=self._distill_progress)
         self.row.update(
-            clients=clients,
-            dropped=dropped,
             client_train_loss=sum(u.train_loss for u in updates) / len(updates),
             aggregate_sha256=adapter_digest(result.aggregate),
             distilled_sha256=adapter_digest(result.slm_adapter),
@@ -115,13 +189,13 @@ class FedCoLLM(FedAvg):
             shown = " ".join(f"{k} {v:.3f}" for k, v in latest.items())
             print(f"  distillation step {step}/{total}: {shown}", flush=True)
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Central evaluation of the LLM and the global SLM; writes the round's metrics row."""
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Central evaluation of the LLM and the global SLM; writes the round's metrics row
+        and the round's checkpoint."""
+        server_round += self.first_round
+        if self.first_round and server_round == self.first_round:
+            return None  # a resumed run: this round was evaluated before the interruption
         start = time.perf_counter()
-        # Without distillation (FedAvg) the LLM never changes: score it once.
-        if server_round == 0 or self.config.distill.enabled:
-            self.llm_accuracy = self.server.evaluate(self.eval_questions, ["llm"])["llm"]
-        accuracy = {"llm": self.llm_accuracy, **self.server.evaluate(self.eval_questions, ["slm"])}
         row = {
             "round": server_round,
             "task": self.config.task,
@@ -131,8 +205,13 @@ class FedCoLLM(FedAvg):
             "client_train_loss": None,
             **self.row,
         }
-        for role, acc in accuracy.items():
+        # Without distillation (FedAvg) the LLM never changes: score it once.
+        roles = ["llm", "slm"] if server_round == 0 or self.config.distill.enabled else ["slm"]
+        for role, acc in self.server.evaluate(self.eval_questions, roles).items():
             row[f"{role}_acc"], row[f"{role}_acc_norm"] = acc.acc, acc.acc_norm
+        if "llm_acc" not in row:
+            row["llm_acc"] = self.metrics.rows[-1]["llm_acc"]
+            row["llm_acc_norm"] = self.metrics.rows[-1]["llm_acc_norm"]
         seconds = row.setdefault("seconds", {})
         seconds["evaluation"] = time.perf_counter() - start
         seconds["round"] = time.perf_counter() - (self.round_started if server_round else start)
@@ -141,31 +220,44 @@ class FedCoLLM(FedAvg):
             p.numel() for name, p in self.server.slm.named_parameters() if "lora_" not in name
         )
         self.metrics.write(row)
+        save_checkpoint(self.checkpoints, server_round, self.server, self.metrics.rows)
         print(progress_line(row, self.config.rounds), flush=True)
         self.row = {}
         return MetricRecord({"llm_acc": row["llm_acc"], "slm_acc": row["slm_acc"]})
 
 
-def run_server(grid: Grid, config: Config, out_dir: Path) -> list[dict[str, Any]]:
-    """The whole server side of one run; returns the metrics rows."""
+def run_server(
+    grid: Grid, config: Config, out_dir: Path, resume: bool = False
+) -> list[dict[str, Any]]:
+    """The whole server side of one run, or of its rest after `resume`; returns the rows."""
+    checkpoints = out_dir / "checkpoint"
+    check_out_dir(out_dir, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    checkpoint = load_checkpoint(checkpoints, config) if resume else None
     print(f"loading the server LLM ({config.llm.name}) and SLM ({config.slm.name})", flush=True)
     server = CoTuningServer.from_config(config)
-    strategy = FedCoLLM(server, evaluation_questions(config), MetricsLog(out_dir))
-    strategy.start(
-        grid=grid,
-        initial_arrays=adapter_to_record(server.slm_adapter, config.federation.adapter_dtype),
-        num_rounds=config.rounds,
-        timeout=config.federation.round_timeout,
-        evaluate_fn=strategy.evaluate,
-    )
+    metrics, first_round = MetricsLog(out_dir), 0
+    if checkpoint:
+        restore(server, checkpoint)
+        metrics.write_all(checkpoint.rows)
+        first_round = checkpoint.server_round
+        print(f"resuming after round {first_round} of {config.rounds}", flush=True)
+    strategy = FedCoLLM(server, evaluation_questions(config), metrics, checkpoints, first_round)
+    if first_round < config.rounds:
+        strategy.start(
+            grid=grid,
+            initial_arrays=adapter_to_record(server.slm_adapter, config.federation.adapter_dtype),
+            num_rounds=config.rounds - first_round,
+            timeout=config.federation.round_timeout,
+            evaluate_fn=strategy.evaluate,
+        )
     server.save_adapters(out_dir)
-    report = write_report(strategy.metrics.rows, config.to_dict(), out_dir)
-    print("\n" + summary_table(strategy.metrics.rows), flush=True)
-    print(f"\nreport: {report}\nmetrics: {strategy.metrics.path}", flush=True)
+    report = write_report(metrics.rows, config.to_dict(), out_dir)
+    print("\n" + summary_table(metrics.rows), flush=True)
+    print(f"\nreport: {report}\nmetrics: {metrics.path}", flush=True)
     print(f"adapters: {out_dir / 'adapters'}", flush=True)
-    return strategy.metrics.rows
+    return metrics.rows
 
 
 app = ServerApp()
@@ -176,4 +268,5 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for `flwr run`: the experiment is the TOML file the run config names."""
     run_config = context.run_config
     out_dir = Path(str(run_config.get("out-dir", "runs/flwr")))
-    run_server(grid, config_from_run_config(run_config), out_dir)
+    resume = bool(run_config.get("resume", False))
+    run_server(grid, config_from_run_config(run_config), out_dir, resume)

@@ -10,8 +10,15 @@ from typing import Any
 from fedcollm.config import Config
 
 
-def simulate(config: Config, out_dir: Path, verbose: bool = False) -> list[dict[str, Any]]:
-    """Run the ServerApp and K ClientApps; returns the metrics rows, re-raises server errors."""
+def simulate(
+    config: Config,
+    out_dir: Path,
+    verbose: bool = False,
+    resume: bool = False,
+    client_app: Any = None,
+) -> list[dict[str, Any]]:
+    """Run the ServerApp and K ClientApps (the given `client_app` in tests); returns the
+    metrics rows and re-raises server errors. `resume` continues from out_dir's checkpoint."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every client's progress line, not a sample
@@ -32,7 +39,7 @@ def simulate(config: Config, out_dir: Path, verbose: bool = False) -> list[dict[
     def main(grid, context) -> None:
         # Flower only logs what escapes a ServerApp; keep it to hand it to the caller.
         try:
-            outcome["rows"] = run_server(grid, config, out_dir)
+            outcome["rows"] = run_server(grid, config, out_dir, resume)
         except Exception as err:  # noqa: BLE001
             outcome["error"] = err
 
@@ -43,7 +50,7 @@ def simulate(config: Config, out_dir: Path, verbose: bool = False) -> list[dict[
     }
     run_simulation(
         server_app=server_app,
-        client_app=make_client_app(config),
+        client_app=client_app or make_client_app(config),
         num_supernodes=config.num_clients,
         backend_config=backend_config,
         verbose_logging=verbose,

@@ -376,6 +376,11 @@ def test_cli_run_with_bad_config_prints_one_error_line(tmp_path):
         ("rounds = = 2\n", "not valid TOML"),
         ('[distill]\nkd_direction = "sideways"\n', "distill.kd_direction"),
         ("rounds = 0\n", "rounds: must be greater than 0"),
+        ("num_clients = 4\n[federation]\nmin_clients = 5\n", "min_clients: 5 is more than"),
+        (
+            'num_clients = 8\ntask = "vell_fruits"\n[data]\ntrain_limit = 5\n',
+            "5 training rows cannot feed 8 clients",
+        ),
     ],
 )
 def test_cli_main_returns_2_with_one_error_line(tmp_path, capsys, text, fragment):

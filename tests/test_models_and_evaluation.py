@@ -9,12 +9,13 @@ import transformers
 from peft import PeftModel
 from tinymodels import PAD, TOKENIZER, batch, nudge_lora_b, tiny_lora_model, tiny_model
 
-from fedcollm.config import LoraConfig
+from fedcollm.config import LoraConfig, ModelConfig
 from fedcollm.evaluation import accuracy, choice_loglikelihoods, evaluate_multiple_choice
 from fedcollm.models import (
     ModelError,
     add_lora,
     get_adapter,
+    load_model,
     save_adapter,
     set_adapter,
     target_modules,
@@ -131,3 +132,14 @@ def test_evaluation_leaves_training_mode_as_it_was():
     evaluate_multiple_choice(model, TOKENIZER, QUESTIONS)
     assert model.training
     assert PAD == TOKENIZER.pad_token_id
+
+
+def test_a_model_directory_without_weights_or_tokenizer_names_what_is_missing(tmp_path):
+    model = tiny_model()
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="lacks weights .* and a tokenizer"):
+        load_model(ModelConfig(name=str(tmp_path)), seed=0)
+    model.save_pretrained(tmp_path)
+    TOKENIZER.save_pretrained(tmp_path)
+    loaded, _ = load_model(ModelConfig(name=str(tmp_path)), seed=0)
+    assert loaded.config.hidden_size == model.config.hidden_size

@@ -100,6 +100,25 @@ def model_path(name: str) -> Path:
     return Path(name).expanduser()
 
 
+def check_model_dir(directory: Path) -> None:
+    """A model directory must hold what from_pretrained needs; say what is missing."""
+    needs = {
+        "config.json": ["config.json"],
+        "weights (*.safetensors or pytorch_model*.bin)": ["*.safetensors", "pytorch_model*.bin"],
+        "a tokenizer (tokenizer.json or tokenizer_config.json)": [
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ],
+    }
+    missing = [what for what, patterns in needs.items()
+               if not any(any(directory.glob(p)) for p in patterns)]  # fmt: skip
+    if missing:
+        raise ModelError(
+            f"model directory {directory} lacks {' and '.join(missing)}; save the model and "
+            "its tokenizer there with save_pretrained"
+        )
+
+
 def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """The model and tokenizer a config names; raises ModelError with the fix on failure."""
     if spec.name == "tiny":
@@ -107,12 +126,14 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
         return tiny_llama(spec, len(tokenizer), seed), tokenizer
     local = model_path(spec.name)
     source = str(local) if local.is_dir() else spec.name
+    if local.is_dir():
+        check_model_dir(local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local.is_dir())
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[spec.dtype], local_files_only=local.is_dir()
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
         where = "the directory" if local.is_dir() else "the hub (is it reachable?)"
         raise ModelError(f"could not load model {spec.name!r} from {where}: {err}") from None
     if tokenizer.pad_token is None:

@@ -24,26 +24,31 @@ TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
     """One tiny run, recording every message the server pushes to a client."""
-    pushed = []
-    original = InMemoryGrid.push_messages
+    pushed, pulled = [], []
+    push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
 
     def recording_push(self, messages):
         messages = list(messages)
         pushed.extend(messages)
-        return original(self, messages)
+        return push(self, messages)
 
-    InMemoryGrid.push_messages = recording_push
+    def recording_pull(self, message_ids):
+        replies = list(pull(self, message_ids))
+        pulled.extend(replies)
+        return replies
+
+    InMemoryGrid.push_messages, InMemoryGrid.pull_messages = recording_push, recording_pull
     try:
         config = load_config(TINY, data_dir=str(data_dir), overrides=["eval.clients=true"])
         out = tmp_path_factory.mktemp("tiny")
         simulate(config, out)
     finally:
-        InMemoryGrid.push_messages = original
-    return config, out, read_metrics(out / "metrics.jsonl"), pushed
+        InMemoryGrid.push_messages, InMemoryGrid.pull_messages = push, pull
+    return config, out, read_metrics(out / "metrics.jsonl"), pushed, pulled
 
 
 def test_run_leaves_metrics_for_every_round(tiny_run):
-    config, out, rows, _ = tiny_run
+    config, out, rows, _, _ = tiny_run
     n_arrays = len(load_file(out / "adapters" / "slm" / "adapter_model.safetensors"))
     assert [r["round"] for r in rows] == list(range(config.rounds + 1))
     zero_shot = rows[0]
@@ -66,7 +71,7 @@ def test_run_leaves_metrics_for_every_round(tiny_run):
 
 
 def test_clients_score_their_own_adapter_after_the_last_local_update(tiny_run):
-    config, _, rows, _ = tiny_run
+    config, _, rows, _, _ = tiny_run
     assert all("own_acc" not in c for r in rows[:-1] for c in r["clients"])
     own = [c["own_acc"] for c in rows[-1]["clients"]]
     assert len(own) == config.num_clients and all(0 <= a <= 1 for a in own)
@@ -74,7 +79,7 @@ def test_clients_score_their_own_adapter_after_the_last_local_update(tiny_run):
 
 
 def test_clients_receive_the_distilled_adapter_not_the_plain_average(tiny_run):
-    _, _, rows, _ = tiny_run
+    _, _, rows, _, _ = tiny_run
     for previous, current in zip(rows[1:], rows[2:], strict=False):
         assert previous["distilled_sha256"] != previous["aggregate_sha256"]
         assert current["broadcast_sha256"] == previous["distilled_sha256"]
@@ -82,7 +87,7 @@ def test_clients_receive_the_distilled_adapter_not_the_plain_average(tiny_run):
 
 
 def test_no_message_to_a_client_holds_the_llm_or_its_adapter(tiny_run, data_dir):
-    config, out, rows, pushed = tiny_run
+    config, out, rows, pushed, _ = tiny_run
     assert len(pushed) == config.rounds * config.num_clients
     slm_keys = set(json.loads((out / "adapters" / "slm" / "adapter_config.json").read_text())
                    ["target_modules"])  # fmt: skip
@@ -93,6 +98,7 @@ def test_no_message_to_a_client_holds_the_llm_or_its_adapter(tiny_run, data_dir)
     for message in pushed:
         records = dict(message.content.items())
         assert set(records) == {"arrays", "config"}
+        assert set(message.content["config"]) <= {"server-round", "evaluate-own"}
         arrays = record_to_adapter(message.content["arrays"])
         assert sum(t.numel() for t in arrays.values()) == rows[-1]["adapter_params"]
         assert all(any(m in key for m in slm_keys) for key in arrays)
@@ -100,8 +106,21 @@ def test_no_message_to_a_client_holds_the_llm_or_its_adapter(tiny_run, data_dir)
         assert not {tuple(t.shape) for t in arrays.values()} & llm_shapes
 
 
+def test_replies_hold_only_what_docs_messages_lists(tiny_run):
+    config, _, rows, pushed, pulled = tiny_run
+    assert len(pulled) == len(pushed)
+    documented = {"partition", "num-examples", "train_loss", "steps", "bytes_received",
+                  "seconds", "own_acc", "own_acc_norm"}  # fmt: skip
+    for reply in pulled:
+        assert set(dict(reply.content.items())) == {"arrays", "metrics", "receipt"}
+        assert set(reply.content["metrics"]) <= documented
+        assert set(reply.content["receipt"]) == {"received_sha256"}
+        arrays = record_to_adapter(reply.content["arrays"])
+        assert sum(t.numel() for t in arrays.values()) == rows[-1]["adapter_params"]
+
+
 def test_final_adapters_load_with_peft_and_match_the_last_evaluation(tiny_run):
-    config, out, _, _ = tiny_run
+    config, out, _, _, _ = tiny_run
     base, _ = load_model(config.slm, config.seed + SLM_SEED_OFFSET)
     slm = PeftModel.from_pretrained(base, out / "adapters" / "slm")
     trained = [p for n, p in slm.named_parameters() if "lora_B" in n]
@@ -111,7 +130,7 @@ def test_final_adapters_load_with_peft_and_match_the_last_evaluation(tiny_run):
 
 
 def test_two_runs_with_the_same_seed_give_the_same_metrics(tiny_run, tmp_path):
-    config, _, rows, _ = tiny_run
+    config, _, rows, _, _ = tiny_run
     again = simulate(config, tmp_path)
 
     def without_timing(rows):

@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcollm.config import load_config
 from fedcollm.cotuning import CoTuningServer
 from fedcollm.metrics import MetricsLog
+from fedcollm.rounds import RoundLog
 from fedcollm.server_app import FedCoLLM
 from fedcollm.validation import UpdateRejected, check_update
 from fedcollm.wire import adapter_to_record
@@ -68,7 +69,7 @@ def server():
 def strategy(server, tmp_path, monkeypatch):
     for field in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, field, 1)
-    strategy = FedCoLLM(server, [], MetricsLog(tmp_path), tmp_path / "checkpoint")
+    strategy = FedCoLLM(RoundLog(server, [], MetricsLog(tmp_path), tmp_path / "checkpoint"))
     strategy.sent = server.slm_adapter
     strategy.sent_to = {10, 11, 12, 13}
     return strategy

@@ -11,6 +11,8 @@ import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from fedcollm.config import Config
 from fedcollm.cotuning import (
@@ -22,6 +24,14 @@ from fedcollm.cotuning import (
     training_split,
 )
 from fedcollm.metrics import worth_reporting
+from fedcollm.models import Adapter, get_adapter
+from fedcollm.secure import (
+    RECORD_KEY_CONFIGS,
+    adapter_from_parameters,
+    check_within_clipping,
+    parameters_from_adapter,
+    secure_when_asked,
+)
 from fedcollm.wire import (
     adapter_digest,
     adapter_to_record,
@@ -51,7 +61,10 @@ def client_state(config: Config, partition: int):
     return slm, tokenizer, encoded[partition]
 
 
-def train(config: Config, msg: Message, context: Context) -> Message:
+def tune(
+    config: Config, context: Context, slm_adapter: Adapter, instructions
+) -> tuple[Adapter, dict]:
+    """Step 2 on this node's partition D_k: the tuned adapter and the reply's metrics."""
     start = time.perf_counter()
     partition = int(context.node_config["partition-id"])
     if partition >= config.num_clients:
@@ -60,9 +73,7 @@ def train(config: Config, msg: Message, context: Context) -> Message:
             f"{config.num_clients}: start as many SuperNodes as num_clients"
         )
     slm, tokenizer, client_data = client_state(config, partition)
-    received = msg.content["arrays"]
-    slm_adapter = record_to_adapter(received)
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(instructions["server-round"])
     seed = (config.seed * 1_000 + server_round) * 1_000 + partition
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -72,31 +83,60 @@ def train(config: Config, msg: Message, context: Context) -> Message:
     update = client_update(
         slm, slm_adapter, client_data, config, tokenizer.pad_token_id, seed, on_step=progress
     )
-    arrays = adapter_to_record(update.adapter, config.federation.adapter_dtype)
     own = {}
-    if msg.content["config"].get("evaluate-own"):
+    if instructions.get("evaluate-own"):
         # The client's own adapter after its last local update, scored where it lives.
         accuracy = score(slm, tokenizer, config, evaluation_questions(config))
         own = {"own_acc": accuracy.acc, "own_acc_norm": accuracy.acc_norm}
-    metrics = MetricRecord(
+    metrics = {
+        **own,
+        "num-examples": update.num_examples,
+        "train_loss": update.train_loss,
+        "steps": update.steps,
+        "partition": partition,
+        "seconds": time.perf_counter() - start,
+    }
+    return update.adapter, metrics
+
+
+def train(config: Config, msg: Message, context: Context) -> Message:
+    """A round with plain aggregation: theta in, the tuned adapter and metrics out."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secure_train(config, msg, context)
+    received = msg.content["arrays"]
+    slm_adapter = record_to_adapter(received)
+    adapter, metrics = tune(config, context, slm_adapter, msg.content["config"])
+    metrics["bytes_received"] = record_bytes(received)
+    content = RecordDict(
         {
-            **own,
-            "num-examples": update.num_examples,
-            "train_loss": update.train_loss,
-            "steps": update.steps,
-            "partition": partition,
-            "bytes_received": record_bytes(received),
-            "seconds": time.perf_counter() - start,
+            "arrays": adapter_to_record(adapter, config.federation.adapter_dtype),
+            "metrics": MetricRecord(metrics),
+            "receipt": ConfigRecord({"received_sha256": adapter_digest(slm_adapter)}),
         }
     )
-    receipt = ConfigRecord({"received_sha256": adapter_digest(slm_adapter)})
-    content = RecordDict({"arrays": arrays, "metrics": metrics, "receipt": receipt})
     return Message(content=content, reply_to=msg)
+
+
+def secure_train(config: Config, msg: Message, context: Context) -> Message:
+    """A round under SecAgg+: the same tuning, answered as the legacy FitRes the mod masks.
+
+    The client checks its own update first: SecAgg+ would silently clip values outside its
+    range, and the server can no longer check any single update."""
+    fit = recorddict_to_fitins(msg.content, keep_input=True)
+    slm, _, _ = client_state(config, int(context.node_config["partition-id"]))
+    slm_adapter = adapter_from_parameters(fit.parameters, get_adapter(slm))
+    adapter, metrics = tune(config, context, slm_adapter, fit.config)
+    check_within_clipping(adapter, config.federation.secagg_clipping_range)
+    # The mod weights each client by num_examples / max_weight: 1 makes a uniform mean.
+    weight = metrics["num-examples"] if config.client.aggregation == "examples" else 1
+    fitres = FitRes(Status(Code.OK, ""), parameters_from_adapter(adapter), weight, metrics)
+    return Message(content=fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
 def make_client_app(config: Config | None = None) -> ClientApp:
     """A ClientApp for `config`, or for the config named in Flower's run config."""
-    app = ClientApp()
+    # SecAgg+ intercepts the rounds that the server runs securely and passes others through.
+    app = ClientApp(mods=[secure_when_asked])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -126,6 +126,14 @@ class FederationConfig:
     # Reject a client update whose L2 distance from the broadcast theta exceeds this
     # (0: no bound). Each round's metrics list every client's update_norm to tune it by.
     max_update_norm: float = 1000.0
+    # Client uploads go through Flower's SecAgg+: the server gets only the mean of the client
+    # adapters, so it checks that mean instead of each update (docs/SECURITY.md).
+    secure_aggregation: bool = False
+    # SecAgg+ clips values to [-c, c] and quantises them on 2**22 levels: c = 1 gives steps
+    # of 4.8e-7, far below LoRA values. A client whose update exceeds c does not send it.
+    secagg_clipping_range: float = 1.0
+    # Share of a client's peers that must answer to rebuild its masks if it drops out.
+    secagg_reconstruction_threshold: float = 0.6
 
 
 @dataclass
@@ -156,6 +164,7 @@ _POSITIVE = {
     "client.local_epochs", "distill.batch_size", "eval.batch_size", "client.lr",
     "distill.slm_lr", "distill.llm_lr", "distill.kd_temperature", "data.dirichlet_alpha",
     "federation.client_cpus", "federation.round_timeout", "federation.min_clients",
+    "federation.secagg_clipping_range",
 }  # fmt: skip
 _NON_NEGATIVE = {
     "data.train_limit", "client.max_steps", "distill.kd_steps", "distill.top_k", "eval.limit",
@@ -265,12 +274,33 @@ def _check_meaning(config: Config) -> None:
             f"federation.min_clients: {config.federation.min_clients} is more than "
             f"num_clients = {config.num_clients}; no round could ever complete"
         )
+    if config.federation.secure_aggregation:
+        _check_secure_aggregation(config)
     if config.data.partition == "dirichlet" and config.data.dirichlet_by == "source":
         if config.task not in ("arc_easy", "arc_challenge"):
             raise ConfigError(
                 f"data.dirichlet_by: {config.task} rows carry no question source; "
                 'use "label" (only ARC ids name their source)'
             )
+
+
+def _check_secure_aggregation(config: Config) -> None:
+    federation = config.federation
+    if federation.adapter_dtype != "float32":
+        raise ConfigError(
+            "federation.adapter_dtype: SecAgg+ quantises float32 values (float16 overflows "
+            'there); set it to "float32" with secure_aggregation'
+        )
+    if federation.min_clients < 2:
+        raise ConfigError(
+            "federation.min_clients: must be at least 2 with secure_aggregation; the mean of "
+            "one client's update is that update"
+        )
+    if not 0 < federation.secagg_reconstruction_threshold <= 1:
+        raise ConfigError(
+            "federation.secagg_reconstruction_threshold: a share of the clients in (0, 1], "
+            f"got {federation.secagg_reconstruction_threshold}"
+        )
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -168,8 +168,19 @@ class CoTuningServer:
         start = time.perf_counter()
         weights = client_weights([u.num_examples for u in updates], self.config.client.aggregation)
         aggregate = weighted_mean([u.adapter for u in updates], weights)
+        return self.co_tune(aggregate, server_round, on_step, time.perf_counter() - start)
+
+    def co_tune(
+        self,
+        aggregate: Adapter,
+        server_round: int,
+        on_step: Callable | None = None,
+        aggregation_seconds: float = 0.0,
+    ) -> ServerRound:
+        """Step 4 from an aggregate theta (secure aggregation hands over only that)."""
+        start = time.perf_counter()
         set_adapter(self.slm, aggregate)
-        seconds = {"aggregation": time.perf_counter() - start}
+        seconds = {"aggregation": aggregation_seconds + time.perf_counter() - start}
         start = time.perf_counter()
         losses: dict[str, float] = {}
         if self.config.distill.enabled:

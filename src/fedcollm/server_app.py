@@ -8,7 +8,6 @@ and returns the distilled theta, which Flower's round loop broadcasts next (step
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,16 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedcollm.checkpoint import check_out_dir, load_checkpoint, restore, save_checkpoint
+from fedcollm.checkpoint import check_out_dir, load_checkpoint, restore
 from fedcollm.config import Config
 from fedcollm.cotuning import ClientUpdate, CoTuningServer, evaluation_questions
-from fedcollm.metrics import MetricsLog, progress_line, summary_table, worth_reporting
-from fedcollm.models import DTYPES, Adapter, adapter_numel
+from fedcollm.metrics import MetricsLog, summary_table
+from fedcollm.models import DTYPES, Adapter
 from fedcollm.report import write_report
-from fedcollm.tasks import Question
+from fedcollm.rounds import RoundLog
 from fedcollm.validation import UpdateRejected, check_update
 from fedcollm.wire import (
-    adapter_digest,
+    MeteredGrid,
     adapter_to_record,
     config_from_run_config,
     record_bytes,
@@ -84,43 +83,32 @@ def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUp
 
 
 class FedCoLLM(FedAvg):
-    """Every client trains every round; aggregation is replaced by aggregate-then-distill.
+    """Every client trains every round; aggregation is replaced by aggregate-then-distill."""
 
-    Rounds after a resume keep their true numbers: Flower counts from 1 again, and
-    `first_round` is added back wherever the round number matters."""
-
-    def __init__(
-        self,
-        server: CoTuningServer,
-        eval_questions: list[Question],
-        metrics: MetricsLog,
-        checkpoints: Path,
-        first_round: int = 0,
-    ):
-        quorum = server.config.federation.min_clients
+    def __init__(self, log: RoundLog):
+        quorum = log.config.federation.min_clients
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=quorum,
             min_available_nodes=quorum,
         )
-        self.server, self.eval_questions, self.metrics = server, eval_questions, metrics
-        self.config: Config = server.config
-        self.checkpoints, self.first_round = checkpoints, first_round
-        self.row: dict[str, Any] = {}
-        self.round_started = time.perf_counter()
+        self.log, self.server, self.config = log, log.server, log.config
         self.sent: Adapter = {}
         self.sent_to: set[int] = set()
         self.node_partitions: dict[int, int] = {}
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return self.log.row
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config, grid: Grid
     ) -> Iterable[Message]:
         """Step 1: broadcast theta, which after round 1 is the previous distilled adapter."""
-        server_round += self.first_round
-        self.round_started = time.perf_counter()
+        server_round = self.log.true_round(server_round)
         self.sent = record_to_adapter(arrays)
-        self.row = {"broadcast_sha256": adapter_digest(self.sent)}
+        self.log.begin(self.sent)
         config["evaluate-own"] = self.config.eval.clients and server_round == self.config.rounds
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent_to = {m.metadata.dst_node_id for m in messages}
@@ -153,81 +141,48 @@ class FedCoLLM(FedAvg):
                 continue
             self.node_partitions[node] = client["partition"]
             updates.append(update)
-            clients.append(client)
+            clients.append({"node": node, **client})
         return updates, clients, dropped, rejected
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Steps 3-4 on the clients' valid replies; returns the theta to broadcast next."""
-        server_round += self.first_round
-        clients_seconds = time.perf_counter() - self.round_started
+        server_round = self.log.true_round(server_round)
+        clients_seconds = self.log.clients_seconds()
         updates, clients, dropped, rejected = self._screen(server_round, replies)
-        self.row.update(clients=clients, dropped=dropped, rejected=rejected)
+        self.row.update(clients=self.log.with_traffic(clients), dropped=dropped, rejected=rejected)
         quorum = self.config.federation.min_clients
         if len(updates) < quorum:
-            self.row["skipped"] = (
-                f"{len(updates)} valid updates, fewer than federation.min_clients = {quorum}"
+            self.log.skip(
+                f"{len(updates)} valid updates, fewer than federation.min_clients = {quorum}",
+                server_round,
             )
-            print(f"round {server_round}: skipped, theta unchanged: {self.row['skipped']}")
-            self.row["seconds"] = {"clients": clients_seconds}
             return None, None
-        result = self.server.server_update(updates, server_round, on_step=self._distill_progress)
-        self.row.update(
-            client_train_loss=sum(u.train_loss for u in updates) / len(updates),
-            aggregate_sha256=adapter_digest(result.aggregate),
-            distilled_sha256=adapter_digest(result.slm_adapter),
-            seconds={"clients": clients_seconds, **result.seconds},
-            **result.losses,
-        )
+        result = self.server.server_update(updates, server_round, self.log.distill_progress)
+        self.log.co_tuned(result, clients_seconds, [u.train_loss for u in updates])
         next_theta = adapter_to_record(result.slm_adapter, self.config.federation.adapter_dtype)
         return next_theta, MetricRecord({"train_loss": self.row["client_train_loss"]})
 
-    def _distill_progress(self, step: int, total: int, losses) -> None:
-        if worth_reporting(step, total):
-            latest = {k: v[-1] for k, v in vars(losses).items() if v}
-            shown = " ".join(f"{k} {v:.3f}" for k, v in latest.items())
-            print(f"  distillation step {step}/{total}: {shown}", flush=True)
-
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Central evaluation of the LLM and the global SLM; writes the round's metrics row
-        and the round's checkpoint."""
-        server_round += self.first_round
-        if self.first_round and server_round == self.first_round:
-            return None  # a resumed run: this round was evaluated before the interruption
-        start = time.perf_counter()
-        row = {
-            "round": server_round,
-            "task": self.config.task,
-            "eval_split": self.config.eval.split,
-            "eval_questions": len(self.eval_questions),
-            "clients": [],
-            "client_train_loss": None,
-            **self.row,
-        }
-        # Without distillation (FedAvg) the LLM never changes: score it once.
-        roles = ["llm", "slm"] if server_round == 0 or self.config.distill.enabled else ["slm"]
-        for role, acc in self.server.evaluate(self.eval_questions, roles).items():
-            row[f"{role}_acc"], row[f"{role}_acc_norm"] = acc.acc, acc.acc_norm
-        if "llm_acc" not in row:
-            row["llm_acc"] = self.metrics.rows[-1]["llm_acc"]
-            row["llm_acc_norm"] = self.metrics.rows[-1]["llm_acc_norm"]
-        seconds = row.setdefault("seconds", {})
-        seconds["evaluation"] = time.perf_counter() - start
-        seconds["round"] = time.perf_counter() - (self.round_started if server_round else start)
-        row["adapter_params"] = adapter_numel(record_to_adapter(arrays))
-        row["slm_params"] = sum(
-            p.numel() for name, p in self.server.slm.named_parameters() if "lora_" not in name
-        )
-        self.metrics.write(row)
-        save_checkpoint(self.checkpoints, server_round, self.server, self.metrics.rows)
-        print(progress_line(row, self.config.rounds), flush=True)
-        self.row = {}
-        return MetricRecord({"llm_acc": row["llm_acc"], "slm_acc": row["slm_acc"]})
+        row = self.log.evaluate(server_round, record_to_adapter(arrays))
+        return row and MetricRecord({"llm_acc": row["llm_acc"], "slm_acc": row["slm_acc"]})
+
+
+def run_rounds(grid: MeteredGrid, log: RoundLog) -> None:
+    """The remaining rounds with plain aggregation: the server screens every update."""
+    config, strategy = log.config, FedCoLLM(log)
+    strategy.start(
+        grid=grid,
+        initial_arrays=adapter_to_record(log.server.slm_adapter, config.federation.adapter_dtype),
+        num_rounds=config.rounds - log.first_round,
+        timeout=config.federation.round_timeout,
+        evaluate_fn=strategy.evaluate,
+    )
 
 
 def run_server(
-    grid: Grid, config: Config, out_dir: Path, resume: bool = False
+    grid: Grid, context: Context, config: Config, out_dir: Path, resume: bool = False
 ) -> list[dict[str, Any]]:
     """The whole server side of one run, or of its rest after `resume`; returns the rows."""
     checkpoints = out_dir / "checkpoint"
@@ -243,15 +198,15 @@ def run_server(
         metrics.write_all(checkpoint.rows)
         first_round = checkpoint.server_round
         print(f"resuming after round {first_round} of {config.rounds}", flush=True)
-    strategy = FedCoLLM(server, evaluation_questions(config), metrics, checkpoints, first_round)
+    grid = MeteredGrid(grid)
+    log = RoundLog(server, evaluation_questions(config), metrics, checkpoints, first_round, grid)
     if first_round < config.rounds:
-        strategy.start(
-            grid=grid,
-            initial_arrays=adapter_to_record(server.slm_adapter, config.federation.adapter_dtype),
-            num_rounds=config.rounds - first_round,
-            timeout=config.federation.round_timeout,
-            evaluate_fn=strategy.evaluate,
-        )
+        if config.federation.secure_aggregation:
+            from fedcollm.secure import run_secure_rounds
+
+            run_secure_rounds(grid, context, log)
+        else:
+            run_rounds(grid, log)
     server.save_adapters(out_dir)
     report = write_report(metrics.rows, config.to_dict(), out_dir)
     print("\n" + summary_table(metrics.rows), flush=True)
@@ -269,4 +224,4 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     out_dir = Path(str(run_config.get("out-dir", "runs/flwr")))
     resume = bool(run_config.get("resume", False))
-    run_server(grid, config_from_run_config(run_config), out_dir, resume)
+    run_server(grid, context, config_from_run_config(run_config), out_dir, resume)

@@ -39,7 +39,7 @@ def simulate(
     def main(grid, context) -> None:
         # Flower only logs what escapes a ServerApp; keep it to hand it to the caller.
         try:
-            outcome["rows"] = run_server(grid, config, out_dir, resume)
+            outcome["rows"] = run_server(grid, context, config, out_dir, resume)
         except Exception as err:  # noqa: BLE001
             outcome["error"] = err
 

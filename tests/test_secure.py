@@ -1,0 +1,123 @@
+"""Secure aggregation with Flower's SecAgg+: the same aggregate as plain averaging, and the
+server never holds one client's adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from fedcollm.client_app import train
+from fedcollm.config import ConfigError, load_config
+from fedcollm.cotuning import CoTuningServer
+from fedcollm.secure import SecureFedCoLLM, check_within_clipping, secure_when_asked
+from fedcollm.simulation import simulate
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
+SECURE = ["federation.secure_aggregation=true", "federation.min_clients=2", "eval.limit=4"]
+# SecAgg+ quantises each value in [-1, 1] on 2**22 levels with stochastic rounding: the mean
+# of K clients is off by at most one step, 2 / 2**22 = 4.8e-7, per value.
+TOLERANCE = 2 / 2**22
+
+
+def test_secure_aggregation_needs_fp32_and_two_clients():
+    with pytest.raises(ConfigError, match="adapter_dtype"):
+        load_config(TINY, overrides=[*SECURE, 'federation.adapter_dtype="float16"'])
+    with pytest.raises(ConfigError, match="at least 2 with secure_aggregation"):
+        load_config(TINY, overrides=[*SECURE, "federation.min_clients=1"])
+
+
+def test_clients_refuse_to_send_what_secagg_would_clip_or_corrupt():
+    check_within_clipping({"a": torch.full((2,), 0.99)}, 1.0)
+    with pytest.raises(ValueError, match="beyond federation.secagg_clipping_range = 1"):
+        check_within_clipping({"a": torch.tensor([0.1, -1.5])}, 1.0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        check_within_clipping({"a": torch.tensor([float("nan")])}, 1.0)
+
+
+def _recording(monkeypatch) -> dict[str, list]:
+    """Record every aggregate handed to distillation and every reply the server pulls."""
+    seen: dict[str, list] = {"aggregates": [], "replies": [], "fit_results": []}
+    co_tune, pull = CoTuningServer.co_tune, InMemoryGrid.pull_messages
+    aggregate_fit = SecureFedCoLLM.aggregate_fit
+
+    def recording_co_tune(self, aggregate, *args, **kwargs):
+        seen["aggregates"].append({k: v.clone() for k, v in aggregate.items()})
+        return co_tune(self, aggregate, *args, **kwargs)
+
+    def recording_pull(self, message_ids):
+        replies = list(pull(self, message_ids))
+        seen["replies"].extend(replies)
+        return replies
+
+    def recording_aggregate_fit(self, server_round, results, failures):
+        seen["fit_results"].append(results)
+        return aggregate_fit(self, server_round, results, failures)
+
+    monkeypatch.setattr(CoTuningServer, "co_tune", recording_co_tune)
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", recording_pull)
+    monkeypatch.setattr(SecureFedCoLLM, "aggregate_fit", recording_aggregate_fit)
+    return seen
+
+
+@pytest.mark.slow
+def test_the_secure_aggregate_equals_plain_averaging(tmp_path, data_dir, monkeypatch):
+    seen = _recording(monkeypatch)
+    plain = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", "eval.limit=4"])
+    simulate(plain, tmp_path / "plain")
+    plain_aggregate, plain_replies = seen["aggregates"][0], list(seen["replies"])
+    seen["replies"].clear()
+    secure = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *SECURE])
+    rows = simulate(secure, tmp_path / "secure")
+
+    secure_aggregate = seen["aggregates"][1]
+    assert plain_aggregate.keys() == secure_aggregate.keys()
+    errors = [
+        (plain_aggregate[k] - secure_aggregate[k]).abs().max().item() for k in plain_aggregate
+    ]
+    assert 0 < max(errors) <= TOLERANCE  # not bit-equal: it went through quantisation
+    assert rows[1]["secure_aggregation"] and len(rows[1]["clients"]) == secure.num_clients
+    assert rows[1]["dropped"] == []
+
+    # The plain server sees every client's fp32 adapter; the secure one sees only integers
+    # masked modulo 2**32, and the strategy gets the one mean K times, never a single update.
+    assert any(r.content.array_records for r in plain_replies)
+    masked = []
+    for reply in seen["replies"]:
+        assert all(len(record) == 0 for record in reply.content.array_records.values())
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        masked += [bytes_to_ndarray(b) for b in configs.get(Key.MASKED_PARAMETERS, [])]
+    assert len(masked) >= secure.num_clients * len(plain_aggregate)
+    assert {a.dtype.kind for a in masked} <= set("iu")
+    (results,) = seen["fit_results"]
+    vectors = {
+        tuple(np.concatenate([a.ravel() for a in _arrays(res)]).tolist()) for _, res in results
+    }
+    assert len(results) == secure.num_clients and len(vectors) == 1
+
+
+def _arrays(fit_res):
+    return parameters_to_ndarrays(fit_res.parameters)
+
+
+@pytest.mark.slow
+def test_a_secure_round_completes_without_a_client_that_fails(tmp_path, data_dir):
+    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *SECURE])
+    app = ClientApp(mods=[secure_when_asked])
+
+    @app.train()
+    def _train(msg, context):
+        if int(context.node_config["partition-id"]) == 1:
+            raise RuntimeError("disk full")
+        return train(config, msg, context)
+
+    rows = simulate(config, tmp_path, client_app=app)
+    assert sorted(c["partition"] for c in rows[1]["clients"]) == [0, 2]
+    assert rows[1]["dropped"] and "skipped" not in rows[1]
+    assert rows[1]["distilled_sha256"] != rows[1]["broadcast_sha256"]

@@ -138,6 +138,10 @@ class SecureFedCoLLM(LegacyFedAvg):
         return parameters_from_adapter(result.slm_adapter), {}
 
     def evaluate(self, server_round, parameters):
+        if server_round > 0 and "clients" not in self.log.row:
+            # Flower's workflow halted before aggregate_fit (too few clients got through
+            # its key exchange); theta stays as it was.
+            self.log.skip("SecAgg+ halted before aggregation; see the log", server_round)
         row = self.log.evaluate(server_round, adapter_from_parameters(parameters, self.keys))
         if row is None:
             return None

@@ -141,7 +141,8 @@ class SecureFedCoLLM(LegacyFedAvg):
         if server_round > 0 and "clients" not in self.log.row:
             # Flower's workflow halted before aggregate_fit (too few clients got through
             # its key exchange); theta stays as it was.
-            self.log.skip("SecAgg+ halted before aggregation; see the log", server_round)
+            reason = "SecAgg+ halted before aggregation; see the log"
+            self.log.skip(reason, self.log.true_round(server_round))
         row = self.log.evaluate(server_round, adapter_from_parameters(parameters, self.keys))
         if row is None:
             return None

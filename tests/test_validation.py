@@ -148,3 +148,18 @@ def test_a_round_with_fewer_valid_updates_than_min_clients_is_skipped(server, st
         strategy.config.federation.min_clients = 1
     assert theta is None  # Flower then broadcasts the previous theta again
     assert "fewer than federation.min_clients = 2" in strategy.row["skipped"]
+
+
+def test_the_algorithm_modules_never_import_flower():
+    """Flower is the transport; models, training, distillation, aggregation, screening,
+    checkpoints and evaluation must run without it (a fresh interpreter checks)."""
+    import subprocess
+    import sys
+
+    core = ["aggregation", "checkpoint", "cotuning", "data", "distillation", "evaluation",
+            "experiment", "models", "rounds", "tasks", "training", "validation"]  # fmt: skip
+    imports = "; ".join(f"import fedcollm.{m}" for m in core)
+    code = f"import sys; {imports}; print(sorted({{m.split('.')[0] for m in sys.modules}}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "flwr" not in result.stdout and "torch" in result.stdout

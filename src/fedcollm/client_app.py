@@ -24,7 +24,7 @@ from fedcollm.cotuning import (
     training_split,
 )
 from fedcollm.metrics import worth_reporting
-from fedcollm.models import Adapter, get_adapter
+from fedcollm.models import Adapter, adapter_digest, get_adapter
 from fedcollm.secure import (
     RECORD_KEY_CONFIGS,
     adapter_from_parameters,
@@ -33,7 +33,6 @@ from fedcollm.secure import (
     secure_when_asked,
 )
 from fedcollm.wire import (
-    adapter_digest,
     adapter_to_record,
     config_from_run_config,
     record_bytes,

@@ -8,6 +8,7 @@ download), a short name from the registry (`registry.py`), a local directory sav
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -184,6 +185,15 @@ def set_adapter(model: PeftModel, adapter: Adapter) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"adapter keys this model does not have: {unexpected[:3]}")
+
+
+def adapter_digest(adapter: Adapter) -> str:
+    """A fingerprint of an adapter's values (fp32), to trace which theta went where."""
+    digest = hashlib.sha256()
+    for key in sorted(adapter):
+        digest.update(key.encode())
+        digest.update(adapter[key].float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def adapter_numel(adapter: Adapter) -> int:

@@ -14,9 +14,8 @@ from typing import Any
 from fedcollm.checkpoint import save_checkpoint
 from fedcollm.cotuning import CoTuningServer, ServerRound
 from fedcollm.metrics import MetricsLog, progress_line, worth_reporting
-from fedcollm.models import Adapter, adapter_numel
+from fedcollm.models import Adapter, adapter_digest, adapter_numel
 from fedcollm.tasks import Question
-from fedcollm.wire import adapter_digest
 
 
 class RoundLog:

@@ -5,7 +5,6 @@ Shared by the two Flower apps; the algorithm modules never see these types.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -33,15 +32,6 @@ def record_to_adapter(record: ArrayRecord) -> Adapter:
 def record_bytes(record: ArrayRecord) -> int:
     """Payload bytes of the serialised arrays (what dominates the message on the wire)."""
     return sum(len(array.data) for array in record.values())
-
-
-def adapter_digest(adapter: Adapter) -> str:
-    """A fingerprint of an adapter's values (fp32), to trace which theta went where."""
-    digest = hashlib.sha256()
-    for key in sorted(adapter):
-        digest.update(key.encode())
-        digest.update(adapter[key].float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> Config:

@@ -1,5 +1,5 @@
 """The `fedcollm` command: `run` a co-tuning job, run an `experiment` and its `report`,
-`evaluate` a model, list `models`."""
+`evaluate` a model, list `models`, write test `certs` for a deployment."""
 
 from __future__ import annotations
 
@@ -109,6 +109,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedcollm.certificates import write_test_credentials
+
+    for path in write_test_credentials(Path(args.dir), args.supernodes):
+        print(path)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fedcollm.registry import REGISTRY, ensure_model, model_dir
 
@@ -183,6 +191,11 @@ def parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the registry of pretrained models usable offline")
     models.add_argument("--fetch", nargs="+", metavar="NAME", help="fetch and convert these now")
     models.set_defaults(func=cmd_models)
+
+    certs = sub.add_parser("certs", help="test TLS and SuperNode credentials (docs/DEPLOYMENT.md)")
+    certs.add_argument("dir", help="where to write them")
+    certs.add_argument("--supernodes", type=int, default=3, help="key pairs to make")
+    certs.set_defaults(func=cmd_certs)
     return p
 
 

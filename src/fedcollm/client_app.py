@@ -139,7 +139,10 @@ def make_client_app(config: Config | None = None) -> ClientApp:
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(config or config_from_run_config(context.run_config), msg, context)
+        if config is None:  # deployed: the run config names it; the node says where its data is
+            node_data = context.node_config.get("data-dir")
+            return train(config_from_run_config(context.run_config, node_data), msg, context)
+        return train(config, msg, context)
 
     return app
 

@@ -34,12 +34,12 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def config_from_run_config(run_config: dict[str, Any]) -> Config:
-    """The experiment config named by Flower's run config (`[tool.flwr.app.config]`)."""
+def config_from_run_config(run_config: dict[str, Any], data_dir: str | None = None) -> Config:
+    """The experiment config named by Flower's run config (`[tool.flwr.app.config]`);
+    `data_dir`, when given, is where this node keeps its data (its node config)."""
     overrides = [s for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    return load_config(
-        run_config["config"], overrides=overrides, data_dir=run_config.get("data-dir") or None
-    )
+    data_dir = data_dir or run_config.get("data-dir") or None
+    return load_config(run_config["config"], overrides=overrides, data_dir=data_dir)
 
 
 def torch_threads(config: Config) -> None:

@@ -1,0 +1,46 @@
+"""Flower's deployment engine on 127.0.0.1: a SuperLink with TLS and SuperNode
+authentication, two SuperNodes, a 2-round run; refused nodes; every process stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+
+
+def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
+    env = {**os.environ, "WORK": str(tmp_path), "DATA": str(data_dir), "NEGATIVE": "1"}
+    result = subprocess.run(["bash", str(ROOT / "deploy" / "local.sh")], env=env,
+                            capture_output=True, text=True, timeout=1200)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert sorted(c["partition"] for c in row["clients"]) == [0, 1]
+        assert row["dropped"] == [] and row["rejected"] == []
+    assert (tmp_path / "out" / "adapters" / "slm" / "adapter_model.safetensors").is_file()
+
+    assert "unregistered-key: refused (exit 1): [code: 2004] Failed to activate SuperNode" in log
+    assert "wrong-ca: refused (exit 1): [SSL: CERTIFICATE_VERIFY_FAILED]" in log
+    superlink = (tmp_path / "logs" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink
+
+    started = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(started) >= 3  # the SuperLink, two SuperNodes and their children
+    alive = [p for p in started if _running(p)]
+    assert alive == [], f"processes left running: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

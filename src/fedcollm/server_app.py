@@ -1,8 +1,10 @@
 """Flower ServerApp: the FedCoLLM strategy over the core in `cotuning.py`.
 
 `FedCoLLM.configure_train` is step 1 (broadcast theta), the ClientApp does step 2, and
-`FedCoLLM.aggregate_train` hands the replies to `CoTuningServer.server_update` for steps 3-4
-and returns the distilled theta, which Flower's round loop broadcasts next (step 5).
+`FedCoLLM.aggregate_train` screens the replies (`read_update`), hands the valid ones to
+`CoTuningServer.server_update` for steps 3-4 and returns the distilled theta, which Flower's
+round loop broadcasts next (step 5). With `federation.secure_aggregation`, `secure.py` runs
+the rounds instead; `run_server` is the same either way.
 """
 
 from __future__ import annotations
@@ -68,11 +70,12 @@ def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUp
         row["received_sha256"] = str(content.config_records["receipt"]["received_sha256"])
     except (KeyError, TypeError, ValueError) as err:
         raise UpdateRejected(f"metrics incomplete or malformed ({err!r})") from None
-    if not 0 <= row["partition"] < config.num_clients or row["num_examples"] < 1:
+    if not 0 <= row["partition"] < config.num_clients:
         raise UpdateRejected(
-            f"partition {row['partition']} with {row['num_examples']} examples is not one of "
-            f"the {config.num_clients} client partitions"
+            f"partition {row['partition']} is not one of the {config.num_clients} partitions"
         )
+    if row["num_examples"] < 1:
+        raise UpdateRejected(f"num-examples {row['num_examples']}: a client trains on some")
     update = ClientUpdate(
         adapter={k: v.float() for k, v in tensors.items()},
         num_examples=row["num_examples"],

@@ -32,6 +32,7 @@ from fedcollm.secure import (
     parameters_from_adapter,
     secure_when_asked,
 )
+from fedcollm.tasks import load_questions
 from fedcollm.wire import (
     adapter_to_record,
     config_from_run_config,
@@ -45,19 +46,32 @@ from fedcollm.wire import (
 _loaded: dict[str, tuple] = {}
 
 
-def client_state(config: Config, partition: int):
-    """The SLM, its tokenizer and this client's encoded D_k (loaded once per process)."""
-    key = json.dumps(config.to_dict(), sort_keys=True)
+def client_state(config: Config, partition: int, own_data: bool = False):
+    """The SLM, its tokenizer and this client's encoded D_k (loaded once per process).
+
+    D_k is partition k of the run's seeded split of the training file or, with `own_data`
+    (a deployed node whose data directory holds only its own rows), all of that file."""
+    key = json.dumps([config.to_dict(), own_data], sort_keys=True)
     if key not in _loaded:
         _loaded.clear()
         torch_threads(config)
         slm, tokenizer = build_slm(config)
-        questions, split = training_split(config)
-        _loaded[key] = (slm, tokenizer, questions, split, {})
-    slm, tokenizer, questions, split, encoded = _loaded[key]
+        if own_data:
+            questions = load_questions(config.task, "train", config.data_dir)
+            parts = {partition: range(len(questions))}
+        else:
+            questions, split = training_split(config)
+            parts = dict(enumerate(split.clients))
+        _loaded[key] = (slm, tokenizer, questions, parts, {})
+    slm, tokenizer, questions, parts, encoded = _loaded[key]
     if partition not in encoded:
-        encoded[partition] = encode(questions, split.clients[partition], tokenizer, config)
+        encoded[partition] = encode(questions, parts[partition], tokenizer, config)
     return slm, tokenizer, encoded[partition]
+
+
+def uses_own_data(context: Context) -> bool:
+    """A node started with `own-data=true` trains on every row in its data directory."""
+    return str(context.node_config.get("own-data", "false")).lower() == "true"
 
 
 def tune(
@@ -71,7 +85,7 @@ def tune(
             f"this node has partition-id {partition}, but the config has num_clients = "
             f"{config.num_clients}: start as many SuperNodes as num_clients"
         )
-    slm, tokenizer, client_data = client_state(config, partition)
+    slm, tokenizer, client_data = client_state(config, partition, uses_own_data(context))
     server_round = int(instructions["server-round"])
     seed = (config.seed * 1_000 + server_round) * 1_000 + partition
 
@@ -122,7 +136,8 @@ def secure_train(config: Config, msg: Message, context: Context) -> Message:
     The client checks its own update first: SecAgg+ would silently clip values outside its
     range, and the server can no longer check any single update."""
     fit = recorddict_to_fitins(msg.content, keep_input=True)
-    slm, _, _ = client_state(config, int(context.node_config["partition-id"]))
+    partition = int(context.node_config["partition-id"])
+    slm, _, _ = client_state(config, partition, uses_own_data(context))
     slm_adapter = adapter_from_parameters(fit.parameters, get_adapter(slm))
     adapter, metrics = tune(config, context, slm_adapter, fit.config)
     check_within_clipping(adapter, config.federation.secagg_clipping_range)

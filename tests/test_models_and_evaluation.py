@@ -103,12 +103,15 @@ def _naive_loglikelihood(model, context, continuation):
 
 # Same prompt length and choice count as q3: scored in one batch, sharing the prompt pass.
 SAME_LENGTH = Question("q4", "Question: Pack\nAnswer:", ("a", "bbbb", "cc", "ddddddd"), 3, "D", "t")
+# Four choices too, and a much longer prompt: left-padding must not change its scores.
+LONGER = Question("q5", "Question: Which of these is the longest word here?\nAnswer:",
+                  ("x", "yy", "zzzzzz", "w"), 2, "C", "t")  # fmt: skip
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_batched_loglikelihoods_equal_one_forward_per_choice(batch_size):
     model = tiny_model(seed=3).eval()
-    questions = [*QUESTIONS, SAME_LENGTH]
+    questions = [*QUESTIONS, SAME_LENGTH, LONGER]
     lls = choice_loglikelihoods(model, TOKENIZER, questions, batch_size=batch_size)
     for q, scores in zip(questions, lls, strict=True):
         naive = [_naive_loglikelihood(model, q.context, " " + c) for c in q.choices]

@@ -133,19 +133,19 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_
 
 def test_a_client_that_times_out_is_dropped_and_the_round_goes_on(tmp_path, data_dir):
     config = load_config(TINY, data_dir=str(data_dir),
-                         overrides=[*SMALL, "rounds=1", "federation.round_timeout=20"])  # fmt: skip
+                         overrides=[*SMALL, "rounds=1", "federation.round_timeout=45"])  # fmt: skip
     app = ClientApp()
 
     @app.train()
     def _train(msg, context):
         if int(context.node_config["partition-id"]) == 2:
-            time.sleep(60)  # far beyond round_timeout
+            time.sleep(100)  # far beyond round_timeout
         return train(config, msg, context)
 
     start = time.monotonic()
     rows = simulate(config, tmp_path, client_app=app)
     assert sorted(c["partition"] for c in rows[1]["clients"]) == [0, 1]
     (dropped,) = rows[1]["dropped"]
-    assert "no reply within round_timeout 20 s" in dropped["error"]
-    assert rows[1]["seconds"]["clients"] < 50, "the server waited for the slow client"
-    assert time.monotonic() - start < 300
+    assert "no reply within round_timeout 45 s" in dropped["error"]
+    assert rows[1]["seconds"]["clients"] < 90, "the server waited for the slow client"
+    assert time.monotonic() - start < 400

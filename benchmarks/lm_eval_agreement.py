@@ -2,19 +2,27 @@
 
 Scores the same model on the same questions with lm-eval (its tasks pointed at the local
 JSONL files by task YAMLs with `dataset_path: json`) and with fedcollm, and reports each
-one's acc and acc_norm, the share of questions with the same prediction, and the seconds
-each took. lm-eval is a benchmark-only dependency: `make bench-agreement` installs it.
+one's acc and acc_norm, the share of questions with the same prediction, and the speed of
+each (benchmark 3). lm-eval is a benchmark-only dependency: `make bench-agreement` installs
+it. Both load the model once, outside the timed part. Each repetition scores every task with
+both, one after the other; the speed-up is lm-eval's seconds over fedcollm's within one
+repetition, median over repetitions. lm-eval's seconds are given twice: its whole
+`simple_evaluate` call (what a user waits for) and only the time inside its model's
+`loglikelihood` (its model work, without building requests from the dataset).
 
-    .venv/bin/python benchmarks/lm_eval_agreement.py --model smollm2-135m --limit 200
+    .venv/bin/python benchmarks/lm_eval_agreement.py --model smollm2-135m --limit 200 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine
 
 from fedcollm.config import ModelConfig
 from fedcollm.evaluation import evaluate_multiple_choice
@@ -61,19 +69,34 @@ metric_list:
 """
 
 
-def lm_eval_scores(model_dir: Path, tasks: list[str], data_dir: Path, limit: int, batch: int):
-    import lm_eval
+def lm_eval_model(model_dir: Path, batch: int):
+    """lm-eval's HF model, with the seconds spent in its `loglikelihood` counted."""
     from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=batch, device="cpu")
+    inside = {"seconds": 0.0}
+    loglikelihood = lm.loglikelihood
+
+    def timed_loglikelihood(*args, **kwargs):
+        start = time.perf_counter()
+        result = loglikelihood(*args, **kwargs)
+        inside["seconds"] += time.perf_counter() - start
+        return result
+
+    lm.loglikelihood = timed_loglikelihood
+    return lm, inside
+
+
+def lm_eval_scores(lm, inside: dict, tasks: list[str], data_dir: Path, limit: int):
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
-    # Loaded once, outside the timed part, as fedcollm's model is.
-    lm = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=batch, device="cpu")
     with tempfile.TemporaryDirectory() as yamls:
         for task in tasks:
             (Path(yamls) / f"local_{task}.yaml").write_text(task_yaml(task, data_dir))
         out = {}
         for task in tasks:
-            start = time.perf_counter()
+            start, inside["seconds"] = time.perf_counter(), 0.0
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=[f"local_{task}"], task_manager=TaskManager(include_path=yamls),
                 limit=limit, log_samples=True,
@@ -86,12 +109,12 @@ def lm_eval_scores(model_dir: Path, tasks: list[str], data_dir: Path, limit: int
                 for s in samples
             ]
             out[task] = {"acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"],
-                         "predictions": predictions, "seconds": seconds}  # fmt: skip
+                         "predictions": predictions, "seconds": seconds,
+                         "model_seconds": inside["seconds"]}  # fmt: skip
     return out
 
 
-def fedcollm_scores(model_name: str, tasks: list[str], data_dir: Path, limit: int, batch: int):
-    model, tokenizer = load_model(ModelConfig(name=model_name), seed=0)
+def fedcollm_scores(model, tokenizer, tasks: list[str], data_dir: Path, limit: int, batch: int):
     out = {}
     for task in tasks:
         questions = load_questions(task, "validation", data_dir)[:limit]
@@ -110,33 +133,54 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--limit", type=int, default=200, help="first N validation questions")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="runs/lm_eval_agreement.json")
     args = parser.parse_args()
     tasks, data_dir = args.tasks.split(","), Path(args.data_dir)
 
     model_dir = model_path(args.model)
-    ours = fedcollm_scores(args.model, tasks, data_dir, args.limit, args.batch_size)
-    theirs = lm_eval_scores(model_dir, tasks, data_dir, args.limit, args.batch_size)
+    model, tokenizer = load_model(ModelConfig(name=args.model), seed=0)
+    lm, inside = lm_eval_model(model_dir, args.batch_size)
+    speedups: dict[str, list[float]] = {t: [] for t in tasks}
+    model_speedups: dict[str, list[float]] = {t: [] for t in tasks}
+    for repeat in range(args.repeats):
+        ours = fedcollm_scores(model, tokenizer, tasks, data_dir, args.limit, args.batch_size)
+        theirs = lm_eval_scores(lm, inside, tasks, data_dir, args.limit)
+        for task in tasks:
+            speedups[task].append(theirs[task]["seconds"] / ours[task]["seconds"])
+            model_speedups[task].append(theirs[task]["model_seconds"] / ours[task]["seconds"])
+        shown = ", ".join(f"{t} {speedups[t][-1]:.2f}x" for t in tasks)
+        print(f"repeat {repeat + 1}/{args.repeats}: speed-up {shown}", flush=True)
 
     rows = []
-    print(f"model {args.model}, first {args.limit} validation questions per task\n")
-    print("| task | n | acc lm-eval | acc fedcollm | acc_norm lm-eval | acc_norm fedcollm | "
-          "same prediction | s lm-eval | s fedcollm | speed-up |")  # fmt: skip
+    print(
+        f"\n{machine()}\nmodel {args.model}, first {args.limit} validation questions per "
+        f"task, batch size {args.batch_size}, median of {args.repeats} repetitions\n"
+    )
+    print(
+        "| task | n | acc lm-eval | acc fedcollm | acc_norm lm-eval | acc_norm fedcollm | "
+        "same prediction | s lm-eval (model only) | s fedcollm | speed-up (vs model only) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for task in tasks:
         a, b = theirs[task], ours[task]
         same = sum(x == y for x, y in zip(a["predictions"], b["predictions"], strict=True))
         n = len(b["predictions"])
-        row = {"task": task, "n": n, "lm_eval": {k: a[k] for k in ("acc", "acc_norm", "seconds")},
+        speedup = statistics.median(speedups[task])
+        model_speedup = statistics.median(model_speedups[task])
+        row = {"task": task, "n": n,
+               "lm_eval": {k: a[k] for k in ("acc", "acc_norm", "seconds", "model_seconds")},
                "fedcollm": {k: b[k] for k in ("acc", "acc_norm", "seconds")},
-               "same_prediction": same / n}  # fmt: skip
+               "same_prediction": same / n, "speedup": speedup, "speedups": speedups[task],
+               "speedup_vs_model_only": model_speedup}  # fmt: skip
         rows.append(row)
         print(f"| {task} | {n} | {a['acc']:.4f} | {b['acc']:.4f} | {a['acc_norm']:.4f} | "
-              f"{b['acc_norm']:.4f} | {100 * same / n:.1f}% | {a['seconds']:.1f} | "
-              f"{b['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f}x |")  # fmt: skip
+              f"{b['acc_norm']:.4f} | {100 * same / n:.1f}% | {a['seconds']:.1f} "
+              f"({a['model_seconds']:.1f}) | {b['seconds']:.1f} | {speedup:.2f}x "
+              f"({model_speedup:.2f}x) |")  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "limit": args.limit,
-                                          "tasks": rows}, indent=1))  # fmt: skip
+    summary = {"model": args.model, "limit": args.limit, "machine": machine(), "tasks": rows}
+    Path(args.out).write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

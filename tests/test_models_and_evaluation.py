@@ -101,16 +101,36 @@ def _naive_loglikelihood(model, context, continuation):
     return sum(logprobs[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
 
 
-# Same prompt length and choice count as q3: scored in one batch, sharing the prompt pass.
+# Same prompt length and choice count as q3.
 SAME_LENGTH = Question("q4", "Question: Pack\nAnswer:", ("a", "bbbb", "cc", "ddddddd"), 3, "D", "t")
-# Four choices too, and a much longer prompt: left-padding must not change its scores.
+# Four choices too, and a much longer prompt: padding must not change its scores.
 LONGER = Question("q5", "Question: Which of these is the longest word here?\nAnswer:",
                   ("x", "yy", "zzzzzz", "w"), 2, "C", "t")  # fmt: skip
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_batched_loglikelihoods_equal_one_forward_per_choice(batch_size):
-    model = tiny_model(seed=3).eval()
+def _other_architecture(name: str) -> torch.nn.Module:
+    """Tiny GPT-2 or Qwen2: the packed prompt-and-choices mask must hold beyond Llama."""
+    torch.manual_seed(3)
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(TOKENIZER), n_embd=32, n_layer=2, n_head=2)
+        return transformers.GPT2LMHeadModel(config)
+    config = transformers.Qwen2Config(vocab_size=len(TOKENIZER), hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return transformers.Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "architecture, batch_size",
+    [("llama", 1), ("llama", 3), ("gpt2", 3), ("qwen2", 3), ("qwen2-eager", 3)],
+)
+def test_batched_loglikelihoods_equal_one_forward_per_choice(architecture, batch_size):
+    if architecture == "llama":
+        model = tiny_model(seed=3).eval()
+    else:
+        model = _other_architecture(architecture.removesuffix("-eager")).eval()
+        if architecture.endswith("-eager"):
+            model.config._attn_implementation = "eager"
     questions = [*QUESTIONS, SAME_LENGTH, LONGER]
     lls = choice_loglikelihoods(model, TOKENIZER, questions, batch_size=batch_size)
     for q, scores in zip(questions, lls, strict=True):

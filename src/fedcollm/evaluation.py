@@ -2,22 +2,24 @@
 
 Each choice is scored by the summed log-likelihood of its continuation `" " + choice` after
 the prompt (acc), and by that sum divided by the choice's length in characters (acc_norm).
-The prompt is run once per question and its key/value cache shared by all of its choices;
-questions whose prompts have the same token length are batched together, so there is no
-padding in the prompt pass and the choices are right-padded after it.
+Each question is one row: its prompt once, then all of its choices, with an attention mask
+that lets every choice see the prompt and itself but not the other choices, and positions
+that restart after the prompt for each choice. So the prompt is computed once, the model runs
+once per batch, and only the positions that predict a choice token reach the output layer.
+Questions are sorted by packed length before batching, to keep padding small.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fedcollm.data import Example, collate, encode_continuations
+from fedcollm.data import encode_continuations
 from fedcollm.tasks import TARGET_DELIMITER, Question
+from fedcollm.training import output_logits
 
 
 @dataclass
@@ -32,28 +34,58 @@ class Accuracy:
         return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n}
 
 
-def _score_group(model, contexts: list[list[int]], choices: list[list[list[int]]], pad_id: int):
-    """Summed log-probabilities of the choices of questions whose contexts have one length.
+def _packed_batch(encoded: list[tuple[list[int], list[list[int]]]], pad_id: int, dtype):
+    """One row per question: its context followed by all of its choices, each choice
+    attending to the context and to itself only, positioned as if it came right after the
+    context. Returns the model inputs and, for every choice token, (row, position that
+    predicts it, token, question's choice slot)."""
+    rows = [context + [t for choice in choices for t in choice] for context, choices in encoded]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    segment = torch.full((len(rows), length), -1)  # -1 padding, 0 context, i choice i
+    targets: list[tuple[int, int, int, int]] = []
+    slots = max(len(choices) for _, choices in encoded)
+    for row, (context, choices) in enumerate(encoded):
+        n = len(context)
+        ids[row, : len(rows[row])] = torch.tensor(rows[row])
+        positions[row, :n] = torch.arange(n)
+        segment[row, :n] = 0
+        start = n
+        for i, choice in enumerate(choices):
+            span = slice(start, start + len(choice))
+            positions[row, span] = torch.arange(n, n + len(choice))
+            segment[row, span] = i + 1
+            # The context's last token predicts the choice's first; each token the next.
+            predictors = [n - 1, *range(start, start + len(choice) - 1)]
+            targets += [
+                (row, p, t, row * slots + i) for p, t in zip(predictors, choice, strict=True)
+            ]
+            start += len(choice)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    sees = causal & (same | (segment[:, None, :] == 0)) & (segment[:, :, None] >= 0)
+    sees |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty rows
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)
+    return ids, positions, mask[:, None], torch.tensor(targets).T, slots
 
-    contexts: B context token lists of one length L; choices: B lists of n token lists.
-    Returns B lists of n floats."""
-    n = len(choices[0])
-    context = torch.tensor(contexts)  # (B, L)
-    out = model(input_ids=context, use_cache=True, logits_to_keep=1)
-    # The context's last position predicts every choice's first token.
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(n, 0)  # (B*n, V)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(n)
-    # Every choice token is scored: right-padded like any batch, all of it "answer".
-    batch = collate([Example(c, [True] * len(c)) for q in choices for c in q], pad_id)
-    ids, real = batch.input_ids, batch.answer_mask
-    attention = torch.cat([torch.ones(len(ids), context.shape[1], dtype=torch.long), real], 1)
-    logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits
-    # Position j of a choice predicts its token j+1.
-    rest = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    totals = first.gather(-1, ids[:, :1])[:, 0].double()
-    totals += (rest.double() * real[:, 1:]).sum(1)
-    return totals.view(len(choices), n).tolist()
+
+def _score_packed(model, encoded, pad_id: int) -> list[list[float]]:
+    """Summed log-probabilities of every choice of a batch of questions, in one forward."""
+    ids, positions, mask, (row, predictor, token, slot), slots = _packed_batch(
+        encoded, pad_id, model.dtype
+    )
+    hidden = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    ).hidden_states[-1][row, predictor]  # (N, H): only the positions that predict a choice
+    logprobs = F.log_softmax(output_logits(model, hidden).float(), dim=-1)
+    picked = logprobs.gather(-1, token[:, None])[:, 0].double()
+    totals = torch.zeros(len(encoded) * slots, dtype=torch.float64).index_add_(0, slot, picked)
+    return [totals[q * slots : q * slots + len(c)].tolist() for q, (_, c) in enumerate(encoded)]
 
 
 @torch.inference_mode()
@@ -71,25 +103,23 @@ def choice_loglikelihoods(
         )
         for q in questions
     ]
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, (context, answers) in enumerate(encoded):
-        groups[len(context), len(answers)].append(index)
+    # Questions of similar packed length share a batch, so that padding stays small.
+    order = sorted(range(len(encoded)), key=lambda i: _packed_length(encoded[i]))
     scores: list[list[float]] = [[] for _ in questions]
     was_training = model.training
     model.eval()
-    for members in groups.values():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            results = _score_group(
-                model,
-                [encoded[i][0] for i in chunk],
-                [encoded[i][1] for i in chunk],
-                tokenizer.pad_token_id,
-            )
-            for i, result in zip(chunk, results, strict=True):
-                scores[i] = result
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        results = _score_packed(model, [encoded[i] for i in chunk], tokenizer.pad_token_id)
+        for i, result in zip(chunk, results, strict=True):
+            scores[i] = result
     model.train(was_training)
     return scores
+
+
+def _packed_length(encoded: tuple[list[int], list[list[int]]]) -> int:
+    context, choices = encoded
+    return len(context) + sum(len(c) for c in choices)
 
 
 def accuracy(questions: Sequence[Question], loglikelihoods: Sequence[Sequence[float]]) -> Accuracy:

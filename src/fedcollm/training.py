@@ -30,11 +30,16 @@ def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     )
     predicts = batch.answer_mask[:, 1:]  # (B, L-1)
     hidden = out.hidden_states[-1][:, :-1][predicts]  # (N, H): final-norm output
+    return output_logits(model, hidden), batch.input_ids[:, 1:][predicts]
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output layer on selected final hidden states: (N, H) -> (N, V)."""
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma 2 squashes its logits; the full forward would too
         logits = torch.tanh(logits / cap) * cap
-    return logits, batch.input_ids[:, 1:][predicts]
+    return logits
 
 
 def answer_rows(batch: Batch) -> torch.Tensor:

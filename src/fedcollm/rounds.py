@@ -33,7 +33,7 @@ class RoundLog:
         self.checkpoints, self.first_round = checkpoints, first_round
         self.traffic = traffic  # counts message bytes per node: .take() -> (to, from)
         self.row: dict[str, Any] = {}
-        self.started = time.perf_counter()
+        self.started = self.created = time.perf_counter()
 
     def true_round(self, flower_round: int) -> int:
         return flower_round + self.first_round
@@ -109,6 +109,9 @@ class RoundLog:
         seconds = row.setdefault("seconds", {})
         seconds["evaluation"] = time.perf_counter() - start
         seconds["round"] = time.perf_counter() - (self.started if server_round else start)
+        # Wall clock of this process at the row: consecutive rows give the whole time between
+        # rounds, Flower's own work and the previous checkpoint included.
+        seconds["since_start"] = time.perf_counter() - self.created
         row["adapter_params"] = adapter_numel(slm_adapter)
         row["slm_params"] = sum(
             p.numel() for name, p in self.server.slm.named_parameters() if "lora_" not in name

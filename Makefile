@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup test lint format demo demo-tiny bench-agreement clean
+.PHONY: setup test lint format demo demo-tiny bench bench-agreement clean
 
 # torch is installed first from its exact CPU version: a loose torch requirement would pull
 # several GB of CUDA wheels. The stamp re-runs the install only when the pins change.
@@ -43,7 +43,18 @@ demo-tiny: setup
 bench-agreement: setup
 	$(BIN)/pip install -q lm-eval==0.4.13
 	$(BIN)/python benchmarks/lm_eval_agreement.py --model smollm2-135m --limit 200 \
-		--data-dir $(DATA_DIR)
+		--data-dir $(DATA_DIR) --out runs/bench/agreement.json
+
+# Every benchmark of BENCHMARKS.md, one after another (about an hour on 2 CPU cores; never
+# part of `make test`). Figures go to runs/bench/.
+bench: setup bench-agreement
+	$(BIN)/python benchmarks/client_throughput.py --json runs/bench/client_throughput.json
+	$(BIN)/python benchmarks/distillation_step.py --json runs/bench/distillation_step.json
+	$(BIN)/python benchmarks/distillation_step.py --memory --json runs/bench/distillation_memory.json
+	$(BIN)/python benchmarks/federation.py --data-dir $(DATA_DIR)
+	$(BIN)/python benchmarks/secure_aggregation.py --data-dir $(DATA_DIR)
+	$(BIN)/fedcollm models --fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+	$(BIN)/python benchmarks/demo_profile.py --json runs/bench/demo.json --plot runs/bench/demo.png
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,115 @@
+"""Pieces both throughput benchmarks share: the machine line, randomly initialised models
+shaped like Qwen2.5 with our LoRA, fixed-length synthetic examples, and a timer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import fedcollm.distillation
+import fedcollm.training
+from fedcollm.config import LoraConfig
+from fedcollm.data import Example
+from fedcollm.models import add_lora
+
+# Qwen2Config kwargs of the two published models (their config.json), weights left random.
+_QWEN25 = dict(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True,
+               rope_theta=1e6, max_position_embeddings=32768)  # fmt: skip
+SHAPES = {
+    "qwen2.5-0.5b": dict(
+        _QWEN25,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+    ),
+    "qwen2.5-1.5b": dict(
+        _QWEN25,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+    ),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads{gpu}")  # fmt: skip
+
+
+def random_model(
+    shape: str, layers: int | None = None, dtype=torch.float32, device="cpu", seed: int = 0
+):
+    """A Qwen2.5-shaped model with random weights (`layers` of the real width when given),
+    built directly in `dtype` on `device` and wrapped with our default LoRA."""
+    kwargs = dict(SHAPES[shape])
+    if layers:
+        kwargs["num_hidden_layers"] = layers
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # no fp32 copy first: the peak-memory figures stay honest
+    try:
+        with torch.random.fork_rng(), torch.device(device):
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    finally:
+        torch.set_default_dtype(default)
+    return add_lora(model, LoraConfig())
+
+
+def synthetic_examples(
+    n: int, prompt_len: int, answer_len: int, vocab: int, seed: int
+) -> list[Example]:
+    """n examples of exactly prompt_len + answer_len random tokens: batches need no padding."""
+    rng = random.Random(seed)
+    mask = [False] * prompt_len + [True] * answer_len
+    return [Example([rng.randrange(vocab) for _ in mask], list(mask)) for _ in range(n)]
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds `fn` takes, the GPU's queue drained before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def batches_on(device: str) -> Iterator[None]:
+    """Make fine_tune and MutualDistillation feed their batches to `device`.
+
+    They collate on the CPU and never move a batch (fine on CPU, where the project runs
+    today); on CUDA their model would get CPU tensors. This stands in for a `device`
+    argument that src/ lacks. On the CPU the move is a no-op and the patch costs nothing."""
+
+    def moved(make):
+        def batches(*args, **kwargs):
+            for b in make(*args, **kwargs):
+                yield type(b)(**{name: t.to(device) for name, t in vars(b).items()})
+
+        return batches
+
+    saved = fedcollm.training.training_batches, fedcollm.distillation.cycle_batches
+    fedcollm.training.training_batches = moved(saved[0])
+    fedcollm.distillation.cycle_batches = moved(saved[1])
+    try:
+        yield
+    finally:
+        fedcollm.training.training_batches, fedcollm.distillation.cycle_batches = saved

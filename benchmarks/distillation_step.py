@@ -1,0 +1,205 @@
+"""One server mutual-distillation step against the sum of its unavoidable parts.
+
+A step of `MutualDistillation.run` (alternating schedule, Algorithm 1; `kd_steps=1`, so a
+`run` is one step and also makes its SLM optimiser and collates its batch) is timed against
+its parts on the same batch, each timed alone: `answer_loss(model, batch).backward()` then
+zeroing the grads, for the LLM (llm_fb) and for the SLM (slm_fb); and the SLM's teacher
+forward under no_grad (slm_teacher), which Algorithm 1 needs too, because the LLM learns from
+the SLM's logits after the SLM's update. The four are timed in turn, `--steps` times per
+repetition (interleaved, so that load from other processes hits them alike), and each
+repetition takes their medians. Reported per repetition and as medians of those:
+step / (llm_fb + slm_fb), the lower bound (target <= 1.10), and
+step / (llm_fb + slm_fb + slm_teacher), the algorithm's own floor. What a step adds beyond the
+parts: the two KL and cross-entropy losses, two clip + AdamW steps, the optimiser and batch.
+
+Models: random weights shaped like Qwen2.5-1.5B (LLM) and Qwen2.5-0.5B (SLM), both with
+`--layers` decoder layers of the real width (0: the full 28 and 24) and our default LoRA,
+on fixed-length synthetic examples (no padding). `kd_loss` and `answer_loss` are vectorised
+over positions: one (N, V) matmul, log_softmax, kl_div and cross_entropy for all N answer
+positions of the batch; the only Python loop in the step's data path is `collate`'s over the
+batch's rows.
+
+`--memory` builds the full-depth pair instead, runs one distillation step and reports the
+peak memory: on CUDA `torch.cuda.max_memory_allocated`; on the CPU the process's peak RSS
+(ru_maxrss, the whole life of the process) and the peak during the step alone (VmHWM after
+resetting it through /proc/self/clear_refs), RSS before and after, and a breakdown:
+parameter bytes of each model and the bytes of one answer-position logits tensor,
+N x V x 4 (the losses hold a few of them at once). RSS stays near the peak after the step:
+glibc keeps the freed activation memory for reuse (malloc_trim hands it back); it is not live.
+
+    .venv/bin/python benchmarks/distillation_step.py
+    .venv/bin/python benchmarks/distillation_step.py --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+
+import torch
+from common import (
+    DTYPES,
+    SHAPES,
+    batches_on,
+    machine,
+    param_bytes,
+    random_model,
+    synthetic_examples,
+    timed,
+)
+
+from fedcollm.config import DistillConfig, OptimConfig
+from fedcollm.data import collate
+from fedcollm.distillation import MutualDistillation, teacher_logits
+from fedcollm.training import answer_loss
+
+PAD, SEED = 0, 0
+GIB = 2**30
+
+
+def fb(model, batch) -> None:
+    answer_loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def rss_kib(field: str) -> int:
+    """VmRSS or VmHWM (the peak since the last reset) of this process, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def build(args, layers: int | None):
+    dtype = DTYPES[args.dtype]
+    llm = random_model(args.llm, layers, dtype, args.device, seed=1)
+    slm = random_model(args.slm, layers, dtype, args.device, seed=2)
+    examples = synthetic_examples(args.batch_size, args.prompt_len, args.answer_len,
+                                  llm.config.vocab_size, SEED)  # fmt: skip
+    config = DistillConfig(kd_steps=1, batch_size=args.batch_size)
+    return llm, slm, MutualDistillation(llm, slm, config, OptimConfig()), examples
+
+
+def memory(args) -> dict:
+    llm, slm, distill, examples = build(args, None)
+    answers = args.batch_size * args.answer_len
+    logits = answers * llm.config.vocab_size * 4
+    figures = {"llm_param_bytes": param_bytes(llm), "slm_param_bytes": param_bytes(slm),
+               "answer_logits_bytes": logits}  # fmt: skip
+
+    def one_step() -> float:
+        with batches_on(args.device):
+            return timed(lambda: distill.run(examples, PAD, SEED), args.device)
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        figures["allocated_before"] = torch.cuda.memory_allocated()
+        seconds = one_step()
+        figures["peak_bytes"] = torch.cuda.max_memory_allocated()
+        figures["allocated_after"] = torch.cuda.memory_allocated()
+        before, peak = figures["allocated_before"], figures["peak_bytes"]
+    else:
+        figures["rss_before"] = rss_kib("VmRSS") * 1024
+        step_peak = reset_peak_rss()
+        seconds = one_step()
+        figures["rss_after"] = rss_kib("VmRSS") * 1024
+        figures["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if step_peak:
+            figures["step_peak_rss"] = rss_kib("VmHWM") * 1024
+        before, peak = figures["rss_before"], figures.get("step_peak_rss", figures["ru_maxrss"])
+    figures["step_seconds"] = seconds
+    params = figures["llm_param_bytes"] + figures["slm_param_bytes"]
+    print(f"\nmachine: {machine()}")
+    print(f"full-depth {args.llm} (LLM) + {args.slm} (SLM), {args.dtype} on {args.device}, "
+          f"one step of batch {args.batch_size} x ({args.prompt_len} + {args.answer_len}) "
+          f"tokens, {answers} answer positions: {seconds:.1f} s")  # fmt: skip
+    for key, value in figures.items():
+        if key != "step_seconds":
+            print(f"  {key:22s} {value / GIB:8.3f} GiB")
+    print(f"peak {peak / GIB:.2f} GiB: parameters {params / GIB:.2f} GiB ({params / peak:.0%}), "
+          f"the step's own growth {(peak - before) / GIB:.2f} GiB, of which one N x V fp32 "
+          f"logits tensor is {logits / GIB:.3f} GiB; dominant: "
+          f"{'parameters' if params > peak / 2 else 'activations and step state'}")  # fmt: skip
+    return figures
+
+
+def speed(args) -> dict:
+    llm, slm, distill, examples = build(args, args.layers)
+    batch = collate(examples, PAD)  # the one batch of each `run`: the same order, no padding
+    batch = type(batch)(**{name: t.to(args.device) for name, t in vars(batch).items()})
+    llm.train()
+    slm.train()
+
+    parts = {
+        "step": lambda: distill.run(examples, PAD, SEED),
+        "llm_fb": lambda: fb(llm, batch),
+        "slm_fb": lambda: fb(slm, batch),
+        "slm_teacher": lambda: teacher_logits(slm, batch),
+    }
+    rows = []
+    with batches_on(args.device):
+        for fn in parts.values():  # warm-up
+            fn()
+        for repeat in range(args.repeats):
+            times = [{k: timed(fn, args.device) for k, fn in parts.items()}
+                     for _ in range(args.steps)]  # fmt: skip
+            row = {k: statistics.median(t[k] for t in times) for k in parts}
+            step = row["step"]
+            row["ratio_fb"] = step / (row["llm_fb"] + row["slm_fb"])
+            row["ratio_with_teacher"] = step / (row["llm_fb"] + row["slm_fb"] + row["slm_teacher"])
+            rows.append(row)
+            print(f"repeat {repeat + 1}/{args.repeats}: step {step:.2f} s, llm_fb "
+                  f"{row['llm_fb']:.2f} s, slm_fb {row['slm_fb']:.2f} s, slm_teacher "
+                  f"{row['slm_teacher']:.2f} s; step/(llm_fb+slm_fb) {row['ratio_fb']:.2f}x, "
+                  f"with the teacher forward {row['ratio_with_teacher']:.2f}x")  # fmt: skip
+    medians = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+    print(f"\nmachine: {machine()}")
+    print(f"{args.llm} (LLM) + {args.slm} (SLM) x {llm.config.num_hidden_layers} layers each, "
+          f"{args.dtype} on {args.device}, batch {args.batch_size} x ({args.prompt_len} + "
+          f"{args.answer_len}) tokens, {args.steps} interleaved timings per repeat, "
+          f"{args.repeats} repeats")  # fmt: skip
+    print("| | median seconds |")
+    print("| --- | ---: |")
+    for key in ("step", "llm_fb", "slm_fb", "slm_teacher"):
+        print(f"| {key} | {medians[key]:.3f} |")
+    for key, label, target in (("ratio_fb", "step / (llm_fb + slm_fb)", " (target <= 1.10)"),
+                               ("ratio_with_teacher",
+                                "step / (llm_fb + slm_fb + slm_teacher)", "")):  # fmt: skip
+        per = ", ".join(f"{r[key]:.2f}" for r in rows)
+        print(f"{label} per repeat: {per}; median {medians[key]:.2f}x{target}")
+    return {"per_repeat": rows, "median": medians}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--llm", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    p.add_argument("--slm", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of each; 0: full depth")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--answer-len", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timings of each per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--memory", action="store_true", help="peak memory of the full-depth pair")
+    p.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args()
+    figures = memory(args) if args.memory else speed(args)
+    if args.json:
+        setup = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "setup": setup, **figures}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

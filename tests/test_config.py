@@ -8,8 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from fedcollm.config import TASKS, Config, ConfigError, config_from_dict, load_config
+from fedcollm.config import (
+    TASKS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    load_config,
+)
+from fedcollm.models import ModelError, load_model, resolve_device
 
 
 def write_toml(tmp_path: Path, text: str, name: str = "exp.toml") -> Path:
@@ -408,3 +417,17 @@ def test_cli_main_rejects_bad_set_value(tmp_path, capsys):
 def test_every_shipped_config_is_valid(path, data_dir):
     config = load_config(path, data_dir=str(data_dir))
     assert config.rounds > 0 and config.num_clients > 0
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU"])
+def test_a_device_that_is_not_one_names_the_choices(device):
+    with pytest.raises(ConfigError, match=r'^slm.device: .* use "auto", "cpu", "cuda" or'):
+        config_from_dict({"slm": {"device": device}})
+    assert config_from_dict({"slm": {"device": "cuda:1"}}).slm.device == "cuda:1"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_asking_for_a_gpu_where_there_is_none_says_what_to_set():
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ModelError, match=r"no CUDA GPU here .* \"auto\" or \"cpu\""):
+        load_model(ModelConfig(device="cuda"), seed=0)

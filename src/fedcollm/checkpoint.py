@@ -25,7 +25,9 @@ from fedcollm.data import DataSplit
 from fedcollm.models import get_adapter, set_adapter
 
 # Keys that may change between the interrupted run and its resumption.
-RESUMABLE_CHANGES = {"rounds", "federation.round_timeout", "federation.client_cpus"}
+RESUMABLE_CHANGES = {
+    "rounds", "federation.round_timeout", "federation.client_cpus", "federation.client_gpus",
+}  # fmt: skip
 
 
 @dataclass
@@ -58,6 +60,7 @@ def save_checkpoint(
         "llm_optimizer": server.distillation.llm_optimizer.state_dict(),
         # Only torch's generator drives randomness in a run (numpy uses seeded generators).
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "split": _split_dict(server.split),
         "rows": rows,
     }
@@ -101,10 +104,10 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "
 
 
 def load_checkpoint(directory: Path, config: Config) -> Checkpoint:
-    # check_out_dir has made sure that there is one.
     """The latest checkpoint, checked against `config`; ConfigError says what differs."""
-    server_round = latest_round(directory)
-    state = torch.load(directory / f"round-{server_round}.pt", weights_only=True)
+    server_round = latest_round(directory)  # check_out_dir has made sure that there is one
+    path = directory / f"round-{server_round}.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)  # any device saved it
     changed = [
         k for k in _differences(state["config"], config.to_dict()) if k not in RESUMABLE_CHANGES
     ]
@@ -128,3 +131,5 @@ def restore(server: CoTuningServer, checkpoint: Checkpoint) -> None:
     set_adapter(server.llm, state["llm_adapter"])
     server.distillation.llm_optimizer.load_state_dict(state["llm_optimizer"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])

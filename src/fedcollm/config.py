@@ -10,6 +10,7 @@ lambda 1, T 1, one local epoch); see docs/CONFIG.md for the reasons.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class ModelConfig:
     # "tiny" (built from `tiny` below), a registry short name, a local directory, or a hub id.
     name: str = "tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "auto" (a CUDA GPU when PyTorch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
     tiny: TinyModel = field(default_factory=TinyModel)
 
 
@@ -118,6 +121,9 @@ class FederationConfig:
     adapter_dtype: Literal["float32", "float16"] = "float32"
     # CPUs each simulated client gets: clients run ceil(total_cpus / client_cpus) at a time.
     client_cpus: int = 1
+    # GPUs (fractions allowed) each simulated client gets; with 0 Ray hides the GPUs from the
+    # clients, so they tune on the CPU whatever slm.device says.
+    client_gpus: float = 0.0
     # Seconds the server waits for client replies each round.
     round_timeout: float = 3600.0
     # A round goes on with the clients that answered if at least this many sent a valid
@@ -169,7 +175,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "data.train_limit", "client.max_steps", "distill.kd_steps", "distill.top_k", "eval.limit",
     "distill.kd_weight", "optim.weight_decay", "optim.max_grad_norm", "lora.dropout",
-    "federation.max_update_norm",
+    "federation.max_update_norm", "federation.client_gpus",
 }  # fmt: skip
 
 
@@ -241,6 +247,12 @@ def _check_meaning(config: Config) -> None:
     for key in _NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {_get(config, key)}")
+    for role in ("llm", "slm"):
+        device = _get(config, f"{role}.device")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ConfigError(
+                f'{role}.device: {device!r} is not a device; use "auto", "cpu", "cuda" or "cuda:N"'
+            )
     if config.task not in TASKS:
         raise ConfigError(f"task: unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
     if not 0 <= config.lora.dropout < 1:

@@ -122,6 +122,11 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L)
     answer_mask: torch.Tensor  # (B, L) True where the token belongs to the answer
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.answer_mask))
+        )
+
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     length = max(len(e.input_ids) for e in examples)

@@ -34,6 +34,7 @@ def kd_loss(
     the shared leading tokens are compared. top_k > 0 keeps the teacher's k most likely
     tokens and renormalises both distributions over them.
     """
+    teacher = teacher.to(student.device)  # the two models may sit on different devices
     vocab = min(student.shape[-1], teacher.shape[-1])
     student, teacher = student[:, :vocab].float(), teacher[:, :vocab].float()
     if top_k:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcollm.data import encode_continuations
+from fedcollm.models import model_device
 from fedcollm.tasks import TARGET_DELIMITER, Question
 from fedcollm.training import output_logits
 
@@ -72,9 +73,11 @@ def _packed_batch(encoded: list[tuple[list[int], list[list[int]]]], pad_id: int,
 
 def _score_packed(model, encoded, pad_id: int) -> list[list[float]]:
     """Summed log-probabilities of every choice of a batch of questions, in one forward."""
-    ids, positions, mask, (row, predictor, token, slot), slots = _packed_batch(
-        encoded, pad_id, model.dtype
+    packed = _packed_batch(encoded, pad_id, model.dtype)
+    ids, positions, mask, targets, slots = (
+        t.to(model_device(model)) if isinstance(t, torch.Tensor) else t for t in packed
     )
+    row, predictor, token, slot = targets
     hidden = model(
         input_ids=ids,
         attention_mask=mask,
@@ -84,7 +87,8 @@ def _score_packed(model, encoded, pad_id: int) -> list[list[float]]:
     ).hidden_states[-1][row, predictor]  # (N, H): only the positions that predict a choice
     logprobs = F.log_softmax(output_logits(model, hidden).float(), dim=-1)
     picked = logprobs.gather(-1, token[:, None])[:, 0].double()
-    totals = torch.zeros(len(encoded) * slots, dtype=torch.float64).index_add_(0, slot, picked)
+    totals = torch.zeros(len(encoded) * slots, dtype=torch.float64, device=picked.device)
+    totals = totals.index_add_(0, slot, picked).cpu()
     return [totals[q * slots : q * slots + len(c)].tolist() for q, (_, c) in enumerate(encoded)]
 
 

@@ -90,6 +90,22 @@ def tiny_llama(spec: ModelConfig, vocab_size: int, seed: int) -> LlamaForCausalL
     return model.to(DTYPES[spec.dtype])
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a config's `device` names; "auto" takes a CUDA GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(
+            f"device {name!r}: PyTorch sees no CUDA GPU here (torch {torch.__version__}); "
+            'set llm.device / slm.device to "auto" or "cpu"'
+        )
+    return torch.device(name)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def model_path(name: str) -> Path:
     """Where a model name points: a registry model's converted directory (fetched and
     converted on first use), else the name itself as a path (a hub id when none exists)."""
@@ -122,9 +138,10 @@ def check_model_dir(directory: Path) -> None:
 
 def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """The model and tokenizer a config names; raises ModelError with the fix on failure."""
+    device = resolve_device(spec.device)
     if spec.name == "tiny":
         tokenizer = byte_tokenizer()
-        return tiny_llama(spec, len(tokenizer), seed), tokenizer
+        return tiny_llama(spec, len(tokenizer), seed).to(device), tokenizer
     local = model_path(spec.name)
     source = str(local) if local.is_dir() else spec.name
     if local.is_dir():
@@ -139,7 +156,7 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
         raise ModelError(f"could not load model {spec.name!r} from {where}: {err}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
@@ -178,7 +195,7 @@ def get_adapter(model: PeftModel) -> Adapter:
 
 def set_adapter(model: PeftModel, adapter: Adapter) -> None:
     """Load adapter weights in place; every LoRA tensor is overwritten."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     dtype = next(p for p in model.parameters() if p.requires_grad).dtype
     state = {k: v.to(device=device, dtype=dtype) for k, v in adapter.items()}
     result = set_peft_model_state_dict(model, state)

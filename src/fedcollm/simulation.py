@@ -45,7 +45,10 @@ def simulate(
 
     cpus = os.cpu_count() or 1
     backend_config = {
-        "client_resources": {"num_cpus": config.federation.client_cpus, "num_gpus": 0.0},
+        "client_resources": {
+            "num_cpus": config.federation.client_cpus,
+            "num_gpus": config.federation.client_gpus,
+        },
         "init_args": {"num_cpus": cpus, "include_dashboard": False},
     }
     run_simulation(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fedcollm.config import OptimConfig
 from fedcollm.data import Batch, Example, training_batches
+from fedcollm.models import model_device
 
 
 def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,6 +23,7 @@ def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     (B, L, V), which matters with a 150k-token vocabulary. Returns (N, V) logits and (N,)
     targets, row-major over the batch.
     """
+    batch = batch.to(model_device(model))  # batches are made on the CPU
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -40,11 +42,6 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if cap:  # Gemma 2 squashes its logits; the full forward would too
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-def answer_rows(batch: Batch) -> torch.Tensor:
-    """(N,) the batch row of each answer position, in `answer_logits` order."""
-    return batch.answer_mask[:, 1:].nonzero()[:, 0]
 
 
 def answer_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -10,7 +10,12 @@ from peft import PeftModel
 from tinymodels import PAD, TOKENIZER, batch, nudge_lora_b, tiny_lora_model, tiny_model
 
 from fedcollm.config import LoraConfig, ModelConfig
-from fedcollm.evaluation import accuracy, choice_loglikelihoods, evaluate_multiple_choice
+from fedcollm.evaluation import (
+    _score_packed,
+    accuracy,
+    choice_loglikelihoods,
+    evaluate_multiple_choice,
+)
 from fedcollm.models import (
     ModelError,
     add_lora,
@@ -136,6 +141,18 @@ def test_batched_loglikelihoods_equal_one_forward_per_choice(architecture, batch
     for q, scores in zip(questions, lls, strict=True):
         naive = [_naive_loglikelihood(model, q.context, " " + c) for c in q.choices]
         assert scores == pytest.approx(naive, abs=1e-4)
+
+
+def test_single_token_choices_are_read_off_the_context_alone():
+    # CommonsenseQA's choices are single letters: the batch is contexts only, padding mask.
+    model = tiny_model(seed=3).eval()
+    contexts = [[5, 9, 33, 70], [12, 40], [7, 7, 81, 90, 100, 3]]
+    choices = [[[65], [66], [67]], [[65], [66]], [[65], [66], [67], [68], [69]]]
+    with torch.inference_mode():
+        scores = _score_packed(model, list(zip(contexts, choices, strict=True)), pad_id=PAD)
+        for context, options, got in zip(contexts, choices, scores, strict=True):
+            last = F.log_softmax(model(torch.tensor([context])).logits[0, -1], -1)
+            assert got == pytest.approx([last[c].item() for (c,) in options], abs=1e-5)
 
 
 def test_acc_and_acc_norm_follow_lm_eval():

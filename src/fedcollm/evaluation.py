@@ -38,56 +38,61 @@ class Accuracy:
 def _packed_batch(encoded: list[tuple[list[int], list[list[int]]]], pad_id: int, dtype):
     """One row per question: its context followed by all of its choices, each choice
     attending to the context and to itself only, positioned as if it came right after the
-    context. Returns the model inputs and, for every choice token, (row, position that
-    predicts it, token, question's choice slot)."""
-    rows = [context + [t for choice in choices for t in choice] for context, choices in encoded]
+    context. A choice's last token predicts nothing we score, so it is not fed: questions
+    whose choices are single tokens (CommonsenseQA's letters) are their context alone, and a
+    batch of only those needs no more than a padding mask. Returns the model's keyword
+    inputs and, for every choice token, (row, position that predicts it, token, slot)."""
+    fed = [[choice[:-1] for choice in choices] for _, choices in encoded]
+    rows = [
+        context + [t for part in parts for t in part]
+        for (context, _), parts in zip(encoded, fed, strict=True)
+    ]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     segment = torch.full((len(rows), length), -1)  # -1 padding, 0 context, i choice i
     targets: list[tuple[int, int, int, int]] = []
     slots = max(len(choices) for _, choices in encoded)
-    for row, (context, choices) in enumerate(encoded):
+    for row, ((context, choices), parts) in enumerate(zip(encoded, fed, strict=True)):
         n = len(context)
         ids[row, : len(rows[row])] = torch.tensor(rows[row])
         positions[row, :n] = torch.arange(n)
         segment[row, :n] = 0
         start = n
-        for i, choice in enumerate(choices):
-            span = slice(start, start + len(choice))
-            positions[row, span] = torch.arange(n, n + len(choice))
+        for i, (choice, part) in enumerate(zip(choices, parts, strict=True)):
+            span = slice(start, start + len(part))
+            positions[row, span] = torch.arange(n, n + len(part))
             segment[row, span] = i + 1
             # The context's last token predicts the choice's first; each token the next.
-            predictors = [n - 1, *range(start, start + len(choice) - 1)]
+            predictors = [n - 1, *range(start, start + len(part))]
             targets += [
                 (row, p, t, row * slots + i) for p, t in zip(predictors, choice, strict=True)
             ]
-            start += len(choice)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same = segment[:, :, None] == segment[:, None, :]
-    sees = causal & (same | (segment[:, None, :] == 0)) & (segment[:, :, None] >= 0)
-    sees |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty rows
-    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)
-    return ids, positions, mask[:, None], torch.tensor(targets).T, slots
+            start += len(part)
+    inputs = {"input_ids": ids}
+    if (segment > 0).any():
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        same = segment[:, :, None] == segment[:, None, :]
+        sees = causal & (same | (segment[:, None, :] == 0)) & (segment[:, :, None] >= 0)
+        sees |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty rows
+        mask = torch.zeros(sees.shape, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)
+        inputs.update(attention_mask=mask[:, None], position_ids=positions)
+    else:
+        inputs["attention_mask"] = (segment >= 0).long()
+    return inputs, torch.tensor(targets).T, slots
 
 
 def _score_packed(model, encoded, pad_id: int) -> list[list[float]]:
     """Summed log-probabilities of every choice of a batch of questions, in one forward."""
-    packed = _packed_batch(encoded, pad_id, model.dtype)
-    ids, positions, mask, targets, slots = (
-        t.to(model_device(model)) if isinstance(t, torch.Tensor) else t for t in packed
-    )
-    row, predictor, token, slot = targets
-    hidden = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        output_hidden_states=True,
-        logits_to_keep=1,
-    ).hidden_states[-1][row, predictor]  # (N, H): only the positions that predict a choice
+    inputs, targets, slots = _packed_batch(encoded, pad_id, model.dtype)
+    device = model_device(model)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    row, predictor, token, slot = targets.to(device)
+    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    hidden = hidden[row, predictor]  # (N, H): only the positions that predict a choice token
     logprobs = F.log_softmax(output_logits(model, hidden).float(), dim=-1)
     picked = logprobs.gather(-1, token[:, None])[:, 0].double()
-    totals = torch.zeros(len(encoded) * slots, dtype=torch.float64, device=picked.device)
+    totals = torch.zeros(len(encoded) * slots, dtype=torch.float64, device=device)
     totals = totals.index_add_(0, slot, picked).cpu()
     return [totals[q * slots : q * slots + len(c)].tolist() for q, (_, c) in enumerate(encoded)]
 
@@ -123,7 +128,7 @@ def choice_loglikelihoods(
 
 def _packed_length(encoded: tuple[list[int], list[list[int]]]) -> int:
     context, choices = encoded
-    return len(context) + sum(len(c) for c in choices)
+    return len(context) + sum(len(c) - 1 for c in choices)
 
 
 def accuracy(questions: Sequence[Question], loglikelihoods: Sequence[Sequence[float]]) -> Accuracy:

@@ -48,6 +48,7 @@ bench-agreement: setup
 # Every benchmark of BENCHMARKS.md, one after another (about an hour on 2 CPU cores; never
 # part of `make test`). Figures go to runs/bench/.
 bench: setup bench-agreement
+	mkdir -p runs/bench
 	$(BIN)/python benchmarks/client_throughput.py --json runs/bench/client_throughput.json
 	$(BIN)/python benchmarks/distillation_step.py --json runs/bench/distillation_step.json
 	$(BIN)/python benchmarks/distillation_step.py --memory --json runs/bench/distillation_memory.json

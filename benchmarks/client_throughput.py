@@ -36,7 +36,15 @@ import json
 import statistics
 
 import torch
-from common import DTYPES, SHAPES, batches_on, machine, random_model, synthetic_examples, timed
+from common import (
+    DTYPES,
+    SHAPES,
+    add_workload_args,
+    machine,
+    random_model,
+    synthetic_examples,
+    timed,
+)
 
 from fedcollm.config import OptimConfig
 from fedcollm.data import Batch, training_batches
@@ -82,16 +90,8 @@ def flops_per_step(model, args) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers; 0: the full depth")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--answer-len", type=int, default=8)
-    p.add_argument("--steps", type=int, default=2, help="optimiser steps per timed loop")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_workload_args(p, repeats=5, steps=2, steps_help="optimiser steps per timed loop")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (CUDA only)")
-    p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
 
     model = random_model(args.shape, args.layers, DTYPES[args.dtype], args.device)
@@ -99,24 +99,20 @@ def main() -> None:
     examples = synthetic_examples(args.steps * args.batch_size, args.prompt_len,
                                   args.answer_len, vocab, SEED)  # fmt: skip
     # fine_tune's own batches: the same seed gives the same order.
-    batches = [
-        Batch(**{name: t.to(args.device) for name, t in vars(b).items()})
-        for b in training_batches(examples, args.batch_size, PAD, 1, SEED)
-    ]
+    batches = [b.to(args.device) for b in training_batches(examples, args.batch_size, PAD, 1, SEED)]
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     flops = flops_per_step(model, args) * args.steps
     results = {"ours": [], "bare": [], "ratio": []}
-    with batches_on(args.device):
-        ours(model, examples[: args.batch_size], args)  # warm-up
-        bare(model, batches[:1])
-        for repeat in range(args.repeats):
-            t_ours = timed(lambda: ours(model, examples, args), args.device)
-            t_bare = timed(lambda: bare(model, batches), args.device)
-            results["ours"].append(tokens / t_ours)
-            results["bare"].append(tokens / t_bare)
-            results["ratio"].append(t_bare / t_ours)
-            print(f"repeat {repeat + 1}/{args.repeats}: ours {tokens / t_ours:,.0f} tok/s, bare "
-                  f"{tokens / t_bare:,.0f} tok/s, ours/bare {t_bare / t_ours:.2f}x")  # fmt: skip
+    ours(model, examples[: args.batch_size], args)  # warm-up
+    bare(model, batches[:1])
+    for repeat in range(args.repeats):
+        t_ours = timed(lambda: ours(model, examples, args), args.device)
+        t_bare = timed(lambda: bare(model, batches), args.device)
+        results["ours"].append(tokens / t_ours)
+        results["bare"].append(tokens / t_bare)
+        results["ratio"].append(t_bare / t_ours)
+        print(f"repeat {repeat + 1}/{args.repeats}: ours {tokens / t_ours:,.0f} tok/s, bare "
+              f"{tokens / t_bare:,.0f} tok/s, ours/bare {t_bare / t_ours:.2f}x")  # fmt: skip
 
     summary = {
         "machine": machine(),

@@ -1,19 +1,17 @@
 """Pieces both throughput benchmarks share: the machine line, randomly initialised models
-shaped like Qwen2.5 with our LoRA, fixed-length synthetic examples, and a timer."""
+shaped like Qwen2.5 with our LoRA, fixed-length synthetic examples, a timer and options."""
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import fedcollm.distillation
-import fedcollm.training
 from fedcollm.config import LoraConfig
 from fedcollm.data import Example
 from fedcollm.models import add_lora
@@ -91,25 +89,14 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-@contextlib.contextmanager
-def batches_on(device: str) -> Iterator[None]:
-    """Make fine_tune and MutualDistillation feed their batches to `device`.
-
-    They collate on the CPU and never move a batch (fine on CPU, where the project runs
-    today); on CUDA their model would get CPU tensors. This stands in for a `device`
-    argument that src/ lacks. On the CPU the move is a no-op and the patch costs nothing."""
-
-    def moved(make):
-        def batches(*args, **kwargs):
-            for b in make(*args, **kwargs):
-                yield type(b)(**{name: t.to(device) for name, t in vars(b).items()})
-
-        return batches
-
-    saved = fedcollm.training.training_batches, fedcollm.distillation.cycle_batches
-    fedcollm.training.training_batches = moved(saved[0])
-    fedcollm.distillation.cycle_batches = moved(saved[1])
-    try:
-        yield
-    finally:
-        fedcollm.training.training_batches, fedcollm.distillation.cycle_batches = saved
+def add_workload_args(p: argparse.ArgumentParser, repeats: int, steps: int, steps_help: str):
+    """The options both throughput benchmarks share: model depth, batch, dtype, device."""
+    p.add_argument("--layers", type=int, default=2, help="decoder layers; 0: the full depth")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--answer-len", type=int, default=8)
+    p.add_argument("--steps", type=int, default=steps, help=steps_help)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", help="write the figures to this file")

@@ -42,7 +42,7 @@ import torch
 from common import (
     DTYPES,
     SHAPES,
-    batches_on,
+    add_workload_args,
     machine,
     param_bytes,
     random_model,
@@ -97,8 +97,7 @@ def memory(args) -> dict:
                "answer_logits_bytes": logits}  # fmt: skip
 
     def one_step() -> float:
-        with batches_on(args.device):
-            return timed(lambda: distill.run(examples, PAD, SEED), args.device)
+        return timed(lambda: distill.run(examples, PAD, SEED), args.device)
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -134,8 +133,8 @@ def memory(args) -> dict:
 
 def speed(args) -> dict:
     llm, slm, distill, examples = build(args, args.layers)
-    batch = collate(examples, PAD)  # the one batch of each `run`: the same order, no padding
-    batch = type(batch)(**{name: t.to(args.device) for name, t in vars(batch).items()})
+    # The one batch of each `run`: the same order, no padding.
+    batch = collate(examples, PAD).to(args.device)
     llm.train()
     slm.train()
 
@@ -146,21 +145,20 @@ def speed(args) -> dict:
         "slm_teacher": lambda: teacher_logits(slm, batch),
     }
     rows = []
-    with batches_on(args.device):
-        for fn in parts.values():  # warm-up
-            fn()
-        for repeat in range(args.repeats):
-            times = [{k: timed(fn, args.device) for k, fn in parts.items()}
-                     for _ in range(args.steps)]  # fmt: skip
-            row = {k: statistics.median(t[k] for t in times) for k in parts}
-            step = row["step"]
-            row["ratio_fb"] = step / (row["llm_fb"] + row["slm_fb"])
-            row["ratio_with_teacher"] = step / (row["llm_fb"] + row["slm_fb"] + row["slm_teacher"])
-            rows.append(row)
-            print(f"repeat {repeat + 1}/{args.repeats}: step {step:.2f} s, llm_fb "
-                  f"{row['llm_fb']:.2f} s, slm_fb {row['slm_fb']:.2f} s, slm_teacher "
-                  f"{row['slm_teacher']:.2f} s; step/(llm_fb+slm_fb) {row['ratio_fb']:.2f}x, "
-                  f"with the teacher forward {row['ratio_with_teacher']:.2f}x")  # fmt: skip
+    for fn in parts.values():  # warm-up
+        fn()
+    for repeat in range(args.repeats):
+        times = [{k: timed(fn, args.device) for k, fn in parts.items()}
+                 for _ in range(args.steps)]  # fmt: skip
+        row = {k: statistics.median(t[k] for t in times) for k in parts}
+        step = row["step"]
+        row["ratio_fb"] = step / (row["llm_fb"] + row["slm_fb"])
+        row["ratio_with_teacher"] = step / (row["llm_fb"] + row["slm_fb"] + row["slm_teacher"])
+        rows.append(row)
+        print(f"repeat {repeat + 1}/{args.repeats}: step {step:.2f} s, llm_fb "
+              f"{row['llm_fb']:.2f} s, slm_fb {row['slm_fb']:.2f} s, slm_teacher "
+              f"{row['slm_teacher']:.2f} s; step/(llm_fb+slm_fb) {row['ratio_fb']:.2f}x, "
+              f"with the teacher forward {row['ratio_with_teacher']:.2f}x")  # fmt: skip
     medians = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     print(f"\nmachine: {machine()}")
     print(f"{args.llm} (LLM) + {args.slm} (SLM) x {llm.config.num_hidden_layers} layers each, "
@@ -183,16 +181,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--llm", choices=sorted(SHAPES), default="qwen2.5-1.5b")
     p.add_argument("--slm", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers of each; 0: full depth")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--answer-len", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timings of each per repeat")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    add_workload_args(p, repeats=3, steps=3, steps_help="timings of each part per repeat")
     p.add_argument("--memory", action="store_true", help="peak memory of the full-depth pair")
-    p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args()
     figures = memory(args) if args.memory else speed(args)
     if args.json:

@@ -50,7 +50,7 @@ bench-agreement: setup
 bench: setup bench-agreement
 	mkdir -p runs/bench
 	$(BIN)/python benchmarks/client_throughput.py --json runs/bench/client_throughput.json
-	$(BIN)/python benchmarks/distillation_step.py --json runs/bench/distillation_step.json
+	$(BIN)/python benchmarks/distillation_step.py --repeats 5 --json runs/bench/distillation_step.json
 	$(BIN)/python benchmarks/distillation_step.py --memory --json runs/bench/distillation_memory.json
 	$(BIN)/python benchmarks/federation.py --data-dir $(DATA_DIR)
 	$(BIN)/python benchmarks/secure_aggregation.py --data-dir $(DATA_DIR)

@@ -1,16 +1,17 @@
 """One server mutual-distillation step against the sum of its unavoidable parts.
 
-A step of `MutualDistillation.run` (alternating schedule, Algorithm 1; `kd_steps=1`, so a
-`run` is one step and also makes its SLM optimiser and collates its batch) is timed against
-its parts on the same batch, each timed alone: `answer_loss(model, batch).backward()` then
-zeroing the grads, for the LLM (llm_fb) and for the SLM (slm_fb); and the SLM's teacher
-forward under no_grad (slm_teacher), which Algorithm 1 needs too, because the LLM learns from
-the SLM's logits after the SLM's update. The four are timed in turn, `--steps` times per
-repetition (interleaved, so that load from other processes hits them alike), and each
-repetition takes their medians. Reported per repetition and as medians of those:
-step / (llm_fb + slm_fb), the lower bound (target <= 1.10), and
-step / (llm_fb + slm_fb + slm_teacher), the algorithm's own floor. What a step adds beyond the
-parts: the two KL and cross-entropy losses, two clip + AdamW steps, the optimiser and batch.
+A step of `MutualDistillation.run` (`kd_steps=1`, so a `run` is one step and also makes its
+SLM optimiser and collates its batch), under each schedule that takes one step per batch, is
+timed against its parts on the same batch, each timed alone: `answer_loss(model, batch)
+.backward()` then zeroing the grads, for the LLM (llm_fb) and for the SLM (slm_fb); and the
+SLM's teacher forward under no_grad (slm_teacher). The alternating schedule (Algorithm 1)
+needs that forward, because the LLM learns from the SLM's logits after the SLM's update; the
+simultaneous one does not, because both learn from the other's logits before the step. All
+five are timed in turn, `--steps` times per repetition (interleaved, so that load from other
+processes hits them alike), and each repetition takes their medians. Reported per repetition
+and as medians of those: each step / (llm_fb + slm_fb) (target <= 1.10), and alternating /
+(llm_fb + slm_fb + slm_teacher), Algorithm 1's own floor. What a step adds beyond the parts:
+the two KL and cross-entropy losses, two clip + AdamW steps, the optimiser and batch.
 
 Models: random weights shaped like Qwen2.5-1.5B (LLM) and Qwen2.5-0.5B (SLM), both with
 `--layers` decoder layers of the real width (0: the full 28 and 24) and our default LoRA,
@@ -27,7 +28,7 @@ parameter bytes of each model and the bytes of one answer-position logits tensor
 N x V x 4 (the losses hold a few of them at once). RSS stays near the peak after the step:
 glibc keeps the freed activation memory for reuse (malloc_trim hands it back); it is not live.
 
-    .venv/bin/python benchmarks/distillation_step.py
+    .venv/bin/python benchmarks/distillation_step.py --repeats 5
     .venv/bin/python benchmarks/distillation_step.py --memory
 """
 
@@ -56,6 +57,7 @@ from fedcollm.distillation import MutualDistillation, teacher_logits
 from fedcollm.training import answer_loss
 
 PAD, SEED = 0, 0
+SCHEDULES = ("alternating", "simultaneous")
 GIB = 2**30
 
 
@@ -85,12 +87,18 @@ def build(args, layers: int | None):
     slm = random_model(args.slm, layers, dtype, args.device, seed=2)
     examples = synthetic_examples(args.batch_size, args.prompt_len, args.answer_len,
                                   llm.config.vocab_size, SEED)  # fmt: skip
-    config = DistillConfig(kd_steps=1, batch_size=args.batch_size)
-    return llm, slm, MutualDistillation(llm, slm, config, OptimConfig()), examples
+    distillers = {
+        schedule: MutualDistillation(
+            llm, slm, DistillConfig(kd_steps=1, batch_size=args.batch_size, schedule=schedule),
+            OptimConfig())
+        for schedule in SCHEDULES
+    }  # fmt: skip
+    return llm, slm, distillers, examples
 
 
 def memory(args) -> dict:
-    llm, slm, distill, examples = build(args, None)
+    llm, slm, distillers, examples = build(args, None)
+    distill = distillers[args.schedule]
     answers = args.batch_size * args.answer_len
     logits = answers * llm.config.vocab_size * 4
     figures = {"llm_param_bytes": param_bytes(llm), "slm_param_bytes": param_bytes(slm),
@@ -132,14 +140,14 @@ def memory(args) -> dict:
 
 
 def speed(args) -> dict:
-    llm, slm, distill, examples = build(args, args.layers)
+    llm, slm, distillers, examples = build(args, args.layers)
     # The one batch of each `run`: the same order, no padding.
     batch = collate(examples, PAD).to(args.device)
     llm.train()
     slm.train()
 
     parts = {
-        "step": lambda: distill.run(examples, PAD, SEED),
+        **{name: (lambda d=d: d.run(examples, PAD, SEED)) for name, d in distillers.items()},
         "llm_fb": lambda: fb(llm, batch),
         "slm_fb": lambda: fb(slm, batch),
         "slm_teacher": lambda: teacher_logits(slm, batch),
@@ -151,14 +159,13 @@ def speed(args) -> dict:
         times = [{k: timed(fn, args.device) for k, fn in parts.items()}
                  for _ in range(args.steps)]  # fmt: skip
         row = {k: statistics.median(t[k] for t in times) for k in parts}
-        step = row["step"]
-        row["ratio_fb"] = step / (row["llm_fb"] + row["slm_fb"])
-        row["ratio_with_teacher"] = step / (row["llm_fb"] + row["slm_fb"] + row["slm_teacher"])
+        fb_sum = row["llm_fb"] + row["slm_fb"]
+        row["alternating_ratio"] = row["alternating"] / fb_sum
+        row["alternating_ratio_with_teacher"] = row["alternating"] / (fb_sum + row["slm_teacher"])
+        row["simultaneous_ratio"] = row["simultaneous"] / fb_sum
         rows.append(row)
-        print(f"repeat {repeat + 1}/{args.repeats}: step {step:.2f} s, llm_fb "
-              f"{row['llm_fb']:.2f} s, slm_fb {row['slm_fb']:.2f} s, slm_teacher "
-              f"{row['slm_teacher']:.2f} s; step/(llm_fb+slm_fb) {row['ratio_fb']:.2f}x, "
-              f"with the teacher forward {row['ratio_with_teacher']:.2f}x")  # fmt: skip
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{k} {v:.2f}{'x' if 'ratio' in k else ' s'}" for k, v in row.items()))  # fmt: skip
     medians = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     print(f"\nmachine: {machine()}")
     print(f"{args.llm} (LLM) + {args.slm} (SLM) x {llm.config.num_hidden_layers} layers each, "
@@ -167,13 +174,15 @@ def speed(args) -> dict:
           f"{args.repeats} repeats")  # fmt: skip
     print("| | median seconds |")
     print("| --- | ---: |")
-    for key in ("step", "llm_fb", "slm_fb", "slm_teacher"):
+    for key in parts:
         print(f"| {key} | {medians[key]:.3f} |")
-    for key, label, target in (("ratio_fb", "step / (llm_fb + slm_fb)", " (target <= 1.10)"),
-                               ("ratio_with_teacher",
-                                "step / (llm_fb + slm_fb + slm_teacher)", "")):  # fmt: skip
+    for key, label in (
+        ("alternating_ratio", "alternating / (llm_fb + slm_fb), target <= 1.10"),
+        ("alternating_ratio_with_teacher", "alternating / (llm_fb + slm_fb + slm_teacher)"),
+        ("simultaneous_ratio", "simultaneous / (llm_fb + slm_fb), target <= 1.10"),
+    ):
         per = ", ".join(f"{r[key]:.2f}" for r in rows)
-        print(f"{label} per repeat: {per}; median {medians[key]:.2f}x{target}")
+        print(f"{label}: {per} per repeat; median {medians[key]:.2f}x")
     return {"per_repeat": rows, "median": medians}
 
 
@@ -183,6 +192,8 @@ def main() -> None:
     p.add_argument("--slm", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     add_workload_args(p, repeats=3, steps=3, steps_help="timings of each part per repeat")
     p.add_argument("--memory", action="store_true", help="peak memory of the full-depth pair")
+    p.add_argument("--schedule", choices=SCHEDULES, default="alternating",
+                   help="the schedule whose step --memory measures")  # fmt: skip
     args = p.parse_args()
     figures = memory(args) if args.memory else speed(args)
     if args.json:

@@ -105,7 +105,7 @@ def test_teacher_logits_are_computed_without_gradient_in_eval_mode():
     assert llm.training  # the mode is restored afterwards
 
 
-@pytest.mark.parametrize("schedule", ["alternating", "sequential"])
+@pytest.mark.parametrize("schedule", ["alternating", "simultaneous", "sequential"])
 def test_mutual_distillation_reduces_the_kl_on_a_fixed_batch(schedule):
     llm, slm = _pair()
     b = batch()
@@ -147,3 +147,21 @@ def test_alternating_schedule_updates_both_adapters_every_step():
     assert all(math.isfinite(v) for v in losses.means().values())
     # Base weights never move.
     assert all(not p.requires_grad for n, p in slm.named_parameters() if "lora_" not in n)
+
+
+def _llm_adapter_after_one_step(schedule: str, slm_lr: float) -> dict[str, torch.Tensor]:
+    llm, slm = _pair()
+    cfg = DistillConfig(kd_steps=1, batch_size=4, slm_lr=slm_lr, llm_lr=1e-2, schedule=schedule)
+    MutualDistillation(llm, slm, cfg, OptimConfig()).run(examples(), PAD, seed=0)
+    return {n: p.detach().clone() for n, p in llm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("schedule", ["alternating", "simultaneous"])
+def test_only_the_alternating_llm_step_learns_from_the_updated_slm(schedule):
+    # Alternating (Algorithm 1): omega's teacher is the SLM after theta's step, so how far
+    # theta moved changes omega's update. Simultaneous: omega's teacher is the SLM before the
+    # step, so theta's learning rate cannot reach omega in the same step.
+    slow = _llm_adapter_after_one_step(schedule, slm_lr=1e-4)
+    fast = _llm_adapter_after_one_step(schedule, slm_lr=1e-1)
+    same = all(torch.equal(slow[n], fast[n]) for n in slow)
+    assert same == (schedule == "simultaneous")

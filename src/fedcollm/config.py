@@ -98,9 +98,10 @@ class DistillConfig:
     kd_temperature: float = 1.0
     # forward: KL(teacher || student); reverse: KL(student || teacher); symmetric: their mean.
     kd_direction: Literal["forward", "reverse", "symmetric"] = "forward"
-    # alternating: Algorithm 1 (SLM step, then LLM step, per batch); sequential: all SLM
-    # steps, then all LLM steps toward the final SLM.
-    schedule: Literal["alternating", "sequential"] = "alternating"
+    # alternating: Algorithm 1 (SLM step, then LLM step toward the updated SLM, per batch);
+    # simultaneous: per batch, both step toward the other's logits from before the step (one
+    # SLM forward fewer); sequential: all SLM steps, then all LLM steps toward the final SLM.
+    schedule: Literal["alternating", "simultaneous", "sequential"] = "alternating"
     # 0: full vocabulary (default). k > 0: KL over the teacher's top-k tokens only.
     top_k: int = 0
 

@@ -94,8 +94,8 @@ class MutualDistillation:
                      self.cfg.top_k)  # fmt: skip
         return ce + self.cfg.kd_weight * kd, ce.item(), kd.item()
 
-    def _slm_step(self, optimizer, batch, llm_teacher, losses: DistillLosses) -> None:
-        logits, targets = answer_logits(self.slm, batch)
+    def _slm_step(self, optimizer, batch, slm_out, llm_teacher, losses: DistillLosses) -> None:
+        logits, targets = slm_out if slm_out is not None else answer_logits(self.slm, batch)
         loss, ce, kd = self._loss(logits, targets, llm_teacher)
         optimizer_step(optimizer, loss, self.optim.max_grad_norm)
         losses.slm_ce.append(ce)
@@ -107,6 +107,24 @@ class MutualDistillation:
         optimizer_step(self.llm_optimizer, loss, self.optim.max_grad_norm)
         losses.llm_ce.append(ce)
         losses.llm_kd.append(kd)
+
+    def _mutual_step(self, slm_optimizer, batch: Batch, losses: DistillLosses) -> None:
+        """One batch of the alternating (Algorithm 1) or the simultaneous schedule."""
+        # The LLM's forward serves twice: detached, as the SLM's teacher, and as its own
+        # student pass (omega does not change in between), saving one forward.
+        llm_out = answer_logits(self.llm, batch)
+        if self.cfg.schedule == "alternating":
+            # Algorithm 1: theta steps toward the LLM, then omega toward the *updated* SLM,
+            # which costs the SLM one more forward.
+            self._slm_step(slm_optimizer, batch, None, llm_out[0].detach(), losses)
+            slm_teacher = teacher_logits(self.slm, batch)
+        else:
+            # Both step toward the other's logits from before this step's updates, so the
+            # SLM's student pass is also the LLM's teacher.
+            slm_out = answer_logits(self.slm, batch)
+            slm_teacher = slm_out[0].detach()
+            self._slm_step(slm_optimizer, batch, slm_out, llm_out[0].detach(), losses)
+        self._llm_step(batch, llm_out, slm_teacher, losses)
 
     def run(
         self,
@@ -122,23 +140,18 @@ class MutualDistillation:
         self.slm.train()
         torch.manual_seed(seed)  # LoRA dropout
         losses = DistillLosses()
-        if self.cfg.schedule == "alternating":
+        if self.cfg.schedule == "sequential":
             for step, batch in enumerate(batches, start=1):
-                # Algorithm 1: update theta toward the LLM, then omega toward the updated SLM.
-                # The LLM's forward serves twice: detached, as the SLM's teacher, and as its
-                # own student pass (omega does not change in between), saving one forward.
-                llm_out = answer_logits(self.llm, batch)
-                self._slm_step(slm_optimizer, batch, llm_out[0].detach(), losses)
-                self._llm_step(batch, llm_out, teacher_logits(self.slm, batch), losses)
-                if on_step:
-                    on_step(step, steps, losses)
-        else:
-            for step, batch in enumerate(batches, start=1):
-                self._slm_step(slm_optimizer, batch, teacher_logits(self.llm, batch), losses)
+                self._slm_step(slm_optimizer, batch, None, teacher_logits(self.llm, batch), losses)
                 if on_step:
                     on_step(step, 2 * steps, losses)
             for step, batch in enumerate(batches, start=steps + 1):
                 self._llm_step(batch, None, teacher_logits(self.slm, batch), losses)
                 if on_step:
                     on_step(step, 2 * steps, losses)
+            return losses
+        for step, batch in enumerate(batches, start=1):
+            self._mutual_step(slm_optimizer, batch, losses)
+            if on_step:
+                on_step(step, steps, losses)
         return losses

@@ -11,6 +11,7 @@ from tinymodels import PAD, batch, examples, nudge_lora_b, tiny_lora_model
 
 from fedcollm.config import DistillConfig, OptimConfig
 from fedcollm.distillation import MutualDistillation, kd_loss, teacher_logits
+from fedcollm.models import get_adapter
 from fedcollm.training import answer_logits
 
 
@@ -153,7 +154,7 @@ def _llm_adapter_after_one_step(schedule: str, slm_lr: float) -> dict[str, torch
     llm, slm = _pair()
     cfg = DistillConfig(kd_steps=1, batch_size=4, slm_lr=slm_lr, llm_lr=1e-2, schedule=schedule)
     MutualDistillation(llm, slm, cfg, OptimConfig()).run(examples(), PAD, seed=0)
-    return {n: p.detach().clone() for n, p in llm.named_parameters() if p.requires_grad}
+    return get_adapter(llm)
 
 
 @pytest.mark.parametrize("schedule", ["alternating", "simultaneous"])

@@ -1,4 +1,4 @@
-"""Client update throughput: `fedcollm.training.fine_tune` against a bare PyTorch + PEFT loop.
+"""Client update throughput: `algorithm.training.fine_tune` against a bare PyTorch + PEFT loop.
 
 Both loops train the same LoRA-wrapped, randomly initialised Qwen2.5-shaped model (`--layers`
 of the real width) on the same fixed-length batches: no padding, so both see exactly
@@ -46,28 +46,39 @@ from common import (
     timed,
 )
 
+from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import OptimConfig
 from fedcollm.data import Batch, training_batches
-from fedcollm.training import fine_tune
 
 LR, PAD, SEED = 3e-4, 0, 0  # ClientConfig's lr; fixed-length examples never pad
 
 
 def ours(model, examples, args) -> None:
-    fine_tune(model, examples, epochs=1, max_steps=0, batch_size=args.batch_size, lr=LR,
-              optim=OptimConfig(), pad_id=PAD, seed=SEED)  # fmt: skip
+    fine_tune(
+        model,
+        examples,
+        epochs=1,
+        max_steps=0,
+        batch_size=args.batch_size,
+        lr=LR,
+        optim=OptimConfig(),
+        pad_id=PAD,
+        seed=SEED,
+    )
 
 
 def bare(model, batches: list[Batch]) -> None:
     optim = OptimConfig()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, betas=(optim.beta1, optim.beta2),
-                                  weight_decay=optim.weight_decay)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        params, lr=LR, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay
+    )
     model.train()
     for batch in batches:
         labels = batch.input_ids.masked_fill(~batch.answer_mask, -100)
-        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     labels=labels).loss  # fmt: skip
+        loss = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
         optimizer.step()
@@ -96,8 +107,9 @@ def main() -> None:
 
     model = random_model(args.shape, args.layers, DTYPES[args.dtype], args.device)
     vocab = model.config.vocab_size
-    examples = synthetic_examples(args.steps * args.batch_size, args.prompt_len,
-                                  args.answer_len, vocab, SEED)  # fmt: skip
+    examples = synthetic_examples(
+        args.steps * args.batch_size, args.prompt_len, args.answer_len, vocab, SEED
+    )
     # fine_tune's own batches: the same seed gives the same order.
     batches = [b.to(args.device) for b in training_batches(examples, args.batch_size, PAD, 1, SEED)]
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
@@ -111,8 +123,10 @@ def main() -> None:
         results["ours"].append(tokens / t_ours)
         results["bare"].append(tokens / t_bare)
         results["ratio"].append(t_bare / t_ours)
-        print(f"repeat {repeat + 1}/{args.repeats}: ours {tokens / t_ours:,.0f} tok/s, bare "
-              f"{tokens / t_bare:,.0f} tok/s, ours/bare {t_bare / t_ours:.2f}x")  # fmt: skip
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: ours {tokens / t_ours:,.0f} tok/s, bare "
+            f"{tokens / t_bare:,.0f} tok/s, ours/bare {t_bare / t_ours:.2f}x"
+        )
 
     summary = {
         "machine": machine(),
@@ -131,19 +145,25 @@ def main() -> None:
             summary[f"{name}_mfu"] = achieved / (args.peak_tflops * 1e12)
     layers = model.config.num_hidden_layers
     print(f"\nmachine: {summary['machine']}")
-    print(f"{args.shape} x {layers} layers, {args.dtype} on {args.device}, batch "
-          f"{args.batch_size} x ({args.prompt_len} + {args.answer_len}) tokens, "
-          f"{args.steps} steps per loop, {args.repeats} repeats; "
-          f"{flops / tokens / 1e9:.2f} GFLOP/token")  # fmt: skip
+    print(
+        f"{args.shape} x {layers} layers, {args.dtype} on {args.device}, batch "
+        f"{args.batch_size} x ({args.prompt_len} + {args.answer_len}) tokens, "
+        f"{args.steps} steps per loop, {args.repeats} repeats; "
+        f"{flops / tokens / 1e9:.2f} GFLOP/token"
+    )
     print("| | tokens/s | TFLOP/s | MFU |")
     print("| --- | ---: | ---: | ---: |")
     for name, label in (("ours", "fedcollm fine_tune"), ("bare", "bare PyTorch + PEFT")):
         mfu = f"{summary[f'{name}_mfu']:.1%}" if args.device == "cuda" else "-"
-        print(f"| {label} | {summary[f'{name}_tokens_per_s']:,.0f} | "
-              f"{summary[f'{name}_tflops']:.3f} | {mfu} |")  # fmt: skip
+        print(
+            f"| {label} | {summary[f'{name}_tokens_per_s']:,.0f} | "
+            f"{summary[f'{name}_tflops']:.3f} | {mfu} |"
+        )
     verdict = "meets" if summary["ratio_median"] >= 0.95 else "MISSES"
-    print(f"ours/bare per repeat: {', '.join(f'{r:.2f}' for r in results['ratio'])}; median "
-          f"{summary['ratio_median']:.2f}x ({verdict} the target >= 0.95)")  # fmt: skip
+    print(
+        f"ours/bare per repeat: {', '.join(f'{r:.2f}' for r in results['ratio'])}; median "
+        f"{summary['ratio_median']:.2f}x ({verdict} the target >= 0.95)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

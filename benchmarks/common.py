@@ -17,8 +17,13 @@ from fedcollm.data import Example
 from fedcollm.models import add_lora
 
 # Qwen2Config kwargs of the two published models (their config.json), weights left random.
-_QWEN25 = dict(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True,
-               rope_theta=1e6, max_position_embeddings=32768)  # fmt: skip
+_QWEN25 = dict(
+    vocab_size=151936,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+)
 SHAPES = {
     "qwen2.5-0.5b": dict(
         _QWEN25,
@@ -39,11 +44,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
     gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads{gpu}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads{gpu}"
+    )
 
 
 def random_model(

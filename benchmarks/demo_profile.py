@@ -38,8 +38,8 @@ from pathlib import Path
 import psutil
 
 from fedcollm.config import load_config
-from fedcollm.metrics import read_metrics
-from fedcollm.registry import REGISTRY, model_dir
+from fedcollm.models.registry import REGISTRY, model_dir
+from fedcollm.tracking.metrics import read_metrics
 
 ROUND_LINE = re.compile(r"^round (\d+)/\d+ \|")
 GIB = 2**30
@@ -49,8 +49,10 @@ def check_models(args) -> None:
     config = load_config(args.config, overrides=args.set, data_dir=args.data_dir)
     for name in {config.llm.name, config.slm.name} & set(REGISTRY):
         if not (model_dir(name) / "config.json").is_file():
-            sys.exit(f"error: {model_dir(name)} holds no converted model; this benchmark leaves "
-                     f"out the one-time download: run `make demo` once first")  # fmt: skip
+            sys.exit(
+                f"error: {model_dir(name)} holds no converted model; this benchmark leaves "
+                f"out the one-time download: run `make demo` once first"
+            )
 
 
 def tree_memory(root: psutil.Process) -> tuple[int | None, int, int]:
@@ -72,8 +74,9 @@ def run(command: list[str]) -> tuple[list, list, float]:
     """Run `command`, echoing its output; its timestamped lines, memory samples, wall time."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
-    proc = subprocess.Popen(command, env=env, text=True, bufsize=1,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=env, text=True, bufsize=1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     root, samples, lines, done = psutil.Process(proc.pid), [], [], threading.Event()
 
     def sample() -> None:
@@ -105,8 +108,10 @@ def phases(lines: list, rows: list[dict], wall: float) -> list[tuple[str, float,
 
     round_at = {int(m[1]): t for t, text in lines if (m := ROUND_LINE.match(text))}
     run_at, loading_at = first("fedcollm run:"), first("loading the server LLM")
-    out = [("start-up: imports, config, data", 0.0, run_at),
-           ("Flower and Ray imports", run_at, loading_at)]  # fmt: skip
+    out = [
+        ("start-up: imports, config, data", 0.0, run_at),
+        ("Flower and Ray imports", run_at, loading_at),
+    ]
     previous = loading_at
     for row in rows:
         n, s, end = row["round"], row["seconds"], round_at[row["round"]]
@@ -147,8 +152,16 @@ def plot(path: str, samples: list, table: list, measure: str) -> None:
         ax.axvspan(start, end, color="0.9" if i % 2 else "white", zorder=0)
         ax.axvline(start, color="0.6", linewidth=0.6)
         if end - start > 0.012 * total:
-            ax.text((start + end) / 2, 0.98, name, rotation=90, fontsize=7, ha="center",
-                    va="top", transform=ax.get_xaxis_transform())  # fmt: skip
+            ax.text(
+                (start + end) / 2,
+                0.98,
+                name,
+                rotation=90,
+                fontsize=7,
+                ha="center",
+                va="top",
+                transform=ax.get_xaxis_transform(),
+            )
     count = ax.twinx()
     count.step(times, [s[3] for s in samples], where="post", color="C1", linewidth=0.8)
     count.set(ylim=(0, None), ylabel="processes in the tree (orange)")
@@ -168,9 +181,15 @@ def main() -> None:
     args = p.parse_args()
     check_models(args)
     with tempfile.TemporaryDirectory(prefix="demo-profile-") as out:
-        command = [str(Path(sys.executable).with_name("fedcollm")), "run", args.config,
-                   "--out", out, *(["--data-dir", args.data_dir] if args.data_dir else []),
-                   *[word for value in args.set for word in ("--set", value)]]  # fmt: skip
+        command = [
+            str(Path(sys.executable).with_name("fedcollm")),
+            "run",
+            args.config,
+            "--out",
+            out,
+            *(["--data-dir", args.data_dir] if args.data_dir else []),
+            *[word for value in args.set for word in ("--set", value)],
+        ]
         print("$ FLWR_TELEMETRY_ENABLED=0 " + " ".join(command), flush=True)
         lines, samples, wall = run(command)
         rows = read_metrics(Path(out) / "metrics.jsonl")
@@ -180,20 +199,30 @@ def main() -> None:
     result = {
         "command": command,
         "memory": measure,
-        "phases": [{"phase": name, "start": start, "seconds": end - start,
-                    "peak_gib": peak(samples, start, end)} for name, start, end in table],
+        "phases": [
+            {
+                "phase": name,
+                "start": start,
+                "seconds": end - start,
+                "peak_gib": peak(samples, start, end),
+            }
+            for name, start, end in table
+        ],
         "total_seconds": wall,
         "peak_gib": max(s[1] for s in samples) / GIB,
         "peak_rss_gib": max(s[2] for s in samples) / GIB,
-        "samples": [{"t": t, measure.lower(): m, "rss": r, "processes": n}
-                    for t, m, r, n in samples],
-    }  # fmt: skip
+        "samples": [
+            {"t": t, measure.lower(): m, "rss": r, "processes": n} for t, m, r, n in samples
+        ],
+    }
     print(f"\n{'phase':<36} {'seconds':>8} {'peak ' + measure + ' GiB':>13}")
     for row in result["phases"]:
         print(f"{row['phase']:<36} {row['seconds']:>8.1f} {row['peak_gib']:>13.2f}")
     print(f"{'total':<36} {wall:>8.1f} {result['peak_gib']:>13.2f}")
-    print(f"\nmemory: {measure} summed over the process tree, sampled every 0.2 s "
-          f"({len(samples)} samples); peak RSS sum {result['peak_rss_gib']:.2f} GiB")  # fmt: skip
+    print(
+        f"\nmemory: {measure} summed over the process tree, sampled every 0.2 s "
+        f"({len(samples)} samples); peak RSS sum {result['peak_rss_gib']:.2f} GiB"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.plot:

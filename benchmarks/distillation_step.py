@@ -51,10 +51,10 @@ from common import (
     timed,
 )
 
+from fedcollm.algorithm.distillation import MutualDistillation, teacher_logits
+from fedcollm.algorithm.training import answer_loss
 from fedcollm.config import DistillConfig, OptimConfig
 from fedcollm.data import collate
-from fedcollm.distillation import MutualDistillation, teacher_logits
-from fedcollm.training import answer_loss
 
 PAD, SEED = 0, 0
 SCHEDULES = ("alternating", "simultaneous")
@@ -85,14 +85,18 @@ def build(args, layers: int | None):
     dtype = DTYPES[args.dtype]
     llm = random_model(args.llm, layers, dtype, args.device, seed=1)
     slm = random_model(args.slm, layers, dtype, args.device, seed=2)
-    examples = synthetic_examples(args.batch_size, args.prompt_len, args.answer_len,
-                                  llm.config.vocab_size, SEED)  # fmt: skip
+    examples = synthetic_examples(
+        args.batch_size, args.prompt_len, args.answer_len, llm.config.vocab_size, SEED
+    )
     distillers = {
         schedule: MutualDistillation(
-            llm, slm, DistillConfig(kd_steps=1, batch_size=args.batch_size, schedule=schedule),
-            OptimConfig())
+            llm,
+            slm,
+            DistillConfig(kd_steps=1, batch_size=args.batch_size, schedule=schedule),
+            OptimConfig(),
+        )
         for schedule in SCHEDULES
-    }  # fmt: skip
+    }
     return llm, slm, distillers, examples
 
 
@@ -101,8 +105,11 @@ def memory(args) -> dict:
     distill = distillers[args.schedule]
     answers = args.batch_size * args.answer_len
     logits = answers * llm.config.vocab_size * 4
-    figures = {"llm_param_bytes": param_bytes(llm), "slm_param_bytes": param_bytes(slm),
-               "answer_logits_bytes": logits}  # fmt: skip
+    figures = {
+        "llm_param_bytes": param_bytes(llm),
+        "slm_param_bytes": param_bytes(slm),
+        "answer_logits_bytes": logits,
+    }
 
     def one_step() -> float:
         return timed(lambda: distill.run(examples, PAD, SEED), args.device)
@@ -126,16 +133,20 @@ def memory(args) -> dict:
     figures["step_seconds"] = seconds
     params = figures["llm_param_bytes"] + figures["slm_param_bytes"]
     print(f"\nmachine: {machine()}")
-    print(f"full-depth {args.llm} (LLM) + {args.slm} (SLM), {args.dtype} on {args.device}, "
-          f"one step of batch {args.batch_size} x ({args.prompt_len} + {args.answer_len}) "
-          f"tokens, {answers} answer positions: {seconds:.1f} s")  # fmt: skip
+    print(
+        f"full-depth {args.llm} (LLM) + {args.slm} (SLM), {args.dtype} on {args.device}, "
+        f"one step of batch {args.batch_size} x ({args.prompt_len} + {args.answer_len}) "
+        f"tokens, {answers} answer positions: {seconds:.1f} s"
+    )
     for key, value in figures.items():
         if key != "step_seconds":
             print(f"  {key:22s} {value / GIB:8.3f} GiB")
-    print(f"peak {peak / GIB:.2f} GiB: parameters {params / GIB:.2f} GiB ({params / peak:.0%}), "
-          f"the step's own growth {(peak - before) / GIB:.2f} GiB, of which one N x V fp32 "
-          f"logits tensor is {logits / GIB:.3f} GiB; dominant: "
-          f"{'parameters' if params > peak / 2 else 'activations and step state'}")  # fmt: skip
+    print(
+        f"peak {peak / GIB:.2f} GiB: parameters {params / GIB:.2f} GiB ({params / peak:.0%}), "
+        f"the step's own growth {(peak - before) / GIB:.2f} GiB, of which one N x V fp32 "
+        f"logits tensor is {logits / GIB:.3f} GiB; dominant: "
+        f"{'parameters' if params > peak / 2 else 'activations and step state'}"
+    )
     return figures
 
 
@@ -156,22 +167,25 @@ def speed(args) -> dict:
     for fn in parts.values():  # warm-up
         fn()
     for repeat in range(args.repeats):
-        times = [{k: timed(fn, args.device) for k, fn in parts.items()}
-                 for _ in range(args.steps)]  # fmt: skip
+        times = [{k: timed(fn, args.device) for k, fn in parts.items()} for _ in range(args.steps)]
         row = {k: statistics.median(t[k] for t in times) for k in parts}
         fb_sum = row["llm_fb"] + row["slm_fb"]
         row["alternating_ratio"] = row["alternating"] / fb_sum
         row["alternating_ratio_with_teacher"] = row["alternating"] / (fb_sum + row["slm_teacher"])
         row["simultaneous_ratio"] = row["simultaneous"] / fb_sum
         rows.append(row)
-        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-            f"{k} {v:.2f}{'x' if 'ratio' in k else ' s'}" for k, v in row.items()))  # fmt: skip
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: "
+            + ", ".join(f"{k} {v:.2f}{'x' if 'ratio' in k else ' s'}" for k, v in row.items())
+        )
     medians = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     print(f"\nmachine: {machine()}")
-    print(f"{args.llm} (LLM) + {args.slm} (SLM) x {llm.config.num_hidden_layers} layers each, "
-          f"{args.dtype} on {args.device}, batch {args.batch_size} x ({args.prompt_len} + "
-          f"{args.answer_len}) tokens, {args.steps} interleaved timings per repeat, "
-          f"{args.repeats} repeats")  # fmt: skip
+    print(
+        f"{args.llm} (LLM) + {args.slm} (SLM) x {llm.config.num_hidden_layers} layers each, "
+        f"{args.dtype} on {args.device}, batch {args.batch_size} x ({args.prompt_len} + "
+        f"{args.answer_len}) tokens, {args.steps} interleaved timings per repeat, "
+        f"{args.repeats} repeats"
+    )
     print("| | median seconds |")
     print("| --- | ---: |")
     for key in parts:
@@ -192,8 +206,12 @@ def main() -> None:
     p.add_argument("--slm", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     add_workload_args(p, repeats=3, steps=3, steps_help="timings of each part per repeat")
     p.add_argument("--memory", action="store_true", help="peak memory of the full-depth pair")
-    p.add_argument("--schedule", choices=SCHEDULES, default="alternating",
-                   help="the schedule whose step --memory measures")  # fmt: skip
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="alternating",
+        help="the schedule whose step --memory measures",
+    )
     args = p.parse_args()
     figures = memory(args) if args.memory else speed(args)
     if args.json:

@@ -34,10 +34,9 @@ from peft import get_peft_model_state_dict
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fedcollm.config import LoraConfig, load_config
-from fedcollm.cotuning import build_slm
-from fedcollm.models import add_lora, get_adapter
-from fedcollm.simulation import simulate
-from fedcollm.wire import adapter_to_record
+from fedcollm.federation.simulation import simulate
+from fedcollm.federation.wire import adapter_to_record
+from fedcollm.models import add_lora, build_slm, get_adapter
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 INSIDE = ("aggregation", "distillation", "evaluation")
@@ -79,16 +78,21 @@ def one_run(args, dtype: str) -> list[dict]:
         training = sum(c["seconds"] for c in row["clients"])
         inside = training + sum(row["seconds"][k] for k in INSIDE)
         clients = row["clients"]
-        measured.append({
-            "round_seconds": wall,
-            "overhead_seconds": wall - inside,
-            "down_ratio": statistics.median(c["wire_bytes_received"] / c["bytes_received"]
-                                            for c in clients),
-            "up_ratio": statistics.median(c["wire_bytes_sent"] / c["bytes_sent"] for c in clients),
-            "down_wire": statistics.median(c["wire_bytes_received"] for c in clients),
-            "up_wire": statistics.median(c["wire_bytes_sent"] for c in clients),
-            "payload": clients[0]["bytes_received"],
-        })  # fmt: skip
+        measured.append(
+            {
+                "round_seconds": wall,
+                "overhead_seconds": wall - inside,
+                "down_ratio": statistics.median(
+                    c["wire_bytes_received"] / c["bytes_received"] for c in clients
+                ),
+                "up_ratio": statistics.median(
+                    c["wire_bytes_sent"] / c["bytes_sent"] for c in clients
+                ),
+                "down_wire": statistics.median(c["wire_bytes_received"] for c in clients),
+                "up_wire": statistics.median(c["wire_bytes_sent"] for c in clients),
+                "payload": clients[0]["bytes_received"],
+            }
+        )
     return measured
 
 
@@ -132,16 +136,20 @@ def main() -> None:
     for dtype, rows in runs.items():
         fixed_down = med(rows, "down_wire") - arrays_message_bytes(tiny_adapter, dtype)
         fixed_up = med(rows, "up_wire") - arrays_message_bytes(tiny_adapter, dtype)
-        print(f"| tiny SLM, {len(tiny_adapter)} arrays (measured) | {dtype} | "
-              f"{med(rows, 'payload'):,.0f} | {med(rows, 'down_wire'):,.0f} | "
-              f"{med(rows, 'down_ratio'):.4f}x | {med(rows, 'up_wire'):,.0f} | "
-              f"{med(rows, 'up_ratio'):.4f}x |")  # fmt: skip
+        print(
+            f"| tiny SLM, {len(tiny_adapter)} arrays (measured) | {dtype} | "
+            f"{med(rows, 'payload'):,.0f} | {med(rows, 'down_wire'):,.0f} | "
+            f"{med(rows, 'down_ratio'):.4f}x | {med(rows, 'up_wire'):,.0f} | "
+            f"{med(rows, 'up_ratio'):.4f}x |"
+        )
         payload = qwen_values * (4 if dtype == "float32" else 2)
         arrays = arrays_message_bytes(qwen_adapter, dtype)
         down, up = arrays + fixed_down, arrays + fixed_up
-        print(f"| Qwen2.5-0.5B, {len(qwen_adapter)} arrays (fixed part measured + arrays "
-              f"serialised) | {dtype} | {payload:,} | {down:,.0f} | {down / payload:.4f}x | "
-              f"{up:,.0f} | {up / payload:.4f}x |")  # fmt: skip
+        print(
+            f"| Qwen2.5-0.5B, {len(qwen_adapter)} arrays (fixed part measured + arrays "
+            f"serialised) | {dtype} | {payload:,} | {down:,.0f} | {down / payload:.4f}x | "
+            f"{up:,.0f} | {up / payload:.4f}x |"
+        )
     print(
         f"\nQwen2.5-0.5B adapter: {qwen_values:,} of {qwen_params:,} parameters "
         f"({100 * qwen_values / qwen_params:.3f}% of the full SLM; the paper: about 0.24%)"

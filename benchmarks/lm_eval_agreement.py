@@ -25,25 +25,36 @@ from pathlib import Path
 from common import machine
 
 from fedcollm.config import ModelConfig
+from fedcollm.data import load_questions
 from fedcollm.evaluation import evaluate_multiple_choice
 from fedcollm.models import load_model, model_path
-from fedcollm.tasks import load_questions
 
 # The lm-eval task definitions of these four tasks (lm_eval/tasks/{arc,openbookqa,
 # commonsense_qa}), with the dataset swapped for the local validation file.
 PROMPTS = {
-    "arc_easy": ('"Question: {{question}}\\nAnswer:"', '"{{choices.label.index(answerKey)}}"',
-                 '"{{choices.text}}"'),
-    "arc_challenge": ('"Question: {{question}}\\nAnswer:"',
-                      '"{{choices.label.index(answerKey)}}"', '"{{choices.text}}"'),
-    "openbookqa": ("question_stem", '"{{choices.label.index(answerKey.lstrip())}}"',
-                   '"{{choices.text}}"'),
+    "arc_easy": (
+        '"Question: {{question}}\\nAnswer:"',
+        '"{{choices.label.index(answerKey)}}"',
+        '"{{choices.text}}"',
+    ),
+    "arc_challenge": (
+        '"Question: {{question}}\\nAnswer:"',
+        '"{{choices.label.index(answerKey)}}"',
+        '"{{choices.text}}"',
+    ),
+    "openbookqa": (
+        "question_stem",
+        '"{{choices.label.index(answerKey.lstrip())}}"',
+        '"{{choices.text}}"',
+    ),
     "commonsense_qa": (
         "\"Question: {{ question.strip() }}\\nA. {{choices['text'][0]}}\\nB. "
         "{{choices['text'][1]}}\\nC. {{choices['text'][2]}}\\nD. {{choices['text'][3]}}\\nE. "
         "{{choices['text'][4]}}\\nAnswer:\"",
-        "answerKey", "['A', 'B', 'C', 'D', 'E']"),
-}  # fmt: skip
+        "answerKey",
+        "['A', 'B', 'C', 'D', 'E']",
+    ),
+}
 
 
 def task_yaml(task: str, data_dir: Path) -> str:
@@ -98,9 +109,12 @@ def lm_eval_scores(lm, inside: dict, tasks: list[str], data_dir: Path, limit: in
         for task in tasks:
             start, inside["seconds"] = time.perf_counter(), 0.0
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=[f"local_{task}"], task_manager=TaskManager(include_path=yamls),
-                limit=limit, log_samples=True,
-            )  # fmt: skip
+                model=lm,
+                tasks=[f"local_{task}"],
+                task_manager=TaskManager(include_path=yamls),
+                limit=limit,
+                log_samples=True,
+            )
             seconds = time.perf_counter() - start
             metrics = results["results"][f"local_{task}"]
             samples = sorted(results["samples"][f"local_{task}"], key=lambda s: s["doc_id"])
@@ -108,9 +122,13 @@ def lm_eval_scores(lm, inside: dict, tasks: list[str], data_dir: Path, limit: in
                 max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])
                 for s in samples
             ]
-            out[task] = {"acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"],
-                         "predictions": predictions, "seconds": seconds,
-                         "model_seconds": inside["seconds"]}  # fmt: skip
+            out[task] = {
+                "acc": metrics["acc,none"],
+                "acc_norm": metrics["acc_norm,none"],
+                "predictions": predictions,
+                "seconds": seconds,
+                "model_seconds": inside["seconds"],
+            }
     return out
 
 
@@ -120,9 +138,12 @@ def fedcollm_scores(model, tokenizer, tasks: list[str], data_dir: Path, limit: i
         questions = load_questions(task, "validation", data_dir)[:limit]
         start = time.perf_counter()
         result = evaluate_multiple_choice(model, tokenizer, questions, batch, max_length=2048)
-        out[task] = {"acc": result.acc, "acc_norm": result.acc_norm,
-                     "predictions": result.predictions,
-                     "seconds": time.perf_counter() - start}  # fmt: skip
+        out[task] = {
+            "acc": result.acc,
+            "acc_norm": result.acc_norm,
+            "predictions": result.predictions,
+            "seconds": time.perf_counter() - start,
+        }
     return out
 
 
@@ -168,16 +189,23 @@ def main() -> None:
         n = len(b["predictions"])
         speedup = statistics.median(speedups[task])
         model_speedup = statistics.median(model_speedups[task])
-        row = {"task": task, "n": n,
-               "lm_eval": {k: a[k] for k in ("acc", "acc_norm", "seconds", "model_seconds")},
-               "fedcollm": {k: b[k] for k in ("acc", "acc_norm", "seconds")},
-               "same_prediction": same / n, "speedup": speedup, "speedups": speedups[task],
-               "speedup_vs_model_only": model_speedup}  # fmt: skip
+        row = {
+            "task": task,
+            "n": n,
+            "lm_eval": {k: a[k] for k in ("acc", "acc_norm", "seconds", "model_seconds")},
+            "fedcollm": {k: b[k] for k in ("acc", "acc_norm", "seconds")},
+            "same_prediction": same / n,
+            "speedup": speedup,
+            "speedups": speedups[task],
+            "speedup_vs_model_only": model_speedup,
+        }
         rows.append(row)
-        print(f"| {task} | {n} | {a['acc']:.4f} | {b['acc']:.4f} | {a['acc_norm']:.4f} | "
-              f"{b['acc_norm']:.4f} | {100 * same / n:.1f}% | {a['seconds']:.1f} "
-              f"({a['model_seconds']:.1f}) | {b['seconds']:.1f} | {speedup:.2f}x "
-              f"({model_speedup:.2f}x) |")  # fmt: skip
+        print(
+            f"| {task} | {n} | {a['acc']:.4f} | {b['acc']:.4f} | {a['acc_norm']:.4f} | "
+            f"{b['acc_norm']:.4f} | {100 * same / n:.1f}% | {a['seconds']:.1f} "
+            f"({a['model_seconds']:.1f}) | {b['seconds']:.1f} | {speedup:.2f}x "
+            f"({model_speedup:.2f}x) |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     summary = {"model": args.model, "limit": args.limit, "machine": machine(), "tasks": rows}
     Path(args.out).write_text(json.dumps(summary, indent=1))

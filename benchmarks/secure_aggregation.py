@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from fedcollm.config import load_config
-from fedcollm.simulation import simulate
+from fedcollm.federation.simulation import simulate
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 
@@ -75,12 +75,16 @@ def main() -> None:
 
     params = plain_rows[0]["params"]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"\nmachine: {machine}; {args.clients} clients, adapter of {params:,} values "
-          f"({4 * params:,} B in fp32)")  # fmt: skip
+    print(
+        f"\nmachine: {machine}; {args.clients} clients, adapter of {params:,} values "
+        f"({4 * params:,} B in fp32)"
+    )
     print("| | plain | SecAgg+ | ratio |")
     print("| --- | ---: | ---: | ---: |")
-    for key, label in (("clients_seconds", "client phase per round (s)"),
-                       ("train_seconds", "local training per client (s)")):  # fmt: skip
+    for key, label in (
+        ("clients_seconds", "client phase per round (s)"),
+        ("train_seconds", "local training per client (s)"),
+    ):
         a, b = med(plain_rows, key), med(secure_rows, key)
         print(f"| {label} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
     extra = med(secure_rows, "clients_seconds") - med(plain_rows, "clients_seconds")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedcollm.aggregation import client_weights, weighted_mean
+from fedcollm.algorithm.aggregation import client_weights, weighted_mean
 
 
 def test_uniform_mean_of_known_arrays():

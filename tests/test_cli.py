@@ -8,13 +8,24 @@ import sys
 
 
 def fedcollm(*args):
-    return subprocess.run([sys.executable, "-m", "fedcollm.cli", *args],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "fedcollm.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_evaluate_prints_one_json_object(data_dir):
-    result = fedcollm("evaluate", "--model", "tiny", "--task", "openbookqa", "--data-dir",
-                      str(data_dir), "--limit", "5", "--json")  # fmt: skip
+    result = fedcollm(
+        "evaluate",
+        "--model",
+        "tiny",
+        "--task",
+        "openbookqa",
+        "--data-dir",
+        str(data_dir),
+        "--limit",
+        "5",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["n"] == 5 and summary["task"] == "openbookqa"
@@ -28,7 +39,18 @@ def test_evaluate_rejects_an_unknown_task_and_a_missing_adapter(data_dir, tmp_pa
         "error: --task: unknown task 'piqa'; choose one of arc_easy, arc_challenge, "
         "openbookqa, commonsense_qa, vell_fruits"
     ]
-    result = fedcollm("evaluate", "--model", "tiny", "--task", "arc_easy", "--data-dir",
-                      str(data_dir), "--adapter", str(tmp_path), "--limit", "1")  # fmt: skip
+    result = fedcollm(
+        "evaluate",
+        "--model",
+        "tiny",
+        "--task",
+        "arc_easy",
+        "--data-dir",
+        str(data_dir),
+        "--adapter",
+        str(tmp_path),
+        "--limit",
+        "1",
+    )
     assert result.returncode == 2 and "adapter_config.json" in result.stderr
     assert "Traceback" not in result.stderr

@@ -11,14 +11,20 @@ import pytest
 import torch
 
 from fedcollm.config import (
-    TASKS,
     Config,
     ConfigError,
     ModelConfig,
     config_from_dict,
     load_config,
 )
+from fedcollm.data import TASKS
 from fedcollm.models import ModelError, load_model, resolve_device
+from fedcollm.preflight import check_run
+
+
+def checked(values: dict) -> Config:
+    """A config as `fedcollm run` takes it: each value checked, then against data and models."""
+    return check_run(config_from_dict(values))
 
 
 def write_toml(tmp_path: Path, text: str, name: str = "exp.toml") -> Path:
@@ -160,7 +166,7 @@ def test_literal_inside_its_set_is_accepted():
 
 def test_unknown_task_names_the_known_tasks():
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"task": "mmlu"})
+        checked({"task": "mmlu"})
     message = str(info.value)
     assert message.startswith("task:")
     assert "'mmlu'" in message
@@ -170,14 +176,14 @@ def test_unknown_task_names_the_known_tasks():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_known_task_is_accepted(task):
-    assert config_from_dict({"task": task}).task == task
+    assert checked({"task": task}).task == task
 
 
 def test_data_dir_without_task_train_file_is_rejected(tmp_path):
     (tmp_path / "arc_easy").mkdir()
     (tmp_path / "arc_easy" / "validation.jsonl").write_text("")
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"data_dir": str(tmp_path), "task": "arc_easy"})
+        checked({"data_dir": str(tmp_path), "task": "arc_easy"})
     message = str(info.value)
     assert message.startswith("data_dir:")
     assert str(tmp_path / "arc_easy" / "train.jsonl") in message
@@ -186,13 +192,13 @@ def test_data_dir_without_task_train_file_is_rejected(tmp_path):
 def test_data_dir_of_another_task_is_rejected(tmp_path):
     (tmp_path / "arc_easy").mkdir()
     (tmp_path / "arc_easy" / "train.jsonl").write_text("")
-    assert config_from_dict({"data_dir": str(tmp_path)}).data_dir == str(tmp_path)
+    assert checked({"data_dir": str(tmp_path)}).data_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="openbookqa/train.jsonl"):
-        config_from_dict({"data_dir": str(tmp_path), "task": "openbookqa"})
+        checked({"data_dir": str(tmp_path), "task": "openbookqa"})
 
 
 def test_real_data_dir_is_accepted(data_dir):
-    config = config_from_dict({"data_dir": str(data_dir), "task": "commonsense_qa"})
+    config = checked({"data_dir": str(data_dir), "task": "commonsense_qa"})
     assert config.data_dir == str(data_dir)
 
 
@@ -243,9 +249,9 @@ def test_fractions_must_be_below_one(values, key):
 
 def test_dirichlet_by_source_needs_arc():
     values = {"data": {"partition": "dirichlet", "dirichlet_by": "source"}}
-    assert config_from_dict({**values, "task": "arc_challenge"}).data.dirichlet_by == "source"
+    assert checked({**values, "task": "arc_challenge"}).data.dirichlet_by == "source"
     with pytest.raises(ConfigError, match=r"^data\.dirichlet_by: openbookqa"):
-        config_from_dict({**values, "task": "openbookqa"})
+        checked({**values, "task": "openbookqa"})
 
 
 # --- model names --------------------------------------------------------------------------
@@ -255,7 +261,7 @@ def test_model_path_without_config_json_is_rejected(tmp_path):
     model_dir = tmp_path / "my-model"
     model_dir.mkdir()
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"slm": {"name": str(model_dir)}})
+        checked({"slm": {"name": str(model_dir)}})
     message = str(info.value)
     assert message.startswith("slm.name:")
     assert str(model_dir) in message
@@ -264,12 +270,12 @@ def test_model_path_without_config_json_is_rejected(tmp_path):
 
 def test_missing_relative_model_path_is_rejected():
     with pytest.raises(ConfigError, match=r"^llm\.name: .*no config\.json"):
-        config_from_dict({"llm": {"name": "./no/such/model"}})
+        checked({"llm": {"name": "./no/such/model"}})
 
 
 def test_model_directory_with_config_json_and_hub_ids_are_accepted(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    config = config_from_dict({"llm": {"name": str(tmp_path)}, "slm": {"name": "org/some-model"}})
+    config = checked({"llm": {"name": str(tmp_path)}, "slm": {"name": "org/some-model"}})
     assert config.llm.name == str(tmp_path)
     assert config.slm.name == "org/some-model"
 
@@ -415,7 +421,7 @@ def test_cli_main_rejects_bad_set_value(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")))
 def test_every_shipped_config_is_valid(path, data_dir):
-    config = load_config(path, data_dir=str(data_dir))
+    config = check_run(load_config(path, data_dir=str(data_dir)))
     assert config.rounds > 0 and config.num_clients > 0
 
 

@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from fedcollm.data import (
+    DataError,
     Example,
+    Question,
     collate,
     cycle_batches,
     encode_answer,
     encode_pair,
+    load_questions,
     split_training_data,
     training_batches,
 )
 from fedcollm.models import byte_tokenizer
-from fedcollm.tasks import DataError, Question, load_questions
 
 TOKENIZER = byte_tokenizer()
 PAD = TOKENIZER.pad_token_id

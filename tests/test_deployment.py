@@ -16,8 +16,13 @@ ROOT = Path(__file__).parents[1]
 
 def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
     env = {**os.environ, "WORK": str(tmp_path), "DATA": str(data_dir), "NEGATIVE": "1"}
-    result = subprocess.run(["bash", str(ROOT / "deploy" / "local.sh")], env=env,
-                            capture_output=True, text=True, timeout=1200)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "local.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
 

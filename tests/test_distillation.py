@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from tinymodels import PAD, batch, examples, nudge_lora_b, tiny_lora_model
 
+from fedcollm.algorithm.distillation import MutualDistillation, kd_loss, teacher_logits
+from fedcollm.algorithm.training import answer_logits
 from fedcollm.config import DistillConfig, OptimConfig
-from fedcollm.distillation import MutualDistillation, kd_loss, teacher_logits
 from fedcollm.models import get_adapter
-from fedcollm.training import answer_logits
 
 
 def _kl(p_logits, q_logits, t=1.0):
@@ -135,15 +135,17 @@ def _kd_only(run):
 
 def test_alternating_schedule_updates_both_adapters_every_step():
     llm, slm = _pair()
-    before = {m: {n: p.clone() for n, p in m.named_parameters() if p.requires_grad}
-              for m in (llm, slm)}  # fmt: skip
+    before = {
+        m: {n: p.clone() for n, p in m.named_parameters() if p.requires_grad} for m in (llm, slm)
+    }
     cfg = DistillConfig(kd_steps=1, batch_size=4, slm_lr=1e-3, llm_lr=1e-3)
     losses = MutualDistillation(llm, slm, cfg, OptimConfig()).run(examples(), PAD, seed=0)
     for model in (llm, slm):
         changed = [
-            n for n, p in model.named_parameters() if p.requires_grad
-            and not torch.equal(p, before[model][n])
-        ]  # fmt: skip
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and not torch.equal(p, before[model][n])
+        ]
         assert changed, "one alternating step must update this adapter"
     assert all(math.isfinite(v) for v in losses.means().values())
     # Base weights never move.

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fedcollm import experiment
 from fedcollm.config import load_config
-from fedcollm.experiment import run_experiment
-from fedcollm.tables import compare, mean_ci, table1, write_experiment_report
+from fedcollm.experiments import methods as experiment
+from fedcollm.experiments.methods import run_experiment
+from fedcollm.experiments.tables import compare, mean_ci, table1, write_experiment_report
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 
@@ -25,9 +25,14 @@ def test_mean_and_95_percent_interval():
 
 def _result(method, seed, llm=None, global_=None, clients=None, task="arc_easy"):
     score = lambda a: None if a is None else {"acc": a, "acc_norm": a / 2, "n": 10}  # noqa: E731
-    return {"task": task, "method": method, "seed": seed, "llm": score(llm),
-            "slm_global": score(global_),
-            "slm_clients": None if clients is None else [score(c) for c in clients]}  # fmt: skip
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "llm": score(llm),
+        "slm_global": score(global_),
+        "slm_clients": None if clients is None else [score(c) for c in clients],
+    }
 
 
 def test_table1_averages_clients_then_seeds_and_omits_what_a_method_lacks():
@@ -60,8 +65,9 @@ def _record_budgets(monkeypatch):
 def test_baselines_get_the_federated_budget_and_runs_resume(tmp_path, data_dir, monkeypatch):
     config = load_config(TINY, data_dir=str(data_dir))
     seen = _record_budgets(monkeypatch)
-    results = run_experiment(config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"],
-                             tmp_path)  # fmt: skip
+    results = run_experiment(
+        config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"], tmp_path
+    )
     assert {r["method"] for r in results} == {"zero-shot", "standalone", "centralized"}
     standalone = [s for s in seen if s["lr"] == config.client.lr]
     assert len(standalone) == config.num_clients
@@ -74,8 +80,9 @@ def test_baselines_get_the_federated_budget_and_runs_resume(tmp_path, data_dir, 
 
     # A re-run on the same directory keeps what is there and runs nothing.
     monkeypatch.setattr(experiment, "RUNNERS", {m: None for m in experiment.METHODS})
-    again = run_experiment(config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"],
-                           tmp_path)  # fmt: skip
+    again = run_experiment(
+        config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"], tmp_path
+    )
     assert again == results
     report = write_experiment_report(tmp_path)
     assert "| LLM | Centralized |" in report.read_text()

@@ -10,12 +10,13 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from fedcollm import seeds
+from fedcollm.algorithm.round import reference_rounds
 from fedcollm.config import load_config
-from fedcollm.cotuning import LLM_SEED_OFFSET, SLM_SEED_OFFSET
-from fedcollm.metrics import read_metrics
-from fedcollm.models import load_model
-from fedcollm.simulation import simulate
-from fedcollm.wire import record_to_adapter
+from fedcollm.federation.simulation import simulate
+from fedcollm.federation.wire import record_to_adapter
+from fedcollm.models import adapter_digest, load_model
+from fedcollm.tracking.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -71,11 +72,22 @@ def test_run_leaves_metrics_for_every_round(tiny_run):
 
 
 def test_clients_score_their_own_adapter_after_the_last_local_update(tiny_run):
-    config, _, rows, _, _ = tiny_run
+    config, _, rows, _, pulled = tiny_run
     assert all("own_acc" not in c for r in rows[:-1] for c in r["clients"])
-    own = [c["own_acc"] for c in rows[-1]["clients"]]
-    assert len(own) == config.num_clients and all(0 <= a <= 1 for a in own)
-    assert all(0 <= c["own_acc_norm"] <= 1 for c in rows[-1]["clients"])
+    last = rows[-1]["clients"]
+    assert len(last) == config.num_clients
+    assert all(0 <= c["own_acc"] <= 1 and 0 <= c["own_acc_norm"] <= 1 for c in last)
+    # The scored adapter is the one each client sent after its last local update (fp32 on
+    # the wire, so the same digest), not the theta it received.
+    sent = {
+        int(r.content["metrics"]["partition"]): adapter_digest(
+            record_to_adapter(r.content["arrays"])
+        )
+        for r in pulled[-config.num_clients :]
+    }
+    for client in last:
+        assert client["scored_sha256"] == sent[client["partition"]]
+        assert client["scored_sha256"] != rows[-1]["broadcast_sha256"]
 
 
 def test_clients_receive_the_distilled_adapter_not_the_plain_average(tiny_run):
@@ -89,10 +101,11 @@ def test_clients_receive_the_distilled_adapter_not_the_plain_average(tiny_run):
 def test_no_message_to_a_client_holds_the_llm_or_its_adapter(tiny_run, data_dir):
     config, out, rows, pushed, _ = tiny_run
     assert len(pushed) == config.rounds * config.num_clients
-    slm_keys = set(json.loads((out / "adapters" / "slm" / "adapter_config.json").read_text())
-                   ["target_modules"])  # fmt: skip
+    slm_keys = set(
+        json.loads((out / "adapters" / "slm" / "adapter_config.json").read_text())["target_modules"]
+    )
     llm_adapter = PeftModel.from_pretrained(
-        load_model(config.llm, config.seed + LLM_SEED_OFFSET)[0], out / "adapters" / "llm"
+        load_model(config.llm, seeds.llm_weights(config.seed))[0], out / "adapters" / "llm"
     )
     llm_shapes = {tuple(p.shape) for n, p in llm_adapter.named_parameters() if "lora_" in n}
     for message in pushed:
@@ -109,22 +122,33 @@ def test_no_message_to_a_client_holds_the_llm_or_its_adapter(tiny_run, data_dir)
 def test_replies_hold_only_what_docs_messages_lists(tiny_run):
     config, _, rows, pushed, pulled = tiny_run
     assert len(pulled) == len(pushed)
-    documented = {"partition", "num-examples", "train_loss", "steps", "bytes_received",
-                  "seconds", "own_acc", "own_acc_norm"}  # fmt: skip
+    documented = {
+        "partition",
+        "num-examples",
+        "train_loss",
+        "steps",
+        "bytes_received",
+        "seconds",
+        "own_acc",
+        "own_acc_norm",
+    }
     for reply in pulled:
         assert set(dict(reply.content.items())) == {"arrays", "metrics", "receipt"}
         assert set(reply.content["metrics"]) <= documented
-        assert set(reply.content["receipt"]) == {"received_sha256"}
+        assert "received_sha256" in reply.content["receipt"]
+        assert set(reply.content["receipt"]) <= {"received_sha256", "scored_sha256"}
         arrays = record_to_adapter(reply.content["arrays"])
         assert sum(t.numel() for t in arrays.values()) == rows[-1]["adapter_params"]
 
 
 def test_final_adapters_load_with_peft_and_match_the_last_evaluation(tiny_run):
-    config, out, _, _, _ = tiny_run
-    base, _ = load_model(config.slm, config.seed + SLM_SEED_OFFSET)
+    config, out, rows, _, _ = tiny_run
+    base, _ = load_model(config.slm, seeds.slm_weights(config.seed))
     slm = PeftModel.from_pretrained(base, out / "adapters" / "slm")
     trained = [p for n, p in slm.named_parameters() if "lora_B" in n]
     assert trained and any(p.abs().sum() > 0 for p in trained)
+    saved = load_file(out / "adapters" / "slm" / "adapter_model.safetensors")
+    assert adapter_digest(saved) == rows[-1]["distilled_sha256"]
     assert (out / "adapters" / "llm" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["task"] == config.task
 
@@ -144,3 +168,14 @@ def test_two_runs_with_the_same_seed_give_the_same_metrics(tiny_run, tmp_path):
         ]
 
     assert without_timing(again) == without_timing(rows)
+
+
+def test_the_flower_run_adds_nothing_to_the_algorithm(tiny_run):
+    """The reference round in this process, with no Flower at all, gives the theta the
+    simulated federation gave, bit for bit, in every round: before and after distillation."""
+    config, _, rows, _, _ = tiny_run
+    results = list(reference_rounds(config))
+    assert len(results) == config.rounds
+    for row, result in zip(rows[1:], results, strict=True):
+        assert adapter_digest(result.aggregate) == row["aggregate_sha256"]
+        assert adapter_digest(result.slm_adapter) == row["distilled_sha256"]

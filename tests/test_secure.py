@@ -13,11 +13,12 @@ from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedcollm.client_app import train
+from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import ConfigError, load_config
-from fedcollm.cotuning import CoTuningServer
-from fedcollm.secure import SecureFedCoLLM, check_within_clipping, secure_when_asked
-from fedcollm.simulation import simulate
+from fedcollm.federation.client_app import train
+from fedcollm.federation.secure_client import check_within_clipping, secure_when_asked
+from fedcollm.federation.secure_server import SecureFedCoLLM
+from fedcollm.federation.simulation import simulate
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 SECURE = ["federation.secure_aggregation=true", "federation.min_clients=2", "eval.limit=4"]

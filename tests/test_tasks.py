@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcollm.tasks import TASKS, DataError, get_task, load_questions
+from fedcollm.data import TASKS, DataError, get_task, load_questions
 
 # Rows per split, from the data README (the official split sizes).
 SIZES = {
@@ -276,7 +276,7 @@ def test_unknown_task():
 
 
 def test_builtin_task_is_deterministic_and_in_arc_format():
-    from fedcollm import synthetic
+    from fedcollm.data import synthetic
 
     train = load_questions("vell_fruits", "train", None)
     assert len(train) == synthetic.SPLIT_SIZES["train"]

@@ -8,26 +8,30 @@ import json
 import sys
 from pathlib import Path
 
-from fedcollm.checkpoint import check_out_dir
-from fedcollm.config import TASKS, ConfigError, ModelConfig, load_config
+from fedcollm.config import ConfigError, ModelConfig, load_config
+from fedcollm.data import TASKS, DataError
 from fedcollm.models import ModelError
-from fedcollm.registry import RegistryError
-from fedcollm.tasks import DataError
+from fedcollm.models.registry import RegistryError
+from fedcollm.preflight import check_run
 
 USER_ERRORS = (ConfigError, DataError, ModelError, RegistryError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, overrides=args.set, data_dir=args.data_dir)
-    from fedcollm.cotuning import training_split
-    from fedcollm.simulation import simulate  # heavy imports only once the config is valid
+    config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
+    from fedcollm.data import training_split
+    from fedcollm.federation.simulation import simulate  # heavy: only for a valid config
+    from fedcollm.tracking.checkpoint import check_out_dir
 
     training_split(config)  # a config that the data cannot serve fails before any model loads
     _prepare_models(config)
     out_dir = Path(args.out or f"runs/{Path(args.config).stem}")
     check_out_dir(out_dir, args.resume)
-    print(f"fedcollm run: {config.num_clients} clients, {config.rounds} rounds, "
-          f"task {config.task}, output in {out_dir}", flush=True)  # fmt: skip
+    print(
+        f"fedcollm run: {config.num_clients} clients, {config.rounds} rounds, "
+        f"task {config.task}, output in {out_dir}",
+        flush=True,
+    )
     simulate(config, out_dir, verbose=args.verbose, resume=args.resume)
     return 0
 
@@ -42,9 +46,9 @@ def _prepare_models(config) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from fedcollm.experiment import METHODS
+    from fedcollm.experiments.methods import METHODS
 
-    config = load_config(args.config, overrides=args.set, data_dir=args.data_dir)
+    config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tasks = [t.strip() for t in (args.tasks or config.task).split(",") if t.strip()]
     for method in methods:
@@ -53,11 +57,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}"
             )
     for task in tasks:
-        load_config(args.config, overrides=[*args.set, f"task={task!r}"], data_dir=args.data_dir)
+        overrides = [*args.set, f"task={task!r}"]
+        check_run(load_config(args.config, overrides=overrides, data_dir=args.data_dir))
     if args.seeds < 1:
         raise ConfigError("--seeds: must be 1 or more")
-    from fedcollm.experiment import run_experiment
-    from fedcollm.tables import write_experiment_report
+    from fedcollm.experiments.methods import run_experiment
+    from fedcollm.experiments.tables import write_experiment_report
 
     _prepare_models(config)
     out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
@@ -69,7 +74,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedcollm.tables import compare, write_experiment_report
+    from fedcollm.experiments.tables import compare, write_experiment_report
 
     for directory in args.dirs:
         if not (Path(directory) / "runs").is_dir():
@@ -84,9 +89,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.task not in TASKS:
         raise ConfigError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    from fedcollm.data import load_questions
     from fedcollm.evaluation import evaluate_multiple_choice
     from fedcollm.models import load_model
-    from fedcollm.tasks import load_questions
 
     questions = load_questions(args.task, args.split, args.data_dir)
     if args.limit:
@@ -99,8 +104,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ModelError(f"--adapter: {args.adapter} holds no adapter_config.json")
         model = PeftModel.from_pretrained(model, args.adapter)
     result = evaluate_multiple_choice(model, tokenizer, questions, args.batch_size, args.max_length)
-    summary = {"model": args.model, "adapter": args.adapter, "task": args.task,
-               "split": args.split, **result.summary()}  # fmt: skip
+    summary = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "task": args.task,
+        "split": args.split,
+        **result.summary(),
+    }
     if args.json:
         print(json.dumps(summary))
     else:
@@ -110,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedcollm.certificates import write_test_credentials
+    from fedcollm.federation.certificates import write_test_credentials
 
     for path in write_test_credentials(Path(args.dir), args.supernodes):
         print(path)
@@ -118,7 +128,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from fedcollm.registry import REGISTRY, ensure_model, model_dir
+    from fedcollm.models.registry import REGISTRY, ensure_model, model_dir
 
     if args.fetch:
         for name in args.fetch:

@@ -1,49 +1,13 @@
-"""What travels between server and clients: the SLM adapter theta as a Flower ArrayRecord.
-
-Shared by the two Flower apps; the algorithm modules never see these types.
-"""
+"""Bytes on the wire, as Flower serialises its messages, counted per node on the server."""
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
-
-from fedcollm.config import Config, load_config
-from fedcollm.models import DTYPES, Adapter
-
-
-def adapter_to_record(adapter: Adapter, dtype: str = "float32") -> ArrayRecord:
-    """theta in the wire dtype (ArrayRecord takes fp32 or fp16, not bf16)."""
-    return ArrayRecord(
-        OrderedDict((k, v.to(DTYPES[dtype]).contiguous()) for k, v in adapter.items())
-    )
-
-
-def record_to_adapter(record: ArrayRecord) -> Adapter:
-    return {k: v.float() for k, v in record.to_torch_state_dict().items()}
-
-
-def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of the serialised arrays (what dominates the message on the wire)."""
-    return sum(len(array.data) for array in record.values())
-
-
-def config_from_run_config(run_config: dict[str, Any], data_dir: str | None = None) -> Config:
-    """The experiment config named by Flower's run config (`[tool.flwr.app.config]`);
-    `data_dir`, when given, is where this node keeps its data (its node config)."""
-    overrides = [s for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    data_dir = data_dir or run_config.get("data-dir") or None
-    return load_config(run_config["config"], overrides=overrides, data_dir=data_dir)
-
-
-def torch_threads(config: Config) -> None:
-    torch.set_num_threads(config.federation.client_cpus)
 
 
 class MeteredGrid(Grid):

@@ -1,7 +1,8 @@
 """Flower ClientApp: step 2 of Algorithm 1 on the client's own partition D_k.
 
-The client receives theta, tunes it with `client_update` and sends the result back. It
-holds the SLM and its data only; nothing of the LLM exists on this side.
+The client receives theta, tunes it with `Client.update` and sends the result back. It
+holds the SLM and its data only; nothing of the LLM exists on this side, and nothing of the
+server's bookkeeping is imported here.
 """
 
 from __future__ import annotations
@@ -11,43 +12,35 @@ import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status
-from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
+from fedcollm.algorithm.client import Client
 from fedcollm.config import Config
-from fedcollm.cotuning import (
-    build_slm,
-    client_update,
-    encode,
-    evaluation_questions,
-    score,
-    training_split,
-)
-from fedcollm.metrics import worth_reporting
-from fedcollm.models import Adapter, adapter_digest, get_adapter
-from fedcollm.secure import (
-    RECORD_KEY_CONFIGS,
-    adapter_from_parameters,
-    check_within_clipping,
-    parameters_from_adapter,
+from fedcollm.data import encode_examples, evaluation_questions, load_questions, training_split
+from fedcollm.evaluation import score
+from fedcollm.federation.secure_client import (
+    asks_for_secure_aggregation,
+    read_secure_broadcast,
+    secure_reply,
+    secure_weight,
     secure_when_asked,
 )
-from fedcollm.tasks import load_questions
-from fedcollm.wire import (
+from fedcollm.federation.wire import (
     adapter_to_record,
     config_from_run_config,
     record_bytes,
     record_to_adapter,
     torch_threads,
 )
+from fedcollm.models import Adapter, adapter_digest, build_slm, get_adapter
+from fedcollm.tracking.metrics import worth_reporting
 
 # One SLM per process, reused by every virtual client the process serves: each round starts
 # by overwriting all LoRA weights with the broadcast theta, so no client state leaks across.
 _loaded: dict[str, tuple] = {}
 
 
-def client_state(config: Config, partition: int, own_data: bool = False):
-    """The SLM, its tokenizer and this client's encoded D_k (loaded once per process).
+def client_state(config: Config, partition: int, own_data: bool = False) -> tuple[Client, object]:
+    """Client k (its SLM and encoded D_k) and the tokenizer, loaded once per process.
 
     D_k is partition k of the run's seeded split of the training file or, with `own_data`
     (a deployed node whose data directory holds only its own rows), all of that file."""
@@ -63,10 +56,11 @@ def client_state(config: Config, partition: int, own_data: bool = False):
             questions, split = training_split(config)
             parts = dict(enumerate(split.clients))
         _loaded[key] = (slm, tokenizer, questions, parts, {})
-    slm, tokenizer, questions, parts, encoded = _loaded[key]
-    if partition not in encoded:
-        encoded[partition] = encode(questions, parts[partition], tokenizer, config)
-    return slm, tokenizer, encoded[partition]
+    slm, tokenizer, questions, parts, clients = _loaded[key]
+    if partition not in clients:
+        client_data = encode_examples(questions, parts[partition], tokenizer, config)
+        clients[partition] = Client(partition, slm, tokenizer.pad_token_id, client_data, config)
+    return clients[partition], tokenizer
 
 
 def uses_own_data(context: Context) -> bool:
@@ -74,77 +68,78 @@ def uses_own_data(context: Context) -> bool:
     return str(context.node_config.get("own-data", "false")).lower() == "true"
 
 
-def tune(
-    config: Config, context: Context, slm_adapter: Adapter, instructions
-) -> tuple[Adapter, dict]:
-    """Step 2 on this node's partition D_k: the tuned adapter and the reply's metrics."""
-    start = time.perf_counter()
+def node_client(config: Config, context: Context) -> tuple[Client, object]:
     partition = int(context.node_config["partition-id"])
     if partition >= config.num_clients:
         raise ValueError(
             f"this node has partition-id {partition}, but the config has num_clients = "
             f"{config.num_clients}: start as many SuperNodes as num_clients"
         )
-    slm, tokenizer, client_data = client_state(config, partition, uses_own_data(context))
+    return client_state(config, partition, uses_own_data(context))
+
+
+def tune(
+    config: Config, context: Context, slm_adapter: Adapter, instructions
+) -> tuple[Adapter, dict, dict]:
+    """Step 2 on this node's partition D_k: the tuned adapter, the reply's metrics and its
+    receipt (digests of the theta received and of the adapter scored, if any)."""
+    start = time.perf_counter()
+    receipt = {"received_sha256": adapter_digest(slm_adapter)}
+    client, tokenizer = node_client(config, context)
     server_round = int(instructions["server-round"])
-    seed = (config.seed * 1_000 + server_round) * 1_000 + partition
 
     def progress(step: int, total: int, loss: float) -> None:
         if worth_reporting(step, total):
-            print(f"  client {partition} round {server_round}: step {step}/{total} loss {loss:.3f}")
+            print(
+                f"  client {client.partition} round {server_round}: step {step}/{total} "
+                f"loss {loss:.3f}"
+            )
 
-    update = client_update(
-        slm, slm_adapter, client_data, config, tokenizer.pad_token_id, seed, on_step=progress
-    )
+    update = client.update(slm_adapter, server_round, on_step=progress)
     own = {}
     if instructions.get("evaluate-own"):
         # The client's own adapter after its last local update, scored where it lives.
-        accuracy = score(slm, tokenizer, config, evaluation_questions(config))
+        accuracy = score(client.slm, tokenizer, config, evaluation_questions(config))
         own = {"own_acc": accuracy.acc, "own_acc_norm": accuracy.acc_norm}
+        # Which adapter that score is of: the server can compare it with what arrives.
+        receipt["scored_sha256"] = adapter_digest(get_adapter(client.slm))
     metrics = {
         **own,
         "num-examples": update.num_examples,
         "train_loss": update.train_loss,
         "steps": update.steps,
-        "partition": partition,
+        "partition": client.partition,
         "seconds": time.perf_counter() - start,
     }
-    return update.adapter, metrics
+    return update.adapter, metrics, receipt
 
 
 def train(config: Config, msg: Message, context: Context) -> Message:
     """A round with plain aggregation: theta in, the tuned adapter and metrics out."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
+    if asks_for_secure_aggregation(msg):
         return secure_train(config, msg, context)
     received = msg.content["arrays"]
     slm_adapter = record_to_adapter(received)
-    adapter, metrics = tune(config, context, slm_adapter, msg.content["config"])
+    adapter, metrics, receipt = tune(config, context, slm_adapter, msg.content["config"])
     metrics["bytes_received"] = record_bytes(received)
     content = RecordDict(
         {
             "arrays": adapter_to_record(adapter, config.federation.adapter_dtype),
             "metrics": MetricRecord(metrics),
-            "receipt": ConfigRecord({"received_sha256": adapter_digest(slm_adapter)}),
+            "receipt": ConfigRecord(receipt),
         }
     )
     return Message(content=content, reply_to=msg)
 
 
 def secure_train(config: Config, msg: Message, context: Context) -> Message:
-    """A round under SecAgg+: the same tuning, answered as the legacy FitRes the mod masks.
-
-    The client checks its own update first: SecAgg+ would silently clip values outside its
-    range, and the server can no longer check any single update."""
-    fit = recorddict_to_fitins(msg.content, keep_input=True)
-    partition = int(context.node_config["partition-id"])
-    slm, _, _ = client_state(config, partition, uses_own_data(context))
-    slm_adapter = adapter_from_parameters(fit.parameters, get_adapter(slm))
-    adapter, metrics = tune(config, context, slm_adapter, fit.config)
-    check_within_clipping(adapter, config.federation.secagg_clipping_range)
-    # The mod weights each client by num_examples / max_weight: 1 makes a uniform mean.
-    weight = metrics["num-examples"] if config.client.aggregation == "examples" else 1
-    fitres = FitRes(Status(Code.OK, ""), parameters_from_adapter(adapter), weight, metrics)
-    return Message(content=fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    """A round under SecAgg+: the same tuning, answered as the legacy FitRes the mod masks."""
+    client, _ = node_client(config, context)
+    slm_adapter, instructions = read_secure_broadcast(msg, get_adapter(client.slm))
+    adapter, metrics, receipt = tune(config, context, slm_adapter, instructions)
+    weight = secure_weight(metrics["num-examples"], config, context)
+    clipping = config.federation.secagg_clipping_range
+    return secure_reply(msg, adapter, {**metrics, **receipt}, weight, clipping)
 
 
 def make_client_app(config: Config | None = None) -> ClientApp:

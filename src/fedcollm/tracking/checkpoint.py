@@ -19,15 +19,17 @@ from typing import Any
 
 import torch
 
+from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config, ConfigError
-from fedcollm.cotuning import CoTuningServer
 from fedcollm.data import DataSplit
-from fedcollm.models import get_adapter, set_adapter
 
 # Keys that may change between the interrupted run and its resumption.
 RESUMABLE_CHANGES = {
-    "rounds", "federation.round_timeout", "federation.client_cpus", "federation.client_gpus",
-}  # fmt: skip
+    "rounds",
+    "federation.round_timeout",
+    "federation.client_cpus",
+    "federation.client_gpus",
+}
 
 
 @dataclass
@@ -55,9 +57,7 @@ def save_checkpoint(
     state = {
         "round": server_round,
         "config": server.config.to_dict(),
-        "slm_adapter": get_adapter(server.slm),
-        "llm_adapter": get_adapter(server.llm),
-        "llm_optimizer": server.distillation.llm_optimizer.state_dict(),
+        "server": server.state_dict(),
         # Only torch's generator drives randomness in a run (numpy uses seeded generators).
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -127,9 +127,7 @@ def restore(server: CoTuningServer, checkpoint: Checkpoint) -> None:
             "--resume: the training data no longer splits as it did in the checkpointed "
             "run (the data files changed); start afresh with another --out"
         )
-    set_adapter(server.slm, state["slm_adapter"])
-    set_adapter(server.llm, state["llm_adapter"])
-    server.distillation.llm_optimizer.load_state_dict(state["llm_optimizer"])
+    server.load_state_dict(state["server"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,5 +1,7 @@
-"""What every round leaves on the server, whichever Flower strategy ran it: the metrics row,
-the central evaluation of the LLM and the global SLM, and the checkpoint.
+"""The server's bookkeeping of every round, shared by the plain and the secure strategy:
+true round numbers, the quorum, co-tuning what arrived, the metrics row, the central
+evaluation and the checkpoint. A strategy only turns Flower's messages into client updates
+(or, under secure aggregation, into their aggregate) and the distilled theta back into one.
 
 Rounds after a resume keep their true numbers: Flower counts from 1 again, so the strategies
 pass Flower's count through `true_round`.
@@ -8,17 +10,20 @@ pass Flower's count through `true_round`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedcollm.checkpoint import save_checkpoint
-from fedcollm.cotuning import CoTuningServer, ServerRound
-from fedcollm.metrics import MetricsLog, progress_line, worth_reporting
+from fedcollm.algorithm.server import CoTuningServer, ServerRound
+from fedcollm.data import Question
+from fedcollm.federation.screening import UpdateRejected
+from fedcollm.federation.wire import WireError
 from fedcollm.models import Adapter, adapter_digest, adapter_numel
-from fedcollm.tasks import Question
+from fedcollm.tracking.checkpoint import save_checkpoint
+from fedcollm.tracking.metrics import MetricsLog, progress_line, worth_reporting
 
 
-class RoundLog:
+class ServerRounds:
     def __init__(
         self,
         server: CoTuningServer,
@@ -38,13 +43,11 @@ class RoundLog:
     def true_round(self, flower_round: int) -> int:
         return flower_round + self.first_round
 
-    def begin(self, broadcast: Adapter) -> None:
-        """Step 1 is under way: theta as broadcast."""
+    def begin(self, flower_round: int, broadcast: Adapter) -> int:
+        """Step 1 is under way with theta as broadcast; returns the true round number."""
         self.started = time.perf_counter()
         self.row = {"broadcast_sha256": adapter_digest(broadcast)}
-
-    def clients_seconds(self) -> float:
-        return time.perf_counter() - self.started
+        return self.true_round(flower_round)
 
     def with_traffic(self, clients: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each client's row with the bytes of every message to and from its node this round
@@ -61,14 +64,32 @@ class RoundLog:
             for c in clients
         ]
 
-    def skip(self, reason: str, server_round: int) -> None:
-        self.row["skipped"] = reason
-        self.row.setdefault("seconds", {})["clients"] = self.clients_seconds()
-        print(f"round {server_round}: skipped, theta unchanged: {reason}", flush=True)
-
-    def co_tuned(self, result: ServerRound, clients_seconds: float, train_losses: list) -> None:
-        """Steps 3-4 are done: what they produced goes into the round's row."""
-        losses = [x for x in train_losses if x is not None]
+    def finish(
+        self,
+        server_round: int,
+        clients: list[dict[str, Any]],
+        contributors: int,
+        co_tune: Callable[[Callable], ServerRound],
+        **row: Any,
+    ) -> Adapter | None:
+        """Steps 3-4 once the replies are read: `co_tune(progress)` aggregates what the
+        `contributors` sent and distils. Returns the theta to broadcast next, or None when
+        the round is skipped (too few contributors, or an unusable aggregate)."""
+        clients_seconds = time.perf_counter() - self.started
+        self.row.update(clients=clients, **row)
+        quorum = self.config.federation.min_clients
+        if contributors < quorum:
+            self.skip(
+                f"{contributors} valid updates, fewer than federation.min_clients = {quorum}",
+                server_round,
+            )
+            return None
+        try:
+            result = co_tune(self._distill_progress)
+        except (UpdateRejected, WireError) as err:
+            self.skip(f"the aggregated adapter is unusable: {err}", server_round)
+            return None
+        losses = [c["train_loss"] for c in clients if c.get("train_loss") is not None]
         self.row.update(
             client_train_loss=sum(losses) / len(losses) if losses else None,
             aggregate_sha256=adapter_digest(result.aggregate),
@@ -76,16 +97,22 @@ class RoundLog:
             seconds={"clients": clients_seconds, **result.seconds},
             **result.losses,
         )
+        return result.slm_adapter
 
-    def distill_progress(self, step: int, total: int, losses) -> None:
+    def skip(self, reason: str, server_round: int) -> None:
+        self.row["skipped"] = reason
+        self.row.setdefault("seconds", {})["clients"] = time.perf_counter() - self.started
+        print(f"round {server_round}: skipped, theta unchanged: {reason}", flush=True)
+
+    def _distill_progress(self, step: int, total: int, losses) -> None:
         if worth_reporting(step, total):
             latest = {k: v[-1] for k, v in vars(losses).items() if v}
             shown = " ".join(f"{k} {v:.3f}" for k, v in latest.items())
             print(f"  distillation step {step}/{total}: {shown}", flush=True)
 
     def evaluate(self, flower_round: int, slm_adapter: Adapter) -> dict[str, Any] | None:
-        """Central evaluation of the LLM and the global SLM; writes the round's metrics row
-        and its checkpoint. None for the round a resumed run starts after."""
+        """Central evaluation of the LLM and the global SLM; writes the round's checkpoint,
+        then its metrics row. None for the round a resumed run starts after."""
         server_round = self.true_round(flower_round)
         if self.first_round and server_round == self.first_round:
             return None  # evaluated before the interruption
@@ -116,8 +143,10 @@ class RoundLog:
         row["slm_params"] = sum(
             p.numel() for name, p in self.server.slm.named_parameters() if "lora_" not in name
         )
+        # The checkpoint first: a kill between the two then leaves a round that --resume
+        # repeats, never a recorded round without its state.
+        save_checkpoint(self.checkpoints, server_round, self.server, [*self.metrics.rows, row])
         self.metrics.write(row)
-        save_checkpoint(self.checkpoints, server_round, self.server, self.metrics.rows)
         print(progress_line(row, self.config.rounds), flush=True)
         self.row = {}
         return row

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fedcollm.config import OptimConfig
 from fedcollm.data import Batch, Example, training_batches
-from fedcollm.models import model_device
+from fedcollm.models import model_device, output_logits
 
 
 def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,15 +33,6 @@ def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     predicts = batch.answer_mask[:, 1:]  # (B, L-1)
     hidden = out.hidden_states[-1][:, :-1][predicts]  # (N, H): final-norm output
     return output_logits(model, hidden), batch.input_ids[:, 1:][predicts]
-
-
-def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's output layer on selected final hidden states: (N, H) -> (N, V)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2 squashes its logits; the full forward would too
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def answer_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Flower ServerApp: the FedCoLLM strategy over the core in `cotuning.py`.
+"""Flower ServerApp: the FedCoLLM strategy over the algorithm in `fedcollm.algorithm`.
 
 `FedCoLLM.configure_train` is step 1 (broadcast theta), the ClientApp does step 2, and
 `FedCoLLM.aggregate_train` screens the replies (`read_update`), hands the valid ones to
 `CoTuningServer.server_update` for steps 3-4 and returns the distilled theta, which Flower's
-round loop broadcasts next (step 5). With `federation.secure_aggregation`, `secure.py` runs
-the rounds instead; `run_server` is the same either way.
+round loop broadcasts next (step 5): `algorithm/round.py`'s `fedcollm_round`, carried over
+the network. With `federation.secure_aggregation`, `secure_server.py`'s strategy runs the
+rounds instead; both share `ServerRounds` (`rounds.py`) and `run_server` is the same.
 """
 
 from __future__ import annotations
@@ -18,21 +19,24 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedcollm.checkpoint import check_out_dir, load_checkpoint, restore
+from fedcollm.algorithm.client import ClientUpdate
+from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
-from fedcollm.cotuning import ClientUpdate, CoTuningServer, evaluation_questions
-from fedcollm.metrics import MetricsLog, summary_table
-from fedcollm.models import DTYPES, Adapter
-from fedcollm.report import write_report
-from fedcollm.rounds import RoundLog
-from fedcollm.validation import UpdateRejected, check_update
-from fedcollm.wire import (
-    MeteredGrid,
+from fedcollm.data import evaluation_questions
+from fedcollm.federation.rounds import ServerRounds
+from fedcollm.federation.screening import UpdateRejected, check_update
+from fedcollm.federation.secure_server import run_secure_rounds
+from fedcollm.federation.traffic import MeteredGrid
+from fedcollm.federation.wire import (
     adapter_to_record,
     config_from_run_config,
     record_bytes,
     record_to_adapter,
 )
+from fedcollm.models import DTYPES, Adapter
+from fedcollm.tracking.checkpoint import check_out_dir, load_checkpoint, restore
+from fedcollm.tracking.metrics import MetricsLog, summary_table
+from fedcollm.tracking.report import write_report
 
 
 def _partition(reply: Message) -> int:
@@ -67,7 +71,10 @@ def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUp
             "update_norm": norm,
             **{k: float(metrics[k]) for k in ("own_acc", "own_acc_norm") if k in metrics},
         }
-        row["received_sha256"] = str(content.config_records["receipt"]["received_sha256"])
+        receipt = content.config_records["receipt"]
+        row["received_sha256"] = str(receipt["received_sha256"])
+        if "scored_sha256" in receipt:
+            row["scored_sha256"] = str(receipt["scored_sha256"])
     except (KeyError, TypeError, ValueError) as err:
         raise UpdateRejected(f"metrics incomplete or malformed ({err!r})") from None
     if not 0 <= row["partition"] < config.num_clients:
@@ -88,30 +95,29 @@ def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUp
 class FedCoLLM(FedAvg):
     """Every client trains every round; aggregation is replaced by aggregate-then-distill."""
 
-    def __init__(self, log: RoundLog):
-        quorum = log.config.federation.min_clients
+    def __init__(self, rounds: ServerRounds):
+        quorum = rounds.config.federation.min_clients
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=quorum,
             min_available_nodes=quorum,
         )
-        self.log, self.server, self.config = log, log.server, log.config
+        self.rounds, self.server, self.config = rounds, rounds.server, rounds.config
         self.sent: Adapter = {}
         self.sent_to: set[int] = set()
         self.node_partitions: dict[int, int] = {}
 
     @property
     def row(self) -> dict[str, Any]:
-        return self.log.row
+        return self.rounds.row
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config, grid: Grid
     ) -> Iterable[Message]:
         """Step 1: broadcast theta, which after round 1 is the previous distilled adapter."""
-        server_round = self.log.true_round(server_round)
         self.sent = record_to_adapter(arrays)
-        self.log.begin(self.sent)
+        server_round = self.rounds.begin(server_round, self.sent)
         config["evaluate-own"] = self.config.eval.clients and server_round == self.config.rounds
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent_to = {m.metadata.dst_node_id for m in messages}
@@ -138,8 +144,11 @@ class FedCoLLM(FedAvg):
                 if any(c["partition"] == client["partition"] for c in clients):
                     raise UpdateRejected(f"partition {client['partition']} already answered")
             except UpdateRejected as err:
-                print(f"round {server_round}: rejected the update of node {node} "
-                      f"(partition {who['partition']}): {err}", flush=True)  # fmt: skip
+                print(
+                    f"round {server_round}: rejected the update of node {node} "
+                    f"(partition {who['partition']}): {err}",
+                    flush=True,
+                )
                 rejected.append({**who, "reason": str(err)})
                 continue
             self.node_partitions[node] = client["partition"]
@@ -151,34 +160,34 @@ class FedCoLLM(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Steps 3-4 on the clients' valid replies; returns the theta to broadcast next."""
-        server_round = self.log.true_round(server_round)
-        clients_seconds = self.log.clients_seconds()
+        server_round = self.rounds.true_round(server_round)
         updates, clients, dropped, rejected = self._screen(server_round, replies)
-        self.row.update(clients=self.log.with_traffic(clients), dropped=dropped, rejected=rejected)
-        quorum = self.config.federation.min_clients
-        if len(updates) < quorum:
-            self.log.skip(
-                f"{len(updates)} valid updates, fewer than federation.min_clients = {quorum}",
-                server_round,
-            )
+        theta = self.rounds.finish(
+            server_round,
+            self.rounds.with_traffic(clients),
+            len(updates),
+            lambda progress: self.server.server_update(updates, server_round, progress),
+            dropped=dropped,
+            rejected=rejected,
+        )
+        if theta is None:
             return None, None
-        result = self.server.server_update(updates, server_round, self.log.distill_progress)
-        self.log.co_tuned(result, clients_seconds, [u.train_loss for u in updates])
-        next_theta = adapter_to_record(result.slm_adapter, self.config.federation.adapter_dtype)
+        next_theta = adapter_to_record(theta, self.config.federation.adapter_dtype)
         return next_theta, MetricRecord({"train_loss": self.row["client_train_loss"]})
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        row = self.log.evaluate(server_round, record_to_adapter(arrays))
+        row = self.rounds.evaluate(server_round, record_to_adapter(arrays))
         return row and MetricRecord({"llm_acc": row["llm_acc"], "slm_acc": row["slm_acc"]})
 
 
-def run_rounds(grid: MeteredGrid, log: RoundLog) -> None:
+def run_rounds(grid: MeteredGrid, rounds: ServerRounds) -> None:
     """The remaining rounds with plain aggregation: the server screens every update."""
-    config, strategy = log.config, FedCoLLM(log)
+    config, strategy = rounds.config, FedCoLLM(rounds)
+    theta = rounds.server.slm_adapter
     strategy.start(
         grid=grid,
-        initial_arrays=adapter_to_record(log.server.slm_adapter, config.federation.adapter_dtype),
-        num_rounds=config.rounds - log.first_round,
+        initial_arrays=adapter_to_record(theta, config.federation.adapter_dtype),
+        num_rounds=config.rounds - rounds.first_round,
         timeout=config.federation.round_timeout,
         evaluate_fn=strategy.evaluate,
     )
@@ -202,14 +211,14 @@ def run_server(
         first_round = checkpoint.server_round
         print(f"resuming after round {first_round} of {config.rounds}", flush=True)
     grid = MeteredGrid(grid)
-    log = RoundLog(server, evaluation_questions(config), metrics, checkpoints, first_round, grid)
+    rounds = ServerRounds(
+        server, evaluation_questions(config), metrics, checkpoints, first_round, grid
+    )
     if first_round < config.rounds:
         if config.federation.secure_aggregation:
-            from fedcollm.secure import run_secure_rounds
-
-            run_secure_rounds(grid, context, log)
+            run_secure_rounds(grid, context, rounds)
         else:
-            run_rounds(grid, log)
+            run_rounds(grid, rounds)
     server.save_adapters(out_dir)
     report = write_report(metrics.rows, config.to_dict(), out_dir)
     print("\n" + summary_table(metrics.rows), flush=True)

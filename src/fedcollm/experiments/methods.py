@@ -24,19 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedcollm import seeds
+from fedcollm.algorithm.distillation import distillation_steps
+from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config
-from fedcollm.cotuning import (
-    LLM_SEED_OFFSET,
-    build_slm,
-    build_tuned_model,
-    encode,
-    evaluation_questions,
-    score,
-    training_split,
-)
-from fedcollm.metrics import worth_reporting
-from fedcollm.models import get_adapter, set_adapter
-from fedcollm.training import fine_tune
+from fedcollm.data import encode_examples, evaluation_questions, training_split
+from fedcollm.evaluation import score
+from fedcollm.models import build_llm, build_slm, get_adapter, set_adapter
+from fedcollm.tracking.metrics import worth_reporting
 
 METHODS = ("zero-shot", "standalone", "fedavg", "centralized", "fedcollm")
 
@@ -45,25 +40,29 @@ def _score(model, tokenizer, config: Config) -> dict[str, float]:
     return score(model, tokenizer, config, evaluation_questions(config)).summary()
 
 
-def _build_llm(config: Config):
-    return build_tuned_model(config.llm, config, config.seed + LLM_SEED_OFFSET)
-
-
-def _sft(model, tokenizer, examples, config: Config, *, lr: float, max_steps: int, seed: int,
-         label: str) -> None:  # fmt: skip
+def _sft(
+    model, tokenizer, examples, config: Config, *, lr: float, max_steps: int, seed: int, label: str
+) -> None:
     def progress(step: int, total: int, loss: float) -> None:
         if worth_reporting(step, total):
             print(f"  {label}: step {step}/{total} loss {loss:.3f}", flush=True)
 
     fine_tune(
-        model, examples, epochs=config.rounds * config.client.local_epochs,
-        max_steps=max_steps, batch_size=config.client.batch_size, lr=lr, optim=config.optim,
-        pad_id=tokenizer.pad_token_id, seed=seed, on_step=progress,
-    )  # fmt: skip
+        model,
+        examples,
+        epochs=config.rounds * config.client.local_epochs,
+        max_steps=max_steps,
+        batch_size=config.client.batch_size,
+        lr=lr,
+        optim=config.optim,
+        pad_id=tokenizer.pad_token_id,
+        seed=seed,
+        on_step=progress,
+    )
 
 
 def zero_shot(config: Config, _out: Path) -> dict[str, Any]:
-    llm, tokenizer = _build_llm(config)
+    llm, tokenizer = build_llm(config)
     llm_score = _score(llm, tokenizer, config)
     del llm
     slm, tokenizer = build_slm(config)
@@ -79,29 +78,45 @@ def standalone(config: Config, _out: Path) -> dict[str, Any]:
     scores = []
     for k, indices in enumerate(split.clients):
         set_adapter(slm, initial)
-        _sft(slm, tokenizer, encode(questions, indices, tokenizer, config), config,
-             lr=config.client.lr,
-             max_steps=config.rounds * config.client.max_steps,
-             seed=config.seed * 1_000 + k, label=f"client {k}")  # fmt: skip
+        _sft(
+            slm,
+            tokenizer,
+            encode_examples(questions, indices, tokenizer, config),
+            config,
+            lr=config.client.lr,
+            max_steps=config.rounds * config.client.max_steps,
+            seed=seeds.standalone_client(config.seed, k),
+            label=f"client {k}",
+        )
         scores.append(_score(slm, tokenizer, config))
     return {"llm": None, "slm_global": None, "slm_clients": scores}
 
 
 def centralized(config: Config, _out: Path) -> dict[str, Any]:
     """The LLM tuned on all the data at once: the paper's upper bound for the LLM."""
-    llm, tokenizer = _build_llm(config)
+    llm, tokenizer = build_llm(config)
     questions, split = training_split(config)
     everything = sorted(split.aux + [i for part in split.clients for i in part])
-    steps_per_round = config.num_clients * config.client.max_steps + config.distill.kd_steps
+    # FedCoLLM's optimiser steps per round: K clients' local steps, then R on D_a.
+    kd_steps = distillation_steps(config.distill, len(split.aux))
+    steps_per_round = config.num_clients * config.client.max_steps + kd_steps
     max_steps = config.rounds * steps_per_round if config.client.max_steps else 0
-    _sft(llm, tokenizer, encode(questions, everything, tokenizer, config), config,
-         lr=config.distill.llm_lr, max_steps=max_steps, seed=config.seed, label="LLM")  # fmt: skip
+    _sft(
+        llm,
+        tokenizer,
+        encode_examples(questions, everything, tokenizer, config),
+        config,
+        lr=config.distill.llm_lr,
+        max_steps=max_steps,
+        seed=seeds.centralized(config.seed),
+        label="LLM",
+    )
     return {"llm": _score(llm, tokenizer, config), "slm_global": None, "slm_clients": None}
 
 
 def federated(config: Config, out: Path) -> dict[str, Any]:
-    from fedcollm.checkpoint import latest_round
-    from fedcollm.simulation import simulate
+    from fedcollm.federation.simulation import simulate
+    from fedcollm.tracking.checkpoint import latest_round
 
     # A run that was interrupted goes on from its last complete round.
     rows = simulate(config, out, resume=latest_round(out / "checkpoint") is not None)
@@ -119,8 +134,11 @@ def federated(config: Config, out: Path) -> dict[str, Any]:
 
 
 def _row_score(row: dict[str, Any], role: str) -> dict[str, float]:
-    return {"acc": row[f"{role}_acc"], "acc_norm": row[f"{role}_acc_norm"],
-            "n": row["eval_questions"]}  # fmt: skip
+    return {
+        "acc": row[f"{role}_acc"],
+        "acc_norm": row[f"{role}_acc_norm"],
+        "n": row["eval_questions"],
+    }
 
 
 RUNNERS = {
@@ -162,8 +180,13 @@ def run_experiment(
         start = time.perf_counter()
         run = method_config(config, task, method, seed)
         result = RUNNERS[method](run, directory)
-        result.update(task=task, method=method, seed=seed,
-                      seconds=time.perf_counter() - start, config=run.to_dict())  # fmt: skip
+        result.update(
+            task=task,
+            method=method,
+            seed=seed,
+            seconds=time.perf_counter() - start,
+            config=run.to_dict(),
+        )
         partial = done.with_suffix(".partial")
         partial.write_text(json.dumps(result, indent=1))
         partial.rename(done)  # a result is there whole or not at all

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedcollm.data import encode_continuations
-from fedcollm.models import model_device
-from fedcollm.tasks import TARGET_DELIMITER, Question
-from fedcollm.training import output_logits
+from fedcollm.config import Config
+from fedcollm.data import TARGET_DELIMITER, Question, encode_continuations
+from fedcollm.models import eval_mode, model_device, output_logits
 
 
 @dataclass
@@ -115,14 +114,12 @@ def choice_loglikelihoods(
     # Questions of similar packed length share a batch, so that padding stays small.
     order = sorted(range(len(encoded)), key=lambda i: _packed_length(encoded[i]))
     scores: list[list[float]] = [[] for _ in questions]
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        results = _score_packed(model, [encoded[i] for i in chunk], tokenizer.pad_token_id)
-        for i, result in zip(chunk, results, strict=True):
-            scores[i] = result
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            results = _score_packed(model, [encoded[i] for i in chunk], tokenizer.pad_token_id)
+            for i, result in zip(chunk, results, strict=True):
+                scores[i] = result
     return scores
 
 
@@ -156,3 +153,10 @@ def evaluate_multiple_choice(
         raise ValueError("no questions to evaluate")
     lls = choice_loglikelihoods(model, tokenizer, questions, batch_size, max_length)
     return accuracy(questions, lls)
+
+
+def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Accuracy:
+    """Multiple-choice accuracy with the config's evaluation settings."""
+    return evaluate_multiple_choice(
+        model, tokenizer, questions, config.eval.batch_size, config.data.max_length
+    )

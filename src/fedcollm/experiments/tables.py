@@ -13,12 +13,25 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from fedcollm.experiment import load_results
-from fedcollm.metrics import human_bytes
+from fedcollm.experiments.methods import load_results
+from fedcollm.tracking.metrics import human_bytes
 
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 # (block, row label, method, which score)
 TABLE1_ROWS = [
@@ -105,9 +118,11 @@ def table2(results: list[dict[str, Any]]) -> str:
             f"{100 * adapter / full:.3f}% | {human_bytes(8 * full)} | {human_bytes(per_client)} |"
         )
     for name, full, adapter in paper_reference_sizes():
-        lines.append(f"| {name} (paper's model, our default LoRA) | {full:,} | {adapter:,} | "
-                     f"{100 * adapter / full:.3f}% | {human_bytes(8 * full)} | "
-                     f"{human_bytes(8 * adapter)} |")  # fmt: skip
+        lines.append(
+            f"| {name} (paper's model, our default LoRA) | {full:,} | {adapter:,} | "
+            f"{100 * adapter / full:.3f}% | {human_bytes(8 * full)} | "
+            f"{human_bytes(8 * adapter)} |"
+        )
     return "\n".join(lines)
 
 
@@ -122,10 +137,17 @@ def paper_reference_sizes() -> list[tuple[str, int, int]]:
     sizes = []
     for name, config in (
         ("GPT-2-Small", transformers.GPT2Config()),
-        ("OPT-1.3B", transformers.OPTConfig(hidden_size=2048, num_hidden_layers=24,
-                                            ffn_dim=8192, num_attention_heads=32,
-                                            word_embed_proj_dim=2048)),
-    ):  # fmt: skip
+        (
+            "OPT-1.3B",
+            transformers.OPTConfig(
+                hidden_size=2048,
+                num_hidden_layers=24,
+                ffn_dim=8192,
+                num_attention_heads=32,
+                word_embed_proj_dim=2048,
+            ),
+        ),
+    ):
         with torch.device("meta"):
             model = add_lora(transformers.AutoModelForCausalLM.from_config(config), LoraConfig())
         adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -142,11 +164,21 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
             for which in ("llm", "slm_global"):
                 if r.get(which):
                     s = r[which]
-                    writer.writerow([r["task"], r["method"], r["seed"], which, s["acc"],
-                                     s["acc_norm"], s["n"]])  # fmt: skip
+                    writer.writerow(
+                        [r["task"], r["method"], r["seed"], which, s["acc"], s["acc_norm"], s["n"]]
+                    )
             for k, s in enumerate(r.get("slm_clients") or []):
-                writer.writerow([r["task"], r["method"], r["seed"], f"slm_client{k}", s["acc"],
-                                 s["acc_norm"], s["n"]])  # fmt: skip
+                writer.writerow(
+                    [
+                        r["task"],
+                        r["method"],
+                        r["seed"],
+                        f"slm_client{k}",
+                        s["acc"],
+                        s["acc_norm"],
+                        s["n"],
+                    ]
+                )
 
 
 def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
@@ -161,12 +193,16 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=110, squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for method, role, style in (("fedcollm", "llm", "o-"), ("fedcollm", "slm", "s-"),
-                                    ("fedavg", "slm", "s--")):  # fmt: skip
+        for method, role, style in (
+            ("fedcollm", "llm", "o-"),
+            ("fedcollm", "slm", "s-"),
+            ("fedavg", "slm", "s--"),
+        ):
             runs = [
-                r["history"] for r in results
+                r["history"]
+                for r in results
                 if (r["task"], r["method"]) == (task, method) and r.get("history")
-            ]  # fmt: skip
+            ]
             if not runs:
                 continue
             rounds = [row["round"] for row in runs[0]]

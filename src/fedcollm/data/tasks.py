@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcollm import synthetic
+from fedcollm.config import Config
+from fedcollm.data import synthetic
 
 TARGET_DELIMITER = " "
 
@@ -156,3 +157,9 @@ def load_questions(task_name: str, split: str, data_dir: str | Path | None) -> l
             f"{path} does not exist; the data directory must hold {task.name}/{split}.jsonl"
         )
     return _read_jsonl(path, task)
+
+
+def evaluation_questions(config: Config) -> list[Question]:
+    """The questions a run is scored on: the config's evaluation split, up to its limit."""
+    questions = load_questions(config.task, config.eval.split, config.data_dir)
+    return questions[: config.eval.limit] if config.eval.limit else questions

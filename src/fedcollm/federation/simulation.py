@@ -25,8 +25,8 @@ def simulate(
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedcollm.client_app import make_client_app
-    from fedcollm.server_app import run_server
+    from fedcollm.federation.client_app import make_client_app
+    from fedcollm.federation.server_app import run_server
 
     if not verbose:
         # Flower logs every round at INFO and warns that run_simulation is "deprecated" in

@@ -1,0 +1,68 @@
+"""One round of FedCoLLM (Fan et al., arXiv 2411.11707, Algorithm 1), with no federation
+runtime: the reference that the Flower apps carry out across processes and machines.
+
+    for t in 1..T:
+        1. the server broadcasts theta
+        2. every client k tunes theta on D_k into theta_k          (Client.update)
+        3. the server aggregates theta_1..theta_K into theta       (CoTuningServer.aggregate)
+        4. LLM and SLM distil into each other on D_a               (CoTuningServer.co_tune)
+        5. the distilled theta is what round t + 1 broadcasts
+
+Only theta travels, in `federation.adapter_dtype` both ways; the LLM and omega stay on the
+server. Flower adds transport, screening, secure aggregation and bookkeeping around steps
+1-3, nothing to the arithmetic: a simulated run gives the same theta, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from fedcollm.algorithm.client import Client
+from fedcollm.algorithm.server import CoTuningServer, ServerRound
+from fedcollm.config import Config
+from fedcollm.data import encode_examples, training_split
+from fedcollm.models import DTYPES, Adapter, build_slm
+
+
+def transmitted(adapter: Adapter, dtype: str) -> Adapter:
+    """An adapter as the other side reads it: sent in the wire dtype, read back as fp32."""
+    return {k: v.to(DTYPES[dtype]).float() for k, v in adapter.items()}
+
+
+def fedcollm_round(
+    server: CoTuningServer, clients: Sequence[Client], slm_adapter: Adapter, server_round: int
+) -> ServerRound:
+    """Steps 1-5 of one round; the result's `slm_adapter` is the theta to broadcast next."""
+    wire = server.config.federation.adapter_dtype
+    broadcast = transmitted(slm_adapter, wire)  # 1
+    updates = [client.update(broadcast, server_round) for client in clients]  # 2
+    received = [replace(u, adapter=transmitted(u.adapter, wire)) for u in updates]
+    return server.server_update(received, server_round)  # 3 and 4; its theta is 5
+
+
+def in_process_clients(config: Config) -> list[Client]:
+    """The K clients of a config in this process, sharing one SLM."""
+    slm, tokenizer = build_slm(config)
+    questions, split = training_split(config)
+    return [
+        Client(
+            k,
+            slm,
+            tokenizer.pad_token_id,
+            encode_examples(questions, part, tokenizer, config),
+            config,
+        )
+        for k, part in enumerate(split.clients)
+    ]
+
+
+def reference_rounds(config: Config) -> Iterator[ServerRound]:
+    """All T rounds in this process, every client answering: the run without Flower."""
+    server = CoTuningServer.from_config(config)
+    clients = in_process_clients(config)
+    slm_adapter = server.slm_adapter
+    for server_round in range(1, config.rounds + 1):
+        result = fedcollm_round(server, clients, slm_adapter, server_round)
+        slm_adapter = result.slm_adapter
+        yield result

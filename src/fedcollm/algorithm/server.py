@@ -1,0 +1,136 @@
+"""The server's side of Algorithm 1: the LLM with omega, its copy of the SLM with theta, D_a.
+
+| paper                                   | code                        |
+| --------------------------------------- | --------------------------- |
+| f_psi (server LLM), omega (its LoRA)    | `llm`, `llm_adapter`        |
+| g_phi (SLM), theta (global SLM LoRA)    | `slm`, `slm_adapter`        |
+| theta_k (client k's LoRA)               | `ClientUpdate.adapter`      |
+| D_k, D_a                                | `client_data`, `aux_data`   |
+| lambda, temperature                     | `kd_weight`, `kd_temperature` |
+| T rounds, E local epochs, R KD steps    | `rounds`, `local_epochs`, `kd_steps` |
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcollm import seeds
+from fedcollm.algorithm.aggregation import client_weights, weighted_mean
+from fedcollm.algorithm.client import ClientUpdate
+from fedcollm.algorithm.distillation import MutualDistillation
+from fedcollm.config import Config
+from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
+from fedcollm.evaluation import Accuracy, score
+from fedcollm.models import (
+    Adapter,
+    ModelError,
+    build_llm,
+    build_slm,
+    get_adapter,
+    save_adapter,
+    set_adapter,
+)
+
+
+@dataclass
+class ServerRound:
+    """What steps 3-4 produced: theta before and after distillation, losses, timings."""
+
+    aggregate: Adapter
+    slm_adapter: Adapter
+    losses: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class CoTuningServer:
+    """The LLM and omega are only ever read here; nothing in this class hands them out."""
+
+    def __init__(
+        self, config: Config, llm, slm, tokenizer, aux_data: Sequence[Example], split: DataSplit
+    ):
+        self.config, self.llm, self.slm, self.tokenizer = config, llm, slm, tokenizer
+        self.aux_data, self.split = list(aux_data), split
+        self.distillation = MutualDistillation(llm, slm, config.distill, config.optim)
+
+    @classmethod
+    def from_config(cls, config: Config) -> CoTuningServer:
+        llm, llm_tokenizer = build_llm(config)
+        slm, tokenizer = build_slm(config)
+        if llm_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ModelError(
+                f"llm.name {config.llm.name!r} and slm.name {config.slm.name!r} use different "
+                "tokenizers; mutual distillation compares their next-token distributions, so "
+                "pick two models of one family (same tokenizer)"
+            )
+        questions, split = training_split(config)
+        aux_data = encode_examples(questions, split.aux, tokenizer, config)
+        return cls(config, llm, slm, tokenizer, aux_data, split)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def slm_adapter(self) -> Adapter:
+        return get_adapter(self.slm)
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> Adapter:
+        """Step 3: the clients' adapters combined into one theta."""
+        weights = client_weights([u.num_examples for u in updates], self.config.client.aggregation)
+        return weighted_mean([u.adapter for u in updates], weights)
+
+    def server_update(
+        self, updates: Sequence[ClientUpdate], server_round: int, on_step: Callable | None = None
+    ) -> ServerRound:
+        """Steps 3-4; the returned `slm_adapter` (theta after distillation) is step 5's."""
+        start = time.perf_counter()
+        aggregate = self.aggregate(updates)
+        return self.co_tune(aggregate, server_round, on_step, time.perf_counter() - start)
+
+    def co_tune(
+        self,
+        aggregate: Adapter,
+        server_round: int,
+        on_step: Callable | None = None,
+        aggregation_seconds: float = 0.0,
+    ) -> ServerRound:
+        """Step 4 from an aggregate theta (secure aggregation hands over only that)."""
+        start = time.perf_counter()
+        set_adapter(self.slm, aggregate)
+        seconds = {"aggregation": aggregation_seconds + time.perf_counter() - start}
+        start = time.perf_counter()
+        losses: dict[str, float] = {}
+        if self.config.distill.enabled:
+            seed = seeds.distillation_round(self.config.seed, server_round)
+            losses = self.distillation.run(self.aux_data, self.pad_id, seed, on_step).means()
+        seconds["distillation"] = time.perf_counter() - start
+        return ServerRound(aggregate, self.slm_adapter, losses, seconds)
+
+    def evaluate(
+        self, questions: Sequence[Question], roles: Sequence[str] = ("llm", "slm")
+    ) -> dict[str, Accuracy]:
+        """Accuracy of the LLM (with omega) and/or of the global SLM (with theta)."""
+        models = {"llm": self.llm, "slm": self.slm}
+        return {role: score(models[role], self.tokenizer, self.config, questions) for role in roles}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next round needs of the server: theta, omega and the LLM's optimiser (the
+        SLM's is made anew each round)."""
+        return {
+            "slm_adapter": get_adapter(self.slm),
+            "llm_adapter": get_adapter(self.llm),
+            "llm_optimizer": self.distillation.llm_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_adapter(self.slm, state["slm_adapter"])
+        set_adapter(self.llm, state["llm_adapter"])
+        self.distillation.llm_optimizer.load_state_dict(state["llm_optimizer"])
+
+    def save_adapters(self, out_dir: Path) -> None:
+        save_adapter(self.slm, out_dir / "adapters" / "slm")
+        save_adapter(self.llm, out_dir / "adapters" / "llm")

@@ -1,0 +1,129 @@
+"""The server's half of secure aggregation: client uploads go through Flower's SecAgg+
+workflow, so the server obtains only the mean of the client adapters (which distillation
+needs), never one of them.
+
+Flower runs SecAgg+ only on its legacy strategy API, hence a second, legacy strategy here.
+It shares the round's bookkeeping with `FedCoLLM` (`ServerRounds`) and differs in what it
+reads: not single updates, which it never sees and so cannot screen, but their aggregate,
+which it checks instead. See docs/SECURITY.md for what SecAgg+ does and does not protect
+against; the client's half is `secure_client.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context
+from flwr.server import ServerConfig
+from flwr.server.compat import LegacyContext
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from fedcollm.config import Config
+from fedcollm.data import DataSplit
+from fedcollm.federation.rounds import ServerRounds
+from fedcollm.federation.screening import check_update
+from fedcollm.federation.wire import adapter_from_parameters, parameters_from_adapter
+from fedcollm.models import Adapter
+
+
+def client_row(proxy, res) -> dict:
+    """A client's plaintext metrics, named as in the rounds with plain aggregation."""
+    metrics = dict(res.metrics)
+    row = {"node": int(proxy.cid), "num_examples": metrics.pop("num-examples", None)}
+    return {**row, **metrics}
+
+
+class SecureFedCoLLM(LegacyFedAvg):
+    """Steps 1-5 of Algorithm 1 where step 3 is SecAgg+: `aggregate_fit` gets the mean."""
+
+    def __init__(self, rounds: ServerRounds):
+        quorum = rounds.config.federation.min_clients
+        self.rounds, self.server, self.config = rounds, rounds.server, rounds.config
+        self.keys = rounds.server.slm_adapter
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=quorum,
+            min_available_clients=quorum,
+            initial_parameters=parameters_from_adapter(self.keys),
+        )
+        self.sent: Adapter = {}
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        """Step 1: broadcast theta with the round number (clients seed from it)."""
+        self.sent = adapter_from_parameters(parameters, self.keys)
+        server_round = self.rounds.begin(server_round, self.sent)
+        evaluate_own = self.config.eval.clients and server_round == self.config.rounds
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        for _, fit in instructions:
+            fit.config = {"server-round": server_round, "evaluate-own": evaluate_own}
+        return instructions
+
+    def _aggregate(self, results) -> Adapter:
+        """Every result carries the same vector, the clients' mean; checked like an update."""
+        aggregate = adapter_from_parameters(results[0][1].parameters, self.keys)
+        check_update(aggregate, self.sent, torch.float32, self.config.federation.max_update_norm)
+        return aggregate
+
+    def aggregate_fit(self, server_round, results, failures):
+        """Steps 3-4: SecAgg+ has already summed the masked updates into their mean."""
+        server_round = self.rounds.true_round(server_round)
+        # Metrics travel in the clear beside the masked vector (docs/MESSAGES.md).
+        clients = sorted(
+            self.rounds.with_traffic([client_row(proxy, res) for proxy, res in results]),
+            key=lambda c: c["partition"],
+        )
+        for client in clients:  # no payload of its own is visible: count whole messages
+            client["bytes_sent"] = client["wire_bytes_sent"]
+            client["bytes_received"] = client["wire_bytes_received"]
+        theta = self.rounds.finish(
+            server_round,
+            clients,
+            len(results),
+            lambda progress: self.server.co_tune(self._aggregate(results), server_round, progress),
+            dropped=[{"error": repr(f)} for f in failures],
+            rejected=[],
+            secure_aggregation=True,
+        )
+        return (None, {}) if theta is None else (parameters_from_adapter(theta), {})
+
+    def evaluate(self, server_round, parameters):
+        if server_round > 0 and "clients" not in self.rounds.row:
+            # Flower's workflow halted before aggregate_fit (too few clients got through
+            # its key exchange); theta stays as it was.
+            reason = "SecAgg+ halted before aggregation; see the log"
+            self.rounds.skip(reason, self.rounds.true_round(server_round))
+        row = self.rounds.evaluate(server_round, adapter_from_parameters(parameters, self.keys))
+        if row is None:
+            return None
+        return 0.0, {"llm_acc": row["llm_acc"], "slm_acc": row["slm_acc"]}
+
+
+def max_weight(config: Config, split: DataSplit) -> float:
+    """The bound SecAgg+ scales client weights by: 1 for a uniform mean, else the largest
+    |D_k| (`federation.secagg_max_weight`, or the largest partition of the server's split)."""
+    if config.client.aggregation == "uniform":
+        return 1.0
+    return float(config.federation.secagg_max_weight or max(len(p) for p in split.clients))
+
+
+def run_secure_rounds(grid: Grid, context: Context, rounds: ServerRounds) -> None:
+    """The remaining rounds with SecAgg+ (Flower's legacy workflow)."""
+    config, federation = rounds.config, rounds.config.federation
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(
+            num_rounds=config.rounds - rounds.first_round,
+            round_timeout=federation.round_timeout,
+        ),
+        strategy=SecureFedCoLLM(rounds),
+    )
+    workflow = SecAggPlusWorkflow(
+        num_shares=1.0,  # every client shares its secrets with all others (small K)
+        reconstruction_threshold=federation.secagg_reconstruction_threshold,
+        max_weight=max_weight(config, rounds.server.split),
+        clipping_range=federation.secagg_clipping_range,
+        timeout=federation.round_timeout,
+    )
+    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)

@@ -33,7 +33,7 @@ test: setup lint
 # The embedded default: Qwen2.5-Coder 1.5B (server) and 0.5B (4 clients) on the built-in
 # vell_fruits task. The first run fetches (~1.6 GB) and converts both models once.
 demo: setup
-	$(BIN)/fedcollm run configs/demo.toml --out runs/demo
+	$(BIN)/fedcollm run configs/demo.toml --out runs/demo --continue
 
 # The same pipeline on tiny random models and ARC-Easy: about half a minute.
 demo-tiny: setup

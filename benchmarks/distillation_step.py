@@ -88,14 +88,22 @@ def build(args, layers: int | None):
     examples = synthetic_examples(
         args.batch_size, args.prompt_len, args.answer_len, llm.config.vocab_size, SEED
     )
+    # Each schedule with eval-mode teachers (the default) and with the shared forward, whose
+    # train-mode logits (LoRA dropout on) double as the other model's teacher.
     distillers = {
-        schedule: MutualDistillation(
+        schedule + suffix: MutualDistillation(
             llm,
             slm,
-            DistillConfig(kd_steps=1, batch_size=args.batch_size, schedule=schedule),
+            DistillConfig(
+                kd_steps=1,
+                batch_size=args.batch_size,
+                schedule=schedule,
+                teacher_forward=teacher_forward,
+            ),
             OptimConfig(),
         )
         for schedule in SCHEDULES
+        for suffix, teacher_forward in (("", "eval"), ("_shared", "shared"))
     }
     return llm, slm, distillers, examples
 
@@ -173,6 +181,8 @@ def speed(args) -> dict:
         row["alternating_ratio"] = row["alternating"] / fb_sum
         row["alternating_ratio_with_teacher"] = row["alternating"] / (fb_sum + row["slm_teacher"])
         row["simultaneous_ratio"] = row["simultaneous"] / fb_sum
+        for schedule in SCHEDULES:  # what eval-mode teachers cost over the shared forward
+            row[f"{schedule}_eval_over_shared_ratio"] = row[schedule] / row[f"{schedule}_shared"]
         rows.append(row)
         print(
             f"repeat {repeat + 1}/{args.repeats}: "
@@ -194,6 +204,8 @@ def speed(args) -> dict:
         ("alternating_ratio", "alternating / (llm_fb + slm_fb), target <= 1.10"),
         ("alternating_ratio_with_teacher", "alternating / (llm_fb + slm_fb + slm_teacher)"),
         ("simultaneous_ratio", "simultaneous / (llm_fb + slm_fb), target <= 1.10"),
+        ("alternating_eval_over_shared_ratio", "alternating, eval-mode / shared teachers"),
+        ("simultaneous_eval_over_shared_ratio", "simultaneous, eval-mode / shared teachers"),
     ):
         per = ", ".join(f"{r[key]:.2f}" for r in rows)
         print(f"{label}: {per} per repeat; median {medians[key]:.2f}x")

@@ -137,7 +137,7 @@ def fedcollm_scores(model, tokenizer, tasks: list[str], data_dir: Path, limit: i
     for task in tasks:
         questions = load_questions(task, "validation", data_dir)[:limit]
         start = time.perf_counter()
-        result = evaluate_multiple_choice(model, tokenizer, questions, batch, max_length=2048)
+        result = evaluate_multiple_choice(model, tokenizer, questions, batch)
         out[task] = {
             "acc": result.acc,
             "acc_norm": result.acc_norm,

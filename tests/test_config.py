@@ -192,9 +192,17 @@ def test_data_dir_without_task_train_file_is_rejected(tmp_path):
 def test_data_dir_of_another_task_is_rejected(tmp_path):
     (tmp_path / "arc_easy").mkdir()
     (tmp_path / "arc_easy" / "train.jsonl").write_text("")
+    (tmp_path / "arc_easy" / "validation.jsonl").write_text("")
     assert checked({"data_dir": str(tmp_path)}).data_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="openbookqa/train.jsonl"):
         checked({"data_dir": str(tmp_path), "task": "openbookqa"})
+
+
+def test_a_missing_evaluation_split_is_named_before_anything_starts(tmp_path):
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "train.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"^eval\.split: .*arc_easy/test\.jsonl does not exist"):
+        checked({"data_dir": str(tmp_path), "eval": {"split": "test"}})
 
 
 def test_real_data_dir_is_accepted(data_dir):

@@ -19,6 +19,7 @@ from fedcollm.data import (
     split_training_data,
     training_batches,
 )
+from fedcollm.data.split import partition_group
 from fedcollm.models import byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
@@ -102,8 +103,8 @@ def test_train_limit_above_the_split_keeps_everything(arc_train):
 
 
 def label_shares(arc_train, client: list[int]) -> float:
-    """The share of a client's rows that carry its most common answer label."""
-    counts = Counter(arc_train[i].label for i in client)
+    """The share of a client's rows whose answer sits at its most common position."""
+    counts = Counter(arc_train[i].gold for i in client)
     return counts.most_common(1)[0][1] / len(client)
 
 
@@ -122,6 +123,28 @@ def test_dirichlet_by_label_is_disjoint_covering_and_skewed(arc_train):
     iid = split_training_data(arc_train, num_clients=4, seed=0)
     balanced = [label_shares(arc_train, c) for c in iid.clients]
     assert max(balanced) < 0.35, balanced
+
+
+def test_dirichlet_by_label_groups_by_answer_position_not_label_text(arc_train):
+    # ARC labels its choices "A".."D" in most rows and "1".."4" in some: the first choice is
+    # one group whatever it is called.
+    numeric = next(q for q in arc_train if q.label == "1")
+    lettered = next(q for q in arc_train if q.label == "A")
+    assert partition_group(numeric, "label") == partition_group(lettered, "label") == 0
+    groups = {partition_group(q, "label") for q in arc_train}
+    assert groups == set(range(max(len(q.choices) for q in arc_train)))
+
+
+def test_repeated_rows_are_left_out_before_the_split():
+    rows = [Question(f"q{i}", f"Question {i % 7}?", ("a", "b"), 0, "A", "s") for i in range(21)]
+    split = split_training_data(rows, num_clients=2, seed=0)
+    kept = split.aux + [i for part in split.clients for i in part]
+    assert sorted(kept) == list(range(7)) and split.duplicates == 14
+    texts = [{rows[i].context for i in part} for part in (split.aux, *split.clients)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    # The same question with another answer is another row.
+    other = [*rows[:7], Question("x", "Question 0?", ("a", "b"), 1, "B", "s")]
+    assert split_training_data(other, num_clients=2, seed=0).duplicates == 0
 
 
 def test_dirichlet_is_seeded(arc_train):
@@ -316,7 +339,12 @@ def test_cycle_batches_wraps_around():
 class _MergingTokenizer:
     """Encodes "ab" as one token when the two letters meet, else one token per letter."""
 
-    def encode(self, text, add_special_tokens=False):
+    bos_token_id, eos_token_id = None, 0
+
+    def decode(self, ids):
+        return "<eos>"
+
+    def encode(self, text, add_special_tokens=True):
         ids, i = [], 0
         while i < len(text):
             if text[i : i + 2] == "ab":

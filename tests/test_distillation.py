@@ -11,7 +11,8 @@ from tinymodels import PAD, batch, examples, nudge_lora_b, tiny_lora_model
 
 from fedcollm.algorithm.distillation import MutualDistillation, kd_loss, teacher_logits
 from fedcollm.algorithm.training import answer_logits
-from fedcollm.config import DistillConfig, OptimConfig
+from fedcollm.config import Config, DistillConfig, LoraConfig, OptimConfig
+from fedcollm.data import cycle_batches
 from fedcollm.models import get_adapter
 
 
@@ -138,6 +139,9 @@ def test_alternating_schedule_updates_both_adapters_every_step():
     before = {
         m: {n: p.clone() for n, p in m.named_parameters() if p.requires_grad} for m in (llm, slm)
     }
+    base = {
+        m: {n: p.clone() for n, p in m.named_parameters() if "lora_" not in n} for m in (llm, slm)
+    }
     cfg = DistillConfig(kd_steps=1, batch_size=4, slm_lr=1e-3, llm_lr=1e-3)
     losses = MutualDistillation(llm, slm, cfg, OptimConfig()).run(examples(), PAD, seed=0)
     for model in (llm, slm):
@@ -148,8 +152,10 @@ def test_alternating_schedule_updates_both_adapters_every_step():
         ]
         assert changed, "one alternating step must update this adapter"
     assert all(math.isfinite(v) for v in losses.means().values())
-    # Base weights never move.
-    assert all(not p.requires_grad for n, p in slm.named_parameters() if "lora_" not in n)
+    # Base weights never move, in either model: the values, not just their flags.
+    for model in (llm, slm):
+        after = dict(model.named_parameters())
+        assert base[model] and all(torch.equal(after[n], p) for n, p in base[model].items())
 
 
 def _llm_adapter_after_one_step(schedule: str, slm_lr: float) -> dict[str, torch.Tensor]:
@@ -168,3 +174,56 @@ def test_only_the_alternating_llm_step_learns_from_the_updated_slm(schedule):
     fast = _llm_adapter_after_one_step(schedule, slm_lr=1e-1)
     same = all(torch.equal(slow[n], fast[n]) for n in slow)
     assert same == (schedule == "simultaneous")
+
+
+def _dropout_pair(dropout: float = 0.5):
+    config = Config(lora=LoraConfig(dropout=dropout))
+    llm = tiny_lora_model(hidden=48, layers=2, seed=1, config=config)
+    slm = tiny_lora_model(hidden=32, layers=2, seed=0, config=config)
+    nudge_lora_b(llm, seed=3)
+    nudge_lora_b(slm, seed=4)
+    return llm, slm
+
+
+def _teachers_of_one_step(llm, slm, schedule: str, teacher_forward: str) -> list[torch.Tensor]:
+    """The teacher logits each loss of one mutual step saw: the SLM's first, then the LLM's."""
+    cfg = DistillConfig(kd_steps=1, schedule=schedule, teacher_forward=teacher_forward)
+    run = MutualDistillation(llm, slm, cfg, OptimConfig())
+    seen, loss = [], run._loss  # noqa: SLF001
+
+    def recording(student, targets, teacher):
+        seen.append(teacher.clone())
+        return loss(student, targets, teacher)
+
+    run._loss = recording  # noqa: SLF001
+    run.run(examples(), PAD, seed=0)
+    return seen
+
+
+@pytest.mark.parametrize("schedule", ["alternating", "simultaneous"])
+def test_both_teachers_run_in_eval_mode_even_with_lora_dropout(schedule):
+    # The SLM learns from the LLM before either has stepped; under "simultaneous" the LLM
+    # learns from the SLM before its step too. Those teachers must be the eval-mode logits
+    # (no dropout), not the students' own train-mode forwards.
+    llm, slm = _dropout_pair()
+    b = next(cycle_batches(examples(), 4, PAD, 1, seed=0))
+    expected = [teacher_logits(llm, b), teacher_logits(slm, b)]
+    slm_teacher, llm_teacher = _teachers_of_one_step(llm, slm, schedule, "eval")
+    assert torch.equal(slm_teacher, expected[0])
+    if schedule == "simultaneous":
+        assert torch.equal(llm_teacher, expected[1])
+    # "shared" keeps the train-mode forward, dropout and all: not the eval logits.
+    llm, slm = _dropout_pair()
+    shared = _teachers_of_one_step(llm, slm, schedule, "shared")[0]
+    assert not torch.allclose(shared, expected[0], atol=1e-4)
+
+
+def test_without_dropout_the_shared_forward_is_the_eval_teacher():
+    llm, slm = _dropout_pair(dropout=0.0)
+    b = next(cycle_batches(examples(), 4, PAD, 1, seed=0))
+    expected = teacher_logits(llm, b)
+    for teacher_forward in ("eval", "shared"):
+        llm, slm = _dropout_pair(dropout=0.0)
+        assert torch.equal(
+            _teachers_of_one_step(llm, slm, "alternating", teacher_forward)[0], expected
+        )

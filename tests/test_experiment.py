@@ -89,6 +89,19 @@ def test_baselines_get_the_federated_budget_and_runs_resume(tmp_path, data_dir, 
     assert (tmp_path / "results.csv").read_text().count("slm_client") == config.num_clients + 1
 
 
+@pytest.mark.parametrize(("kd_steps", "per_round"), [(4, 3 * 4 + 4), (0, 3 * 4 + 13)])
+def test_centralized_gets_as_many_steps_as_fedcollm_takes(
+    tmp_path, data_dir, monkeypatch, kd_steps, per_round
+):
+    # FedCoLLM's steps per round: 3 clients x 4 local steps, then R on D_a, where R = 0 means
+    # one pass over D_a's 50 rows in batches of 4: 13 steps.
+    config = load_config(TINY, data_dir=str(data_dir), overrides=[f"distill.kd_steps={kd_steps}"])
+    seen = _record_budgets(monkeypatch)
+    run_experiment(config, ["centralized"], [0], ["arc_easy"], tmp_path)
+    (central,) = seen
+    assert central["max_steps"] == config.rounds * per_round
+
+
 @pytest.mark.slow
 def test_fedavg_is_fedcollm_without_distillation(tmp_path, data_dir):
     config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1"])

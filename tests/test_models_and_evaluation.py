@@ -10,13 +10,14 @@ from peft import PeftModel
 from tinymodels import PAD, TOKENIZER, batch, nudge_lora_b, tiny_lora_model, tiny_model
 
 from fedcollm.algorithm.training import answer_logits
-from fedcollm.config import LoraConfig, ModelConfig
-from fedcollm.data import Question
-from fedcollm.evaluation import accuracy, choice_loglikelihoods, evaluate_multiple_choice
+from fedcollm.config import Config, LoraConfig, ModelConfig
+from fedcollm.data import DataError, Question, encode_continuations, encode_pair
+from fedcollm.evaluation import accuracy, choice_loglikelihoods
 from fedcollm.evaluation.multiple_choice import _score_packed
 from fedcollm.models import (
     ModelError,
     add_lora,
+    eval_mode,
     get_adapter,
     load_model,
     save_adapter,
@@ -205,11 +206,23 @@ def test_acc_and_acc_norm_follow_lm_eval():
     assert result.n == 3
 
 
-def test_evaluation_leaves_training_mode_as_it_was():
-    model = tiny_model(seed=3).train()
-    evaluate_multiple_choice(model, TOKENIZER, QUESTIONS)
+def test_evaluation_runs_in_eval_mode_and_leaves_the_mode_as_it_was():
+    # With LoRA dropout on, a train-mode forward is random; scoring must not be.
+    model = tiny_lora_model(seed=3, config=Config(lora=LoraConfig(dropout=0.5)))
+    nudge_lora_b(model)
+    model.train()
+    first = choice_loglikelihoods(model, TOKENIZER, QUESTIONS)
     assert model.training
-    assert PAD == TOKENIZER.pad_token_id
+    assert choice_loglikelihoods(model, TOKENIZER, QUESTIONS) == first
+    with eval_mode(model):
+        expected = [
+            [_naive_loglikelihood(model, q.context, " " + c) for c in q.choices] for q in QUESTIONS
+        ]
+    assert first == [pytest.approx(e, abs=1e-4) for e in expected]
+    # The mode comes back even when the block raises.
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("out of memory")
+    assert model.training
 
 
 def test_a_model_directory_without_weights_or_tokenizer_names_what_is_missing(tmp_path):
@@ -221,3 +234,114 @@ def test_a_model_directory_without_weights_or_tokenizer_names_what_is_missing(tm
     TOKENIZER.save_pretrained(tmp_path)
     loaded, _ = load_model(ModelConfig(name=str(tmp_path)), seed=0)
     assert loaded.config.hidden_size == model.config.hidden_size
+
+
+def test_a_partial_adapter_is_refused_not_half_loaded():
+    model = tiny_lora_model(seed=0)
+    nudge_lora_b(model)
+    partial = get_adapter(tiny_lora_model(seed=0))
+    dropped = next(k for k in partial if "lora_B" in k)
+    del partial[dropped]
+    before = get_adapter(model)
+    with pytest.raises(ModelError, match="lacks 1 LoRA tensors"):
+        set_adapter(model, partial)
+    with pytest.raises(ModelError, match="does not have"):
+        set_adapter(model, {**get_adapter(model), "x.lora_A.weight": torch.zeros(1)})
+    assert before[dropped].abs().sum() > 0  # the stale tensor the refusal protects against
+
+
+def _lm_eval_loglikelihood(model, tokenizer, context, continuation, max_length):
+    """lm-eval's HFLM.loglikelihood for one pair, written out from its source (0.4.13):
+    encode with the tokenizer's special tokens, an empty context becomes BOS (else EOS), the
+    pair is cut to its last max_length + 1 tokens and the last one is not fed."""
+    prefix = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        ctx = [prefix]
+    else:
+        ctx = tokenizer.encode(context)
+        cont = tokenizer.encode(context + continuation)[len(ctx) :]
+    fed = (ctx + cont)[-(max_length + 1) :][:-1]
+    logprobs = F.log_softmax(model(torch.tensor([fed])).logits[0].float(), -1)
+    start = len(fed) - len(cont) + 1  # the position that predicts cont[0] is start - 1
+    return sum(logprobs[start - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+# Prompts longer than the evaluation length, with choices of very different lengths: lm-eval
+# keeps less of the prompt before a long choice than before a short one.
+LONG_PROMPTS = [
+    Question(
+        "l1",
+        "Question: " + "why is the sky so very blue " * 3 + "\nAnswer:",
+        ("x", "a much longer answer", "mid"),
+        0,
+        "A",
+        "t",
+    ),
+    Question(
+        "l2", "Q: " + "count the stones " * 4 + "\nA:", ("one", "two stones here"), 1, "B", "t"
+    ),
+    Question("e1", "", ("an empty prompt", "is read as EOS"), 0, "A", "t"),
+]
+
+
+@pytest.mark.parametrize("max_length", [24, 40, 0])
+def test_long_and_empty_prompts_are_scored_as_lm_eval_scores_them(max_length):
+    model = tiny_model(seed=3).eval()
+    questions = [*LONG_PROMPTS, *QUESTIONS]
+    lls = choice_loglikelihoods(model, TOKENIZER, questions, batch_size=2, max_length=max_length)
+    length = max_length or model.config.max_position_embeddings  # lm-eval's default
+    for q, scores in zip(questions, lls, strict=True):
+        expected = [
+            _lm_eval_loglikelihood(model, TOKENIZER, q.context, " " + c, length) for c in q.choices
+        ]
+        assert scores == pytest.approx(expected, abs=1e-4), q.id
+
+
+def _bos_tokenizer():
+    """The byte tokenizer with a BOS that it adds by itself, as Llama's and Gemma's do."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = TOKENIZER.backend_tokenizer.__class__.from_str(TOKENIZER.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_in_scoring_and_training():
+    tokenizer = _bos_tokenizer()
+    bos = tokenizer.bos_token_id
+    ((context, continuation),) = encode_continuations(tokenizer, "Question: x\nAnswer:", [" y"])
+    assert context[0] == bos and context.count(bos) == 1 and bos not in continuation
+    assert tokenizer.decode(continuation) == " y"
+    # A prompt that already opens with BOS text gets no second one; an empty one is BOS.
+    ((context, _),) = encode_continuations(tokenizer, "<s>Question", [" y"])
+    assert context.count(bos) == 1
+    assert encode_continuations(tokenizer, "", [" y"]) == [([bos], tokenizer.encode(" y")[1:])]
+    example = encode_pair(tokenizer, "Question: x\nAnswer:", " y", 64)
+    assert example.input_ids[0] == bos
+    model = tiny_model(seed=3).eval()
+    model.resize_token_embeddings(len(tokenizer))
+    (scores,) = choice_loglikelihoods(model, tokenizer, [QUESTIONS[0]])
+    expected = [
+        _lm_eval_loglikelihood(model, tokenizer, QUESTIONS[0].context, " " + c, 1024)
+        for c in QUESTIONS[0].choices
+    ]
+    assert scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_choice_longer_than_the_evaluation_length_is_refused():
+    question = Question("q", "Question: x\nAnswer:", ("short", "a" * 30), 0, "A", "t")
+    with pytest.raises(DataError, match=r"question q: choice 2 has 31 tokens, more than .* 24"):
+        choice_loglikelihoods(tiny_model(seed=3).eval(), TOKENIZER, [question], max_length=24)

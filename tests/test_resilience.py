@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from fedcollm.config import load_config
 from fedcollm.federation.client_app import train
 from fedcollm.federation.simulation import simulate
+from fedcollm.models import adapter_digest
 from fedcollm.tracking.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,10 @@ def test_too_few_valid_clients_skip_the_round_and_keep_theta(tmp_path, data_dir)
     )
     rows = simulate(config, tmp_path, client_app=hostile_client_app(config))
     assert "fewer than federation.min_clients = 2" in rows[1]["skipped"]
-    assert rows[1]["slm_acc"] == rows[0]["slm_acc"]  # theta unchanged: the same scores
+    # theta unchanged: the saved adapter is the one the skipped round broadcast.
+    saved = load_file(tmp_path / "adapters" / "slm" / "adapter_model.safetensors")
+    assert adapter_digest(saved) == rows[1]["broadcast_sha256"]
+    assert "distilled_sha256" not in rows[1]
 
 
 def _descendants(pid: int) -> set[int]:

@@ -8,15 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+)
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import ConfigError, load_config
 from fedcollm.federation.client_app import train
-from fedcollm.federation.secure_client import check_within_clipping, secure_when_asked
+from fedcollm.federation.secure_client import (
+    check_within_clipping,
+    secure_weight,
+    secure_when_asked,
+)
 from fedcollm.federation.secure_server import SecureFedCoLLM
 from fedcollm.federation.simulation import simulate
 
@@ -68,21 +77,37 @@ def _recording(monkeypatch) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_the_secure_aggregate_equals_plain_averaging(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("aggregation", ["uniform", "num_examples"])
+def test_the_secure_aggregate_equals_plain_aggregation(
+    tmp_path, data_dir, monkeypatch, aggregation
+):
+    # A Dirichlet split gives the clients unequal |D_k|, so weighting by it matters.
+    unequal = [
+        "rounds=1",
+        "eval.limit=4",
+        'data.partition="dirichlet"',
+        f'client.aggregation="{aggregation}"',
+    ]
     seen = _recording(monkeypatch)
-    plain = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", "eval.limit=4"])
+    plain = load_config(TINY, data_dir=str(data_dir), overrides=unequal)
     simulate(plain, tmp_path / "plain")
     plain_aggregate, plain_replies = seen["aggregates"][0], list(seen["replies"])
     seen["replies"].clear()
-    secure = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *SECURE])
+    secure = load_config(TINY, data_dir=str(data_dir), overrides=[*unequal, *SECURE])
     rows = simulate(secure, tmp_path / "secure")
 
+    sizes = [c["num_examples"] for c in rows[1]["clients"]]
+    assert len(set(sizes)) == len(sizes), sizes
+    # Each client's value is off by at most one quantisation step before the sum is divided
+    # by the sum of the weights, each |D_k| / max |D_k| (or 1 each for a uniform mean).
+    weights = [n / max(sizes) for n in sizes] if aggregation == "num_examples" else [1] * 3
+    tolerance = len(sizes) * TOLERANCE / sum(weights)
     secure_aggregate = seen["aggregates"][1]
     assert plain_aggregate.keys() == secure_aggregate.keys()
     errors = [
         (plain_aggregate[k] - secure_aggregate[k]).abs().max().item() for k in plain_aggregate
     ]
-    assert 0 < max(errors) <= TOLERANCE  # not bit-equal: it went through quantisation
+    assert 0 < max(errors) <= tolerance  # not bit-equal: it went through quantisation
     assert rows[1]["secure_aggregation"] and len(rows[1]["clients"]) == secure.num_clients
     assert rows[1]["dropped"] == []
 
@@ -101,6 +126,18 @@ def test_the_secure_aggregate_equals_plain_averaging(tmp_path, data_dir, monkeyp
         tuple(np.concatenate([a.ravel() for a in _arrays(res)]).tolist()) for _, res in results
     }
     assert len(results) == secure.num_clients and len(vectors) == 1
+
+
+def test_a_client_refuses_a_weight_above_the_bound_the_server_announced():
+    config = load_config(TINY, overrides=['client.aggregation="num_examples"'])
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    assert secure_weight(80, config, context) == 80  # no SecAgg+ setup seen: nothing to check
+    context.state.config_records[RECORD_KEY_STATE] = ConfigRecord({"max_weight": 50.0})
+    assert secure_weight(50, config, context) == 50
+    with pytest.raises(ValueError, match="exceeds the SecAgg\\+ max_weight 50.*secagg_max_weight"):
+        secure_weight(51, config, context)
+    uniform = load_config(TINY)
+    assert secure_weight(51, uniform, context) == 1
 
 
 def _arrays(fit_res):

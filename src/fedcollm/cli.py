@@ -18,22 +18,54 @@ USER_ERRORS = (ConfigError, DataError, ModelError, RegistryError)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Every check first (config, data, output directory, checkpoint, models), then the
+    simulation: a run that is refused has written nothing and started nothing."""
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
-    from fedcollm.data import training_split
     from fedcollm.federation.simulation import simulate  # heavy: only for a valid config
-    from fedcollm.tracking.checkpoint import check_out_dir
+    from fedcollm.preflight import check_data, check_models
+    from fedcollm.tracking import checkpoint as ckpt
 
-    training_split(config)  # a config that the data cannot serve fails before any model loads
-    _prepare_models(config)
+    split = check_data(config)
+    if split.duplicates:
+        print(
+            f"data: {split.duplicates} training rows repeat an earlier row (the same "
+            "question, choices and answer) and are left out",
+            file=sys.stderr,
+        )
     out_dir = Path(args.out or f"runs/{Path(args.config).stem}")
-    check_out_dir(out_dir, args.resume)
+    resume = args.resume
+    if args.continue_run:
+        resume = ckpt.latest_round(out_dir / "checkpoint") is not None
+    ckpt.check_out_dir(out_dir, resume)
+    ckpt.check_writable(out_dir)
+    if resume:
+        checkpoint = ckpt.load_checkpoint(out_dir / "checkpoint", config)
+        ckpt.check_same_data(checkpoint, split)
+        if args.continue_run and _finished(out_dir, checkpoint, config):
+            return 0
+    _prepare_models(config)
+    check_models(config)
     print(
         f"fedcollm run: {config.num_clients} clients, {config.rounds} rounds, "
         f"task {config.task}, output in {out_dir}",
         flush=True,
     )
-    simulate(config, out_dir, verbose=args.verbose, resume=args.resume)
+    simulate(config, out_dir, verbose=args.verbose, resume=resume)
     return 0
+
+
+def _finished(out_dir: Path, checkpoint, config) -> bool:
+    """A run that has done all its rounds: say where its results are instead of rerunning."""
+    from fedcollm.tracking.metrics import read_metrics, summary_table
+
+    metrics = out_dir / "metrics.jsonl"
+    if checkpoint.server_round < config.rounds or not (out_dir / "adapters").is_dir():
+        return False
+    print(summary_table(read_metrics(metrics) if metrics.is_file() else checkpoint.rows))
+    print(f"\n{out_dir} holds this finished run (all {config.rounds} rounds)")
+    print(f"report: {out_dir / 'report.md'}\nmetrics: {metrics}\nadapters: {out_dir / 'adapters'}")
+    print(f"to run it again from the start: rm -r {out_dir}, or choose another --out")
+    return True
 
 
 def _prepare_models(config) -> None:
@@ -86,28 +118,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluated_model(args: argparse.Namespace) -> tuple[ModelConfig, int, str]:
+    """The model spec, its weights' seed and the task: from --model and --task, or from
+    the run config (--config, --role) that trained the adapter, tiny models included."""
+    if args.config:
+        from fedcollm import seeds
+
+        config = load_config(args.config, data_dir=args.data_dir)
+        spec = getattr(config, args.role)
+        seed = (seeds.llm_weights if args.role == "llm" else seeds.slm_weights)(config.seed)
+        return spec, seed, args.task or config.task
+    if not args.model or not args.task:
+        raise ConfigError("evaluate: give --model and --task, or --config (and --role)")
+    return ModelConfig(name=args.model, dtype=args.dtype), args.seed, args.task
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.task not in TASKS:
-        raise ConfigError(f"--task: unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    for flag, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--limit", args.limit, 0),
+        ("--max-length", args.max_length, 0),
+    ):
+        if value < least:
+            raise ConfigError(f"{flag}: must be {least} or more, got {value}")
+    spec, seed, task = _evaluated_model(args)
+    if task not in TASKS:
+        raise ConfigError(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     from fedcollm.data import load_questions
     from fedcollm.evaluation import evaluate_multiple_choice
     from fedcollm.models import load_model
+    from fedcollm.models.lora import load_saved_adapter
 
-    questions = load_questions(args.task, args.split, args.data_dir)
+    questions = load_questions(task, args.split, args.data_dir)
     if args.limit:
         questions = questions[: args.limit]
-    model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype), seed=args.seed)
+    model, tokenizer = load_model(spec, seed=seed)
     if args.adapter:
-        from peft import PeftModel
-
-        if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise ModelError(f"--adapter: {args.adapter} holds no adapter_config.json")
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model = load_saved_adapter(model, Path(args.adapter))
     result = evaluate_multiple_choice(model, tokenizer, questions, args.batch_size, args.max_length)
     summary = {
-        "model": args.model,
+        "model": spec.name,
         "adapter": args.adapter,
-        "task": args.task,
+        "task": task,
         "split": args.split,
         **result.summary(),
     }
@@ -115,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
-            print(f"{key:>8}  {value:.4f}" if isinstance(value, float) else f"{key:>8}  {value}")
+            print(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
     return 0
 
 
@@ -162,22 +214,35 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last round"
     )
+    run.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="resume the run in --out if there is one, else start it; a finished run "
+        "shows its results",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     run.set_defaults(func=cmd_run)
 
     ev = sub.add_parser("evaluate", help="multiple-choice accuracy of one model")
     ev.add_argument(
         "--model",
-        required=True,
         help='"tiny", a registry name (fedcollm models), a model directory or a hub id',
     )
+    ev.add_argument(
+        "--config",
+        help="instead of --model: the run's TOML file, whose model (--role) is evaluated",
+    )
+    ev.add_argument("--role", choices=["slm", "llm"], default="slm", help="with --config")
     ev.add_argument("--adapter", help="a saved PEFT adapter directory to apply")
-    ev.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    ev.add_argument("--task", help=f"one of {', '.join(TASKS)} (with --config: its task)")
     ev.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")
     ev.add_argument("--split", default="validation")
     ev.add_argument("--limit", type=int, default=0, help="first N questions only")
     ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--max-length", type=int, default=256)
+    ev.add_argument(
+        "--max-length", type=int, default=0, help="tokens per (prompt, choice); 0: the model's"
+    )
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--seed", type=int, default=0, help="seed of a tiny model's weights")
     ev.add_argument("--json", action="store_true", help="print one JSON object")

@@ -10,12 +10,15 @@ lambda 1, T 1, one local epoch); see docs/CONFIG.md for the reasons.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from fedcollm.seeds import MAX_SEED
 
 
 class ConfigError(ValueError):
@@ -59,6 +62,8 @@ class DataConfig:
     # "dirichlet": D_a as before, the rest spread over clients by Dirichlet(alpha) per group.
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = 0.5
+    # Groups of the Dirichlet split: "label", the answer's position (first choice, second...:
+    # ARC's "1" and "A" are one group); "source", where the question comes from (ARC only).
     dirichlet_by: Literal["label", "source"] = "label"
     max_length: int = 256
 
@@ -100,6 +105,11 @@ class DistillConfig:
     schedule: Literal["alternating", "simultaneous", "sequential"] = "alternating"
     # 0: full vocabulary (default). k > 0: KL over the teacher's top-k tokens only.
     top_k: int = 0
+    # "eval": every teacher runs in eval mode, so LoRA dropout never reaches a teacher (with
+    # dropout on, one more LLM forward per step, and under "simultaneous" one more SLM
+    # forward). "shared": a model's train-mode student forward is also the other model's
+    # teacher, dropout and all. Without dropout both are the same and cost the same.
+    teacher_forward: Literal["eval", "shared"] = "eval"
 
 
 @dataclass
@@ -108,6 +118,9 @@ class EvalConfig:
     # 0: every question of the split.
     limit: int = 0
     batch_size: int = 16
+    # Tokens of each (prompt, choice) pair, cut from the left as lm-eval cuts them; 0: the
+    # model's context length, lm-eval's default (no prompt of the four tasks is cut then).
+    max_length: int = 0
     # Each client also scores its own adapter after its last local update (final round).
     clients: bool = False
 
@@ -192,6 +205,7 @@ _NON_NEGATIVE = {
     "distill.kd_steps",
     "distill.top_k",
     "eval.limit",
+    "eval.max_length",
     "distill.kd_weight",
     "optim.weight_decay",
     "optim.max_grad_norm",
@@ -228,6 +242,8 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong
+        if not math.isfinite(value):  # TOML has nan and inf; no setting means either
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
         return float(value)
     if tp is int and isinstance(value, bool):
         raise wrong
@@ -270,6 +286,13 @@ def _check_meaning(config: Config) -> None:
     for key in _NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {_get(config, key)}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ConfigError(f"seed: must be in [0, {MAX_SEED}] (2**32 - 1), got {config.seed}")
+    if config.data.max_length < 2:
+        raise ConfigError(
+            f"data.max_length: must be at least 2 (a prompt token and an answer token), "
+            f"got {config.data.max_length}"
+        )
     for role in ("llm", "slm"):
         device = _get(config, f"{role}.device")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
@@ -344,10 +367,21 @@ def load_config(
 ) -> Config:
     """Read, override and validate a TOML config; raises ConfigError on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the TOML file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
     try:
-        values = tomllib.loads(path.read_text())
+        # utf-8-sig: a byte-order mark, which some editors write, is not part of the TOML.
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8"
+        ) from None
+    try:
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     values = apply_overrides(values, overrides or [])

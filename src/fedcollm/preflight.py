@@ -1,17 +1,33 @@
-"""What can be checked about a config before any model loads or any process starts: the
-task and its files, the models it names. `config.py` checks each value on its own; this
-module checks them against the data and the models they point at. `fedcollm run`,
-`fedcollm experiment` and the deployed ServerApp call `check_run` first.
+"""What can be checked about a run before any model loads or any process starts.
+
+`config.py` checks each value on its own; this module checks them against what they point
+at: the task and its files, the models, this machine. `fedcollm run` and `fedcollm
+experiment` call `check_run`, `check_data` and `check_models` in that order (the last after
+registry models are fetched), before Ray starts; the deployed ServerApp calls them too.
+Each raises a ConfigError, DataError or ModelError whose one line names the key and the fix.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
+
 from fedcollm.config import Config, ConfigError
-from fedcollm.data import TASKS
+from fedcollm.data import TASKS, DataSplit, evaluation_questions, training_split
 from fedcollm.data.synthetic import NAME as BUILT_IN_TASK
-from fedcollm.models.registry import REGISTRY
+from fedcollm.models import (
+    ModelError,
+    architecture,
+    byte_tokenizer,
+    check_model_dir,
+    looks_like_path,
+    model_path,
+    resolve_device,
+)
+from fedcollm.models.lora import TARGET_MODULES
+from fedcollm.models.registry import REGISTRY, model_dir
 
 
 def check_task(config: Config) -> None:
@@ -19,11 +35,12 @@ def check_task(config: Config) -> None:
         raise ConfigError(f"task: unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
     if config.data_dir and config.task != BUILT_IN_TASK:  # generated in code, no files
         task_dir = Path(config.data_dir).expanduser() / config.task
-        if not (task_dir / "train.jsonl").is_file():
-            raise ConfigError(
-                f"data_dir: {task_dir / 'train.jsonl'} does not exist; point data_dir (or "
-                f"--data-dir) at a directory holding {config.task}/train.jsonl"
-            )
+        for split, key in (("train", "data_dir"), (config.eval.split, "eval.split")):
+            if not (task_dir / f"{split}.jsonl").is_file():
+                raise ConfigError(
+                    f"{key}: {task_dir / f'{split}.jsonl'} does not exist; point data_dir (or "
+                    f"--data-dir) at a directory holding {config.task}/{split}.jsonl"
+                )
     if config.data.partition == "dirichlet" and config.data.dirichlet_by == "source":
         if config.task not in ("arc_easy", "arc_challenge"):
             raise ConfigError(
@@ -37,16 +54,94 @@ def check_model_names(config: Config) -> None:
         name = getattr(config, role).name
         if name == "tiny" or name in REGISTRY:
             continue
-        looks_local = name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
-        if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+        if looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
             raise ConfigError(
                 f"{role}.name: {name!r} is not a model directory (no config.json there); "
                 'give "tiny", a directory saved with save_pretrained, or a hub id'
             )
 
 
-def check_run(config: Config) -> Config:
-    """Every check that needs no model weights; raises ConfigError naming key and fix."""
+def check_resources(config: Config, simulated: bool = True) -> None:
+    """Devices and, in the simulation engine, the CPU and GPU shares Ray hands out: asking
+    for more than there is makes Ray wait for ever."""
+    for role in ("llm", "slm"):
+        try:
+            resolve_device(getattr(config, role).device)
+        except ModelError as err:
+            raise ConfigError(f"{role}.device: {err}") from None
+    if not simulated:
+        return
+    cores = os.cpu_count() or 1
+    if config.federation.client_cpus > cores:
+        raise ConfigError(
+            f"federation.client_cpus: {config.federation.client_cpus} is more than the "
+            f"{cores} CPU cores here; no simulated client could ever start"
+        )
+    if config.federation.client_gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"federation.client_gpus: {config.federation.client_gpus:g}, but PyTorch sees no "
+            "CUDA GPU here; set it to 0"
+        )
+
+
+def check_run(config: Config, simulated: bool = True) -> Config:
+    """The checks that read no data file and no model: names, paths, this machine."""
     check_task(config)
     check_model_names(config)
+    check_resources(config, simulated)
     return config
+
+
+def check_data(config: Config) -> DataSplit:
+    """The training and evaluation rows read and split as the run will read and split them;
+    DataError naming the file and line of the first bad row. Returns the split."""
+    _, split = training_split(config)
+    evaluation_questions(config)
+    return split
+
+
+def _module_names(spec) -> set[str]:
+    """The names of every module of a model's architecture, built on no device at all."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(architecture(spec))
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+
+
+def _vocab_size(spec) -> int:
+    if spec.name == "tiny":
+        return len(byte_tokenizer())
+    config = architecture(spec)
+    return (getattr(config, "text_config", None) or config).vocab_size
+
+
+def check_models(config: Config) -> None:
+    """Model directories, LoRA target modules and the KL's top-k against the models, read
+    from their config files only (registry models must be fetched by now)."""
+    for role in ("llm", "slm"):
+        spec = getattr(config, role)
+        if spec.name != "tiny" and (spec.name in REGISTRY or looks_like_path(spec.name)):
+            directory = model_dir(spec.name) if spec.name in REGISTRY else model_path(spec.name)
+            check_model_dir(directory)
+        if spec.name != "tiny" and not (spec.name in REGISTRY or looks_like_path(spec.name)):
+            continue  # a hub id: nothing here to read before loading it
+        modules = _module_names(spec)
+        model_type = architecture(spec).model_type
+        targets = config.lora.target_modules or TARGET_MODULES.get(model_type)
+        if targets is None:
+            raise ConfigError(
+                f"lora.target_modules: no default for {role}.name {spec.name!r} (architecture "
+                f'{model_type!r}); set it, e.g. ["q_proj", "v_proj"]'
+            )
+        absent = [t for t in targets if t not in modules]
+        if absent:
+            linear = sorted(m for m in modules if "proj" in m or "attn" in m)[:8]
+            raise ConfigError(
+                f"lora.target_modules: {', '.join(absent)} not in {role}.name {spec.name!r}; "
+                f"it has {', '.join(linear) or 'no projection modules'}"
+            )
+    top_k = config.distill.top_k
+    vocab = min(_vocab_size(config.llm), _vocab_size(config.slm))
+    if top_k > vocab:
+        raise ConfigError(f"distill.top_k: {top_k} is more than the {vocab} tokens; lower it")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fedcollm.algorithm.training import answer_logits, make_optimizer, optimizer_step
 from fedcollm.config import DistillConfig, OptimConfig
 from fedcollm.data import Batch, Example, cycle_batches
-from fedcollm.models import eval_mode
+from fedcollm.models import eval_mode, has_dropout
 
 
 def kd_loss(
@@ -112,22 +112,29 @@ class MutualDistillation:
         losses.llm_ce.append(ce)
         losses.llm_kd.append(kd)
 
+    def _teacher(self, model, batch: Batch, student_out) -> torch.Tensor:
+        """A model's logits as the other model's teacher: those of eval mode, no gradient.
+        Its train-mode student forward serves instead when that is the same (no dropout
+        anywhere) or when `teacher_forward = "shared"` accepts LoRA dropout in the teacher."""
+        if self.cfg.teacher_forward == "shared" or not has_dropout(model):
+            return student_out[0].detach()
+        return teacher_logits(model, batch)
+
     def _mutual_step(self, slm_optimizer, batch: Batch, losses: DistillLosses) -> None:
         """One batch of the alternating (Algorithm 1) or the simultaneous schedule."""
-        # The LLM's forward serves twice: detached, as the SLM's teacher, and as its own
-        # student pass (omega does not change in between), saving one forward.
+        # The LLM's student forward comes first: omega does not change before its own step.
         llm_out = answer_logits(self.llm, batch)
+        llm_teacher = self._teacher(self.llm, batch, llm_out)
         if self.cfg.schedule == "alternating":
             # Algorithm 1: theta steps toward the LLM, then omega toward the *updated* SLM,
             # which costs the SLM one more forward.
-            self._slm_step(slm_optimizer, batch, None, llm_out[0].detach(), losses)
+            self._slm_step(slm_optimizer, batch, None, llm_teacher, losses)
             slm_teacher = teacher_logits(self.slm, batch)
         else:
-            # Both step toward the other's logits from before this step's updates, so the
-            # SLM's student pass is also the LLM's teacher.
+            # Both step toward the other's logits from before this step's updates.
             slm_out = answer_logits(self.slm, batch)
-            slm_teacher = slm_out[0].detach()
-            self._slm_step(slm_optimizer, batch, slm_out, llm_out[0].detach(), losses)
+            slm_teacher = self._teacher(self.slm, batch, slm_out)
+            self._slm_step(slm_optimizer, batch, slm_out, llm_teacher, losses)
         self._llm_step(batch, llm_out, slm_teacher, losses)
 
     def run(

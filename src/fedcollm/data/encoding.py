@@ -18,32 +18,50 @@ class Example:
     answer_mask: list[bool]
 
 
-def encode_continuations(
-    tokenizer, context: str, continuations: Sequence[str], max_length: int
-) -> tuple[list[int], list[list[int]]]:
-    """Tokenise as lm-evaluation-harness does: a continuation's tokens are the whole text's
-    tokens after as many tokens as the context alone encodes to, and the model reads the
-    context's own tokens followed by those. Trailing spaces of the context move to the
-    continuation; no special tokens are added. Returns the context tokens (shared by every
-    continuation; its left end cut so that the longest pair fits in `max_length`) and the
-    tokens of each continuation."""
+Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What lm-eval reads in place of an empty context: BOS, or EOS where there is none."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    """Text as lm-eval's `tok_encode` encodes it: with the tokenizer's own special tokens (a
+    BOS for Llama or Gemma, nothing for Qwen or GPT-2), unless the text already opens with
+    the prefix token's text."""
+    if text.startswith(tokenizer.decode([prefix_token_id(tokenizer)])):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def encode_continuations(tokenizer, context: str, continuations: Sequence[str]) -> list[Pair]:
+    """Each (context, continuation) pair tokenised as lm-evaluation-harness does, uncut.
+
+    A continuation's tokens are the whole text's tokens after as many tokens as the context
+    alone encodes to, and the model reads the context's own tokens followed by those;
+    trailing spaces of the context move to the continuation. An empty context is the prefix
+    token (or the continuation's first token, where that is the prefix token)."""
+    if not context:
+        pairs = []
+        for continuation in continuations:
+            ids = tokenizer.encode(continuation, add_special_tokens=False)
+            prefix = prefix_token_id(tokenizer)
+            pairs.append((ids[:1], ids[1:]) if ids and ids[0] == prefix else ([prefix], ids))
+        return pairs
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuations = context[:-spaces], [context[-spaces:] + c for c in continuations]
-    context_ids = tokenizer.encode(context, add_special_tokens=False)
-    answers = [
-        tokenizer.encode(context + c, add_special_tokens=False)[len(context_ids) :]
-        for c in continuations
+    context_ids = _tokens(tokenizer, context)
+    return [
+        (context_ids, _tokens(tokenizer, context + c)[len(context_ids) :]) for c in continuations
     ]
-    keep = max(max_length - max(len(a) for a in answers), 1)
-    return context_ids[-keep:], answers
 
 
 def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> Example:
-    """One (context, continuation) pair as a training example; see `encode_continuations`."""
-    context_ids, (answer_ids,) = encode_continuations(
-        tokenizer, context, [continuation], max_length
-    )
+    """One (context, continuation) pair as a training example, cut from the left to at most
+    `max_length` tokens; see `encode_continuations`."""
+    ((context_ids, answer_ids),) = encode_continuations(tokenizer, context, [continuation])
     ids = (context_ids + answer_ids)[-max_length:]
     mask = [False] * len(context_ids) + [True] * len(answer_ids)
     return Example(input_ids=ids, answer_mask=mask[-len(ids) :])

@@ -39,43 +39,82 @@ class Question:
         return self.choices[self.gold]
 
 
+class BadRow(ValueError):
+    """What is wrong with one row; the reader adds the file and line."""
+
+
+def _text(row: dict[str, Any], *path: str) -> str:
+    """A field that must hold text: `_text(row, "choices", "label")` is row["choices"]["label"]."""
+    value: Any = row
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            raise BadRow(f"missing field {'.'.join(path)!r}")
+        value = value[key]
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow(f"field {'.'.join(path)!r} must be non-empty text, got {value!r}")
+    return value
+
+
+def _choices(row: dict[str, Any], answer: str) -> tuple[list[str], list[str], int]:
+    """The choice texts and labels of a row in hub layout, and the answer's position."""
+    choices = row.get("choices")
+    if not isinstance(choices, dict) or not {"text", "label"} <= set(choices):
+        raise BadRow("missing field 'choices' with 'text' and 'label' lists")
+    texts, labels = choices["text"], choices["label"]
+    if not isinstance(texts, list) or not isinstance(labels, list):
+        raise BadRow("choices.text and choices.label must be lists")
+    if len(texts) != len(labels):
+        raise BadRow(f"{len(texts)} choice texts but {len(labels)} labels")
+    if len(texts) < 2:
+        raise BadRow(f"{len(texts)} choices; a question needs at least 2")
+    for k, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise BadRow(f"choice {k + 1} is empty ({text!r}); every choice needs text")
+    if any(not isinstance(label, str) for label in labels):
+        raise BadRow(f"choice labels must be text, got {labels!r}")
+    if answer not in labels:
+        raise BadRow(f"answerKey {answer!r} is not one of the choice labels {labels}")
+    return texts, labels, labels.index(answer)
+
+
 def _arc(row: dict[str, Any]) -> Question:
-    labels = list(row["choices"]["label"])
+    answer = _text(row, "answerKey")
+    texts, _, gold = _choices(row, answer)
     return Question(
-        id=row["id"],
-        context=f"Question: {row['question']}\nAnswer:",
-        choices=tuple(row["choices"]["text"]),
-        gold=labels.index(row["answerKey"]),
-        label=row["answerKey"],
+        id=_text(row, "id"),
+        context=f"Question: {_text(row, 'question')}\nAnswer:",
+        choices=tuple(texts),
+        gold=gold,
+        label=answer,
         # ARC ids name the exam they come from: "Mercury_7175875", "NYSEDREGENTS_2010_8_12".
         source=row["id"].split("_")[0],
     )
 
 
 def _openbookqa(row: dict[str, Any]) -> Question:
-    labels = list(row["choices"]["label"])
-    answer = row["answerKey"].strip()
+    answer = _text(row, "answerKey").strip()
+    texts, _, gold = _choices(row, answer)
     return Question(
-        id=row["id"],
-        context=row["question_stem"],
-        choices=tuple(row["choices"]["text"]),
-        gold=labels.index(answer),
+        id=_text(row, "id"),
+        context=_text(row, "question_stem"),
+        choices=tuple(texts),
+        gold=gold,
         label=answer,
         source="openbookqa",
     )
 
 
 def _commonsense_qa(row: dict[str, Any]) -> Question:
-    texts = row["choices"]["text"]
-    labels = list(row["choices"]["label"])
+    answer = _text(row, "answerKey")
+    texts, labels, gold = _choices(row, answer)
     listed = "".join(f"\n{label}. {text}" for label, text in zip(labels, texts, strict=True))
     return Question(
-        id=row["id"],
-        context=f"Question: {row['question'].strip()}{listed}\nAnswer:",
+        id=_text(row, "id"),
+        context=f"Question: {_text(row, 'question').strip()}{listed}\nAnswer:",
         # lm-eval answers CommonsenseQA with the letter, not the choice text.
         choices=tuple(labels),
-        gold=labels.index(row["answerKey"]),
-        label=row["answerKey"],
+        gold=gold,
+        label=answer,
         source=row.get("question_concept", "commonsense_qa"),
     )
 
@@ -106,28 +145,31 @@ def get_task(name: str) -> Task:
 
 def _read_jsonl(path: Path, task: Task) -> list[Question]:
     questions = []
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{number}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                questions.append(task.to_question(row))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not a JSON object ({err.msg})") from None
-            except (KeyError, TypeError) as err:
-                raise DataError(
-                    f"{path}:{number}: missing or malformed field {err} for task {task.name}"
-                ) from None
-            except ValueError:
-                raise DataError(
-                    f"{path}:{number}: answerKey {row.get('answerKey')!r} is not one of the "
-                    "choice labels"
-                ) from None
+    try:
+        raw_lines = path.read_bytes().splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: not a JSON object but {type(row).__name__}")
+        try:
+            questions.append(task.to_question(row))
+        except BadRow as err:
+            raise DataError(
+                f"{path}:{number}: {err} (task {task.name}); fix or remove the row"
+            ) from None
+    if not questions:
+        raise DataError(f"{path} holds no questions; it needs one JSON object per line")
     return questions
 
 

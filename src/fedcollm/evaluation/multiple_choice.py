@@ -2,15 +2,21 @@
 
 Each choice is scored by the summed log-likelihood of its continuation `" " + choice` after
 the prompt (acc), and by that sum divided by the choice's length in characters (acc_norm).
+Each (prompt, choice) pair is cut from the left to the evaluation's `max_length` exactly as
+lm-eval cuts it, which by default (the model's context length) cuts nothing.
+
 Each question is one row: its prompt once, then all of its choices, with an attention mask
 that lets every choice see the prompt and itself but not the other choices, and positions
 that restart after the prompt for each choice. So the prompt is computed once, the model runs
 once per batch, and only the positions that predict a choice token reach the output layer.
-Questions are sorted by packed length before batching, to keep padding small.
+A question whose choices see different prompts once cut (a prompt near `max_length`, or an
+empty one) is scored one row per choice instead. Rows are sorted by packed length before
+batching, to keep padding small.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from fedcollm.config import Config
-from fedcollm.data import TARGET_DELIMITER, Question, encode_continuations
+from fedcollm.data import TARGET_DELIMITER, DataError, Question, encode_continuations
+from fedcollm.data.encoding import Pair
 from fedcollm.models import eval_mode, model_device, output_logits
 
 
@@ -30,8 +37,29 @@ class Accuracy:
     predictions: list[int]
     predictions_norm: list[int]
 
+    @property
+    def acc_stderr(self) -> float:
+        return stderr(self.acc, self.n)
+
+    @property
+    def acc_norm_stderr(self) -> float:
+        return stderr(self.acc_norm, self.n)
+
     def summary(self) -> dict[str, float]:
-        return {"acc": self.acc, "acc_norm": self.acc_norm, "n": self.n}
+        return {
+            "acc": self.acc,
+            "acc_stderr": self.acc_stderr,
+            "acc_norm": self.acc_norm,
+            "acc_norm_stderr": self.acc_norm_stderr,
+            "n": self.n,
+        }
+
+
+def stderr(accuracy: float, n: int) -> float:
+    """The standard error of an accuracy over n questions, as lm-eval reports it (the
+    sample standard deviation of the 0/1 scores over sqrt(n)): with 100 questions near 50%,
+    0.05."""
+    return math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else math.nan
 
 
 def _packed_batch(encoded: list[tuple[list[int], list[list[int]]]], pad_id: int, dtype):
@@ -96,30 +124,69 @@ def _score_packed(model, encoded, pad_id: int) -> list[list[float]]:
     return [totals[q * slots : q * slots + len(c)].tolist() for q, (_, c) in enumerate(encoded)]
 
 
+def context_length(model: torch.nn.Module, tokenizer) -> int:
+    """The model's context length as lm-eval resolves it, its default `max_length`: the
+    config's n_positions, max_position_embeddings or n_ctx, else the tokenizer's
+    model_max_length (unless unset), else 2048."""
+    config = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit < 10**12 else 2048
+
+
+def _cut(context: list[int], continuation: list[int], max_length: int) -> list[int]:
+    """The context lm-eval feeds before a continuation: the pair's last max_length + 1
+    tokens, less the last one (which predicts nothing)."""
+    return (context + continuation)[-(max_length + 1) :][: -len(continuation)]
+
+
+def _entries(questions: Sequence[Question], pairs: list[list[Pair]], max_length: int):
+    """The packed rows to score: a question whose cut contexts are all the same is one row
+    (its context once, every choice after it); otherwise each choice is a row of its own.
+    Yields (question, first choice, (context, choices))."""
+    for q, choices in enumerate(pairs):
+        for i, (_, cont) in enumerate(choices):
+            if len(cont) > max_length:  # lm-eval refuses these too
+                raise DataError(
+                    f"question {questions[q].id}: choice {i + 1} has {len(cont)} tokens, more "
+                    f"than the evaluation's max_length {max_length}; raise eval.max_length"
+                )
+        contexts = [_cut(ctx, cont, max_length) for ctx, cont in choices]
+        if all(c == contexts[0] for c in contexts):
+            yield q, 0, (contexts[0], [cont for _, cont in choices])
+        else:
+            for i, (context, (_, cont)) in enumerate(zip(contexts, choices, strict=True)):
+                yield q, i, (context, [cont])
+
+
 @torch.inference_mode()
 def choice_loglikelihoods(
     model: torch.nn.Module,
     tokenizer,
     questions: Sequence[Question],
     batch_size: int = 16,
-    max_length: int = 256,
+    max_length: int = 0,
 ) -> list[list[float]]:
-    """Summed log-probability of every choice's continuation, per question."""
-    encoded = [
-        encode_continuations(
-            tokenizer, q.context, [TARGET_DELIMITER + c for c in q.choices], max_length
-        )
+    """Summed log-probability of every choice's continuation, per question; each (context,
+    choice) pair cut from the left to `max_length` tokens as lm-eval cuts it (0: the model's
+    context length, lm-eval's default)."""
+    max_length = max_length or context_length(model, tokenizer)
+    pairs = [
+        encode_continuations(tokenizer, q.context, [TARGET_DELIMITER + c for c in q.choices])
         for q in questions
     ]
-    # Questions of similar packed length share a batch, so that padding stays small.
-    order = sorted(range(len(encoded)), key=lambda i: _packed_length(encoded[i]))
-    scores: list[list[float]] = [[] for _ in questions]
+    entries = list(_entries(questions, pairs, max_length))
+    # Rows of similar packed length share a batch, so that padding stays small.
+    order = sorted(range(len(entries)), key=lambda e: _packed_length(entries[e][2]))
+    scores: list[list[float]] = [[0.0] * len(q.choices) for q in questions]
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            results = _score_packed(model, [encoded[i] for i in chunk], tokenizer.pad_token_id)
-            for i, result in zip(chunk, results, strict=True):
-                scores[i] = result
+            chunk = [entries[e] for e in order[start : start + batch_size]]
+            results = _score_packed(model, [row for _, _, row in chunk], tokenizer.pad_token_id)
+            for (q, first, _), result in zip(chunk, results, strict=True):
+                scores[q][first : first + len(result)] = result
     return scores
 
 
@@ -147,7 +214,7 @@ def evaluate_multiple_choice(
     tokenizer,
     questions: Sequence[Question],
     batch_size: int = 16,
-    max_length: int = 256,
+    max_length: int = 0,
 ) -> Accuracy:
     if not questions:
         raise ValueError("no questions to evaluate")
@@ -158,5 +225,5 @@ def evaluate_multiple_choice(
 def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Accuracy:
     """Multiple-choice accuracy with the config's evaluation settings."""
     return evaluate_multiple_choice(
-        model, tokenizer, questions, config.eval.batch_size, config.data.max_length
+        model, tokenizer, questions, config.eval.batch_size, config.eval.max_length
     )

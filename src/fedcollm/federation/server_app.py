@@ -34,7 +34,13 @@ from fedcollm.federation.wire import (
     record_to_adapter,
 )
 from fedcollm.models import DTYPES, Adapter
-from fedcollm.tracking.checkpoint import check_out_dir, load_checkpoint, restore
+from fedcollm.preflight import check_run
+from fedcollm.tracking.checkpoint import (
+    check_out_dir,
+    check_writable,
+    load_checkpoint,
+    restore,
+)
 from fedcollm.tracking.metrics import MetricsLog, summary_table
 from fedcollm.tracking.report import write_report
 
@@ -196,17 +202,21 @@ def run_rounds(grid: MeteredGrid, rounds: ServerRounds) -> None:
 def run_server(
     grid: Grid, context: Context, config: Config, out_dir: Path, resume: bool = False
 ) -> list[dict[str, Any]]:
-    """The whole server side of one run, or of its rest after `resume`; returns the rows."""
+    """The whole server side of one run, or of its rest after `resume`; returns the rows.
+
+    Everything that can refuse the run (the output directory, the checkpoint, the config
+    and the data against it) is checked before anything is written to `out_dir`."""
     checkpoints = out_dir / "checkpoint"
     check_out_dir(out_dir, resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    check_writable(out_dir)
     checkpoint = load_checkpoint(checkpoints, config) if resume else None
     print(f"loading the server LLM ({config.llm.name}) and SLM ({config.slm.name})", flush=True)
     server = CoTuningServer.from_config(config)
-    metrics, first_round = MetricsLog(out_dir), 0
     if checkpoint:
         restore(server, checkpoint)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    metrics, first_round = MetricsLog(out_dir), 0
+    if checkpoint:
         metrics.write_all(checkpoint.rows)
         first_round = checkpoint.server_round
         print(f"resuming after round {first_round} of {config.rounds}", flush=True)
@@ -236,4 +246,5 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     out_dir = Path(str(run_config.get("out-dir", "runs/flwr")))
     resume = bool(run_config.get("resume", False))
-    run_server(grid, context, config_from_run_config(run_config), out_dir, resume)
+    config = check_run(config_from_run_config(run_config))
+    run_server(grid, context, config, out_dir, resume)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -44,9 +46,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(spec: ModelConfig, vocab_size: int, seed: int) -> LlamaForCausalLM:
-    """A randomly initialised Llama; the same seed gives the same weights on every node."""
-    config = LlamaConfig(
+def tiny_config(spec: ModelConfig, vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.tiny.hidden_size,
         intermediate_size=spec.tiny.intermediate_size,
@@ -56,6 +57,11 @@ def tiny_llama(spec: ModelConfig, vocab_size: int, seed: int) -> LlamaForCausalL
         max_position_embeddings=1024,
         tie_word_embeddings=False,
     )
+
+
+def tiny_llama(spec: ModelConfig, vocab_size: int, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama; the same seed gives the same weights on every node."""
+    config = tiny_config(spec, vocab_size)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -76,6 +82,12 @@ def resolve_device(name: str) -> torch.device:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def looks_like_path(name: str) -> bool:
+    """A model name meant as a directory (a hub id is "org/name", which neither starts so
+    nor exists here)."""
+    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
 
 
 def model_path(name: str) -> Path:
@@ -118,6 +130,11 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
         tokenizer = byte_tokenizer()
         return tiny_llama(spec, len(tokenizer), seed).to(device), tokenizer
     local = model_path(spec.name)
+    if looks_like_path(spec.name) and not local.is_dir():
+        raise ModelError(
+            f"model directory {local} does not exist; give a directory saved with "
+            'save_pretrained, a registry name (fedcollm models), "tiny" or a hub id'
+        )
     source = str(local) if local.is_dir() else spec.name
     if local.is_dir():
         check_model_dir(local)
@@ -132,3 +149,15 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
+
+
+def architecture(spec: ModelConfig) -> PretrainedConfig:
+    """A model's architecture (its config.json), without loading weights; the registry
+    model must have been fetched."""
+    if spec.name == "tiny":
+        return tiny_config(spec, len(byte_tokenizer()))
+    local = model_path(spec.name)
+    try:
+        return AutoConfig.from_pretrained(str(local), local_files_only=local.is_dir())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not read the config of model {spec.name!r}: {err}") from None

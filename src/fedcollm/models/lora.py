@@ -92,7 +92,10 @@ def get_adapter(model: PeftModel) -> Adapter:
 
 
 def set_adapter(model: PeftModel, adapter: Adapter) -> None:
-    """Load adapter weights in place; every LoRA tensor is overwritten."""
+    """Load adapter weights in place; every LoRA tensor is overwritten, or ModelError.
+
+    A partial adapter would leave the missing tensors as they were (stale weights from the
+    last client or round), so missing LoRA keys are refused like unexpected ones."""
     device = model_device(model)
     dtype = next(p for p in model.parameters() if p.requires_grad).dtype
     state = {k: v.to(device=device, dtype=dtype) for k, v in adapter.items()}
@@ -100,6 +103,9 @@ def set_adapter(model: PeftModel, adapter: Adapter) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"adapter keys this model does not have: {unexpected[:3]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ModelError(f"the adapter lacks {len(missing)} LoRA tensors, e.g. {missing[:2]}")
 
 
 def adapter_digest(adapter: Adapter) -> str:
@@ -126,3 +132,42 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_saved_adapter(model: torch.nn.Module, directory: Path) -> PeftModel:
+    """A saved PEFT adapter applied to `model`; ModelError saying what is wrong with the
+    directory, before PEFT would fall back to the hub or half-load it."""
+    config_path = directory / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelError(f"--adapter: {directory} holds no adapter_config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"--adapter: {config_path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ModelError(f"--adapter: {config_path} is not a PEFT adapter config (no peft_type)")
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"--adapter: {directory} holds no adapter_model.safetensors")
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(weights)
+    except Exception as err:  # noqa: BLE001 - truncated or garbage: say so, whatever it was
+        raise ModelError(f"--adapter: {weights} is damaged ({err})") from None
+    try:
+        tuned = PeftModel.from_pretrained(model, str(directory))
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"--adapter: {directory} does not fit this model ({first}); is it the adapter "
+            "of another base model?"
+        ) from None
+    loaded = get_peft_model_state_dict(tuned)
+    missing = sorted(set(saved) - set(loaded))
+    if missing or not loaded:
+        raise ModelError(
+            f"--adapter: {directory} holds tensors this model has no place for "
+            f"({missing[:2]}); is it the adapter of another base model?"
+        )
+    return tuned

@@ -32,6 +32,10 @@ RESUMABLE_CHANGES = {
 }
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint or output directory (`--out`) that cannot be used as it is."""
+
+
 @dataclass
 class Checkpoint:
     server_round: int
@@ -46,7 +50,11 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _split_dict(split: DataSplit) -> dict[str, Any]:
-    return {"aux": list(split.aux), "clients": [list(c) for c in split.clients]}
+    return {
+        "aux": list(split.aux),
+        "clients": [list(c) for c in split.clients],
+        "fingerprint": split.fingerprint,
+    }
 
 
 def save_checkpoint(
@@ -73,23 +81,61 @@ def save_checkpoint(
     return path
 
 
+def _start_afresh(directory: Path) -> str:
+    return f"delete {directory} to start afresh, or choose another --out"
+
+
 def latest_round(directory: Path) -> int | None:
+    """The round the checkpoint in `directory` holds, None when there is none."""
     latest = directory / "latest"
-    return int(latest.read_text()) if latest.is_file() else None
+    if not latest.exists():
+        return None
+    try:
+        text = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{latest} cannot be read ({err}); {_start_afresh(directory)}"
+        ) from None
+    if not text.isdigit():
+        raise CheckpointError(
+            f"{latest} is damaged ({text[:20]!r} is not a round number); "
+            + _start_afresh(directory)
+        )
+    if not (directory / f"round-{text}.pt").is_file():
+        raise CheckpointError(
+            f"{latest} names round {text}, but {directory / f'round-{text}.pt'} is missing; "
+            + _start_afresh(directory)
+        )
+    return int(text)
 
 
-def check_out_dir(out_dir: Path, resume: bool) -> None:
-    """Never start over a run that left a checkpoint, nor resume one that left none."""
+def check_writable(out_dir: Path) -> None:
+    """`out_dir` can be created and written to: said now, not after the models load."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(
+            f"--out {out_dir}: cannot write there ({err.strerror or err}); choose another --out"
+        ) from None
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> int | None:
+    """Never start over a run that left a checkpoint, nor resume one that left none;
+    returns the checkpointed round."""
     server_round = latest_round(out_dir / "checkpoint")
     if resume and server_round is None:
-        raise ConfigError(
+        raise CheckpointError(
             f"--resume: {out_dir} holds no checkpoint; run without --resume to start afresh"
         )
     if not resume and server_round is not None:
-        raise ConfigError(
+        raise CheckpointError(
             f"{out_dir} holds a checkpoint of an earlier run (round {server_round}); pass "
             "--resume to continue it, or choose another --out"
         )
+    return server_round
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -103,11 +149,26 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "
     return keys
 
 
+STATE_KEYS = {"round", "config", "server", "torch_rng", "cuda_rng", "split", "rows"}
+
+
 def load_checkpoint(directory: Path, config: Config) -> Checkpoint:
-    """The latest checkpoint, checked against `config`; ConfigError says what differs."""
-    server_round = latest_round(directory)  # check_out_dir has made sure that there is one
+    """The latest checkpoint, checked against `config`; CheckpointError if it is damaged,
+    ConfigError saying what differs if it is of another run."""
+    server_round = latest_round(directory)
+    if server_round is None:
+        raise CheckpointError(f"{directory} holds no checkpoint; run without --resume")
     path = directory / f"round-{server_round}.pt"
-    state = torch.load(path, map_location="cpu", weights_only=True)  # any device saved it
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # any device saved it
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file, whatever it says
+        raise CheckpointError(
+            f"{path} is damaged ({type(err).__name__}); {_start_afresh(directory)}"
+        ) from None
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this version of fedcollm; {_start_afresh(directory)}"
+        )
     changed = [
         k for k in _differences(state["config"], config.to_dict()) if k not in RESUMABLE_CHANGES
     ]
@@ -119,15 +180,19 @@ def load_checkpoint(directory: Path, config: Config) -> Checkpoint:
     return Checkpoint(server_round, state["rows"], state)
 
 
+def check_same_data(checkpoint: Checkpoint, split: DataSplit) -> None:
+    """The training data must be what the checkpointed run split, row for row."""
+    if checkpoint.state["split"] != _split_dict(split):
+        raise ConfigError(
+            "--resume: the training data differ from the checkpointed run's (the data files "
+            "changed); restore them, or start afresh with another --out"
+        )
+
+
 def restore(server: CoTuningServer, checkpoint: Checkpoint) -> None:
     """Put the server back in the state it had after the checkpointed round."""
-    state = checkpoint.state
-    if state["split"] != _split_dict(server.split):
-        raise ConfigError(
-            "--resume: the training data no longer splits as it did in the checkpointed "
-            "run (the data files changed); start afresh with another --out"
-        )
-    server.load_state_dict(state["server"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    check_same_data(checkpoint, server.split)
+    server.load_state_dict(checkpoint.state["server"])
+    torch.set_rng_state(checkpoint.state["torch_rng"])
+    if checkpoint.state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint.state["cuda_rng"])

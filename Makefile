@@ -24,8 +24,8 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 
 format: setup
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
 
 test: setup lint
 	$(BIN)/pytest -q

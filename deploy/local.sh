@@ -113,7 +113,7 @@ echo "$NODES SuperNodes online"
 # 6. The run: the app bundle is this directory; the run config picks the experiment.
 overrides="num_clients=$NODES;eval.limit=4;federation.min_clients=$NODES"
 timeout "$RUN_TIMEOUT" flwr run "$ROOT" local --stream --run-config \
-    "config=\"$ROOT/configs/tiny.toml\" out-dir=\"$OUT\" set=\"$overrides\"" \
+    "config=\"$ROOT/configs/tiny.toml\" out-dir=\"$OUT\" data-dir=\"$DATA\" set=\"$overrides\"" \
     > "$LOGS/run.log" 2>&1 || { echo "flwr run failed"; tail -30 "$LOGS/run.log"; exit 1; }
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$LOGS/run.log" | head -1)
 status=""

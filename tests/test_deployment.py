@@ -26,6 +26,9 @@ def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
 
+    # The server side reads the data directory the script was given, as the nodes do.
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["data_dir"] == str(data_dir)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:

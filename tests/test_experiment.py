@@ -43,9 +43,11 @@ def test_table1_averages_clients_then_seeds_and_omits_what_a_method_lacks():
     ]
     text = table1(results)
     ci = 100 * 12.706 * 0.1414213562 / math.sqrt(2)
-    assert f"| LLM | FedCoLLM | 60.0 ± {ci:.1f} |" in text
-    assert f"| SLM, clients' own adapters | FedCoLLM | 40.0 ± {ci:.1f} |" in text
-    assert "| SLM, clients' own adapters | Standalone | 20.0 |" in text
+    # (se): the standard error of one seed's accuracy p on n = 10 questions, as lm-eval's.
+    se = {p: 100 * math.sqrt(p * (1 - p) / 9) for p in (0.6, 0.4, 0.2)}
+    assert f"| LLM | FedCoLLM | 60.0 ± {ci:.1f} (se {se[0.6]:.1f}) |" in text
+    assert f"| SLM, clients' own adapters | FedCoLLM | 40.0 ± {ci:.1f} (se {se[0.4]:.1f}) |" in text
+    assert f"| SLM, clients' own adapters | Standalone | 20.0 (se {se[0.2]:.1f}) |" in text
     assert "Centralized" not in text  # no such runs
     assert "| LLM | FedCoLLM | 30.0" in table1(results, "acc_norm")
 
@@ -120,4 +122,4 @@ def test_compare_two_experiments(tmp_path):
         run.mkdir(parents=True)
         (run / "result.json").write_text(json.dumps(_result("fedcollm", 0, llm=acc)))
     text = compare(tmp_path / "a", tmp_path / "b")
-    assert "| LLM | FedCoLLM | arc_easy | 50.0 | 60.0 | +10.0 |" in text
+    assert "| LLM | FedCoLLM | arc_easy | 50.0 (se 16.7) | 60.0 (se 16.3) | +10.0 |" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,10 @@ def test_run_leaves_metrics_for_every_round(tiny_run):
     for row in rows:
         for key in ("llm_acc", "llm_acc_norm", "slm_acc", "slm_acc_norm"):
             assert 0.0 <= row[key] <= 1.0
+            n = row["eval_questions"]
+            assert row[f"{key}_stderr"] == pytest.approx(
+                math.sqrt(row[key] * (1 - row[key]) / (n - 1))
+            )
         assert row["eval_questions"] == config.eval.limit
     for row in rows[1:]:
         assert len(row["clients"]) == config.num_clients

@@ -15,6 +15,7 @@ from fedcollm.federation.rounds import ServerRounds
 from fedcollm.federation.screening import UpdateRejected, check_update
 from fedcollm.federation.server_app import FedCoLLM
 from fedcollm.federation.wire import adapter_to_record
+from fedcollm.models import adapter_digest
 from fedcollm.tracking.metrics import MetricsLog
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -75,8 +76,9 @@ def strategy(server, tmp_path, monkeypatch):
     return strategy
 
 
-def reply(server, node: int, partition: int, adapter=None, metrics=None) -> Message:
+def reply(server, node: int, partition: int, adapter=None, metrics=None, receipt=None) -> Message:
     """A client's reply as the ClientApp builds it; `adapter=False` leaves the arrays out."""
+    receipt = receipt or adapter_digest(server.slm_adapter)  # it tuned the theta sent
     if adapter is None:
         adapter = {k: v + 0.01 for k, v in server.slm_adapter.items()}
     metrics = metrics or {
@@ -88,7 +90,7 @@ def reply(server, node: int, partition: int, adapter=None, metrics=None) -> Mess
         "seconds": 0.1,
     }
     content = RecordDict(
-        {"metrics": MetricRecord(metrics), "receipt": ConfigRecord({"received_sha256": "x"})}
+        {"metrics": MetricRecord(metrics), "receipt": ConfigRecord({"received_sha256": receipt})}
     )
     if adapter is not False:
         content["arrays"] = adapter_to_record(adapter)
@@ -161,6 +163,10 @@ def test_replies_with_bad_metrics_are_rejected(server, strategy, metrics, reason
 def test_a_partition_answering_twice_counts_once(server, strategy):
     strategy.aggregate_train(1, [reply(server, 10, 0), reply(server, 11, 0)])
     assert len(strategy.row["clients"]) == 1
+    assert "partition 0 belongs to node 10" in strategy.row["rejected"][0]["reason"]
+    strategy.sent = server.slm_adapter
+    strategy.aggregate_train(2, [reply(server, 10, 0), reply(server, 10, 0)])
+    assert len(strategy.row["clients"]) == 1
     assert "already answered" in strategy.row["rejected"][0]["reason"]
 
 
@@ -172,3 +178,20 @@ def test_a_round_with_fewer_valid_updates_than_min_clients_is_skipped(server, st
         strategy.config.federation.min_clients = 1
     assert theta is None  # Flower then broadcasts the previous theta again
     assert "fewer than federation.min_clients = 2" in strategy.row["skipped"]
+
+
+def test_an_update_tuned_from_another_theta_is_rejected(server, strategy):
+    strategy.aggregate_train(1, [reply(server, 10, 0), reply(server, 11, 1, receipt="0" * 16)])
+    assert [c["partition"] for c in strategy.row["clients"]] == [0]
+    (rejected,) = strategy.row["rejected"]
+    assert rejected["node"] == 11 and "tuned theta 0000000000000000" in rejected["reason"]
+
+
+def test_a_node_cannot_take_over_another_nodes_partition(server, strategy):
+    strategy.aggregate_train(1, [reply(server, 10, 0), reply(server, 11, 1)])
+    # Next round node 12 claims partition 0 and its reply sorts first: node 10 keeps it.
+    strategy.sent = server.slm_adapter  # the distilled theta, as configure_train would send
+    strategy.aggregate_train(2, [reply(server, 12, 0), reply(server, 10, 0)])
+    assert [(c["node"], c["partition"]) for c in strategy.row["clients"]] == [(10, 0)]
+    (rejected,) = strategy.row["rejected"]
+    assert rejected["node"] == 12 and "partition 0 belongs to node 10" in rejected["reason"]

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedcollm.evaluation.multiple_choice import stderr
 from fedcollm.experiments.methods import load_results
 from fedcollm.tracking.metrics import human_bytes
 
@@ -67,21 +68,31 @@ def seed_score(result: dict[str, Any], which: str, metric: str) -> float | None:
     return value[metric]
 
 
+def questions_scored(result: dict[str, Any], which: str) -> int:
+    value = result[which]
+    return (value[0] if which == "slm_clients" else value)["n"]
+
+
 def table1_cells(results: list[dict[str, Any]], metric: str) -> dict[tuple, tuple]:
-    """(row index, task) -> (mean, ci half-width, seeds)."""
+    """(row index, task) -> (mean, ci half-width over seeds, seeds, questions)."""
     scores: dict[tuple, list[float]] = defaultdict(list)
+    questions: dict[tuple, int] = {}
     for r in results:
         for i, (_, _, method, which) in enumerate(TABLE1_ROWS):
             if r["method"] == method and (s := seed_score(r, which, metric)) is not None:
                 scores[i, r["task"]].append(s)
-    return {key: (*mean_ci(v), len(v)) for key, v in scores.items()}
+                questions[i, r["task"]] = questions_scored(r, which)
+    return {key: (*mean_ci(v), len(v), questions[key]) for key, v in scores.items()}
 
 
 def _cell(cell: tuple | None) -> str:
+    """Mean over seeds, ± its 95% interval over seeds, and (se) the standard error that one
+    seed's accuracy has on this many questions."""
     if cell is None:
         return "-"
-    mean, ci, n = cell
-    return f"{100 * mean:.1f}" if math.isnan(ci) else f"{100 * mean:.1f} ± {100 * ci:.1f}"
+    mean, ci, _, questions = cell
+    se = f" (se {100 * stderr(mean, questions):.1f})"
+    return f"{100 * mean:.1f}{se}" if math.isnan(ci) else f"{100 * mean:.1f} ± {100 * ci:.1f}{se}"
 
 
 def table1(results: list[dict[str, Any]], metric: str = "acc") -> str:
@@ -230,7 +241,8 @@ def write_experiment_report(out: Path) -> Path:
     text = f"""# FedCoLLM experiment
 
 {len(results)} runs; seeds {seeds}. Cells: accuracy in % (mean over seeds ± half-width of
-the 95% confidence interval, Student t; no interval with one seed).
+the 95% confidence interval, Student t; no interval with one seed), then in brackets the
+standard error one seed's accuracy has on the questions scored (lm-eval's acc_stderr).
 
 - **SLM, clients' own adapters**: each client's adapter after its last local update, scored
   on the evaluation split and averaged over clients (the paper's client rows).

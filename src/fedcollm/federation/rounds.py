@@ -129,10 +129,9 @@ class ServerRounds:
         # Without distillation (FedAvg) the LLM never changes: score it once.
         roles = ["llm", "slm"] if server_round == 0 or self.config.distill.enabled else ["slm"]
         for role, acc in self.server.evaluate(self.eval_questions, roles).items():
-            row[f"{role}_acc"], row[f"{role}_acc_norm"] = acc.acc, acc.acc_norm
+            row.update({f"{role}_{k}": v for k, v in acc.summary().items() if k != "n"})
         if "llm_acc" not in row:
-            row["llm_acc"] = self.metrics.rows[-1]["llm_acc"]
-            row["llm_acc_norm"] = self.metrics.rows[-1]["llm_acc_norm"]
+            row.update({k: v for k, v in self.metrics.rows[-1].items() if k.startswith("llm_acc")})
         seconds = row.setdefault("seconds", {})
         seconds["evaluation"] = time.perf_counter() - start
         seconds["round"] = time.perf_counter() - (self.started if server_round else start)

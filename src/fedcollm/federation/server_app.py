@@ -33,7 +33,7 @@ from fedcollm.federation.wire import (
     record_bytes,
     record_to_adapter,
 )
-from fedcollm.models import DTYPES, Adapter
+from fedcollm.models import DTYPES, Adapter, adapter_digest
 from fedcollm.preflight import check_run
 from fedcollm.tracking.checkpoint import (
     check_out_dir,
@@ -54,7 +54,8 @@ def _partition(reply: Message) -> int:
 
 
 def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUpdate, dict]:
-    """A client's reply as a screened update plus its metrics row; UpdateRejected if bad."""
+    """A client's reply as a screened update plus its metrics row; UpdateRejected if bad,
+    and if its receipt shows that it tuned another theta than the one `sent`."""
     content = reply.content
     arrays, metrics = content.array_records.get("arrays"), content.metric_records.get("metrics")
     if arrays is None or metrics is None:
@@ -89,6 +90,11 @@ def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUp
         )
     if row["num_examples"] < 1:
         raise UpdateRejected(f"num-examples {row['num_examples']}: a client trains on some")
+    if row["received_sha256"] != adapter_digest(sent):
+        raise UpdateRejected(
+            f"its receipt says it tuned theta {row['received_sha256']}, but the server sent "
+            f"{adapter_digest(sent)}"
+        )
     update = ClientUpdate(
         adapter={k: v.float() for k, v in tensors.items()},
         num_examples=row["num_examples"],
@@ -113,6 +119,7 @@ class FedCoLLM(FedAvg):
         self.sent: Adapter = {}
         self.sent_to: set[int] = set()
         self.node_partitions: dict[int, int] = {}
+        self.partition_nodes: dict[int, int] = {}
 
     @property
     def row(self) -> dict[str, Any]:
@@ -147,8 +154,12 @@ class FedCoLLM(FedAvg):
                 continue
             try:
                 update, client = read_update(reply, self.sent, self.config)
-                if any(c["partition"] == client["partition"] for c in clients):
-                    raise UpdateRejected(f"partition {client['partition']} already answered")
+                partition = client["partition"]
+                owner = self.partition_nodes.get(partition, node)
+                if owner != node:
+                    raise UpdateRejected(f"partition {partition} belongs to node {owner}")
+                if any(c["partition"] == partition for c in clients):
+                    raise UpdateRejected(f"partition {partition} already answered")
             except UpdateRejected as err:
                 print(
                     f"round {server_round}: rejected the update of node {node} "
@@ -157,7 +168,10 @@ class FedCoLLM(FedAvg):
                 )
                 rejected.append({**who, "reason": str(err)})
                 continue
+            # A partition belongs to the node that first sent a valid update for it
+            # (docs/SECURITY.md says what that leaves open).
             self.node_partitions[node] = client["partition"]
+            self.partition_nodes.setdefault(client["partition"], node)
             updates.append(update)
             clients.append({"node": node, **client})
         return updates, clients, dropped, rejected
@@ -214,6 +228,7 @@ def run_server(
     server = CoTuningServer.from_config(config)
     if checkpoint:
         restore(server, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     metrics, first_round = MetricsLog(out_dir), 0
     if checkpoint:

@@ -110,12 +110,16 @@ def latest_round(directory: Path) -> int | None:
 
 
 def check_writable(out_dir: Path) -> None:
-    """`out_dir` can be created and written to: said now, not after the models load."""
+    """`out_dir` can be created and written to: said now, not after the models load. What
+    the probe creates it removes again, so a refused run leaves nothing behind."""
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
+        for directory in created:  # deepest first
+            directory.rmdir()
     except OSError as err:
         raise CheckpointError(
             f"--out {out_dir}: cannot write there ({err.strerror or err}); choose another --out"

@@ -64,10 +64,16 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
     return " | ".join(parts)
 
 
+def _accuracy(row: dict[str, Any], key: str) -> str:
+    """An accuracy and its standard error, "0.467±0.065" (rows of older runs lack the latter)."""
+    stderr = row.get(f"{key}_stderr")
+    return _fmt(row[key]) + (f"±{stderr:.3f}" if stderr is not None else "")
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The table printed at the end of a run: accuracy and communication per round."""
     head = (
-        f"{'round':>5}  {'LLM acc':>8} {'acc_norm':>8}  {'SLM acc':>8} {'acc_norm':>8}  "
+        f"{'round':>5}  {'LLM acc':>11} {'acc_norm':>11}  {'SLM acc':>11} {'acc_norm':>11}  "
         f"{'client loss':>11}  {'sent/client':>11} {'recv/client':>11}  {'seconds':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -79,8 +85,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         total_bytes += sent + received
         per_client = max(len(clients), 1)
         lines.append(
-            f"{r['round']:>5}  {_fmt(r['llm_acc']):>8} {_fmt(r['llm_acc_norm']):>8}  "
-            f"{_fmt(r['slm_acc']):>8} {_fmt(r['slm_acc_norm']):>8}  "
+            f"{r['round']:>5}  {_accuracy(r, 'llm_acc'):>11} {_accuracy(r, 'llm_acc_norm'):>11}  "
+            f"{_accuracy(r, 'slm_acc'):>11} {_accuracy(r, 'slm_acc_norm'):>11}  "
             f"{_fmt(r.get('client_train_loss')):>11}  "
             f"{human_bytes(sent / per_client) if clients else '-':>11} "
             f"{human_bytes(received / per_client) if clients else '-':>11}  "
@@ -90,6 +96,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     last = rows[-1]
     lines.append(
         f"evaluated on {last['eval_questions']} {last['eval_split']} questions of {last['task']}"
+        " (± one standard error, as lm-eval's acc_stderr)"
     )
     if "adapter_params" in last:
         lines.append(

@@ -19,6 +19,7 @@ from fedcollm.config import load_config
 from fedcollm.federation.client_app import train
 from fedcollm.federation.simulation import simulate
 from fedcollm.models import adapter_digest
+from fedcollm.tracking.checkpoint import load_checkpoint
 from fedcollm.tracking.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -69,43 +70,11 @@ def test_too_few_valid_clients_skip_the_round_and_keep_theta(tmp_path, data_dir)
     assert "distilled_sha256" not in rows[1]
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (Ray starts its own daemons and workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    for _ in range(2):  # a second pass catches workers started during the first
-        for pid in _descendants(process.pid) | {process.pid}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    process.wait(timeout=30)
-
-
-def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_dir):
-    overrides = [*SMALL, "rounds=3"]
-    config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)
-    simulate(config, tmp_path / "whole")
-
-    killed = tmp_path / "killed"
+def _run_until_round_1(data_dir, out: Path, overrides: list[str]) -> subprocess.Popen:
+    """`fedcollm run` in a session of its own (its process group is its pid), returned once
+    its round-1 checkpoint is written; what it prints goes to out/../<name>.log."""
     sets = [arg for o in overrides for arg in ("--set", o)]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    log = (out.parent / f"{out.name}.log").open("w")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -116,25 +85,63 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_
             "--data-dir",
             str(data_dir),
             "--out",
-            str(killed),
+            str(out),
             *sets,
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
     )
-    latest = killed / "checkpoint" / "latest"
-    try:
-        deadline = time.monotonic() + 300
-        while not (latest.is_file() and latest.read_text().strip() == "1"):
-            assert process.poll() is None, "the run ended before its round-1 checkpoint"
-            assert time.monotonic() < deadline, "no round-1 checkpoint within 5 minutes"
-            time.sleep(0.05)
-    finally:
-        _kill_tree(process)
-    assert latest.read_text().strip() == "1" and not (killed / "adapters").exists()
+    latest = out / "checkpoint" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "1"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("no round-1 checkpoint:\n" + (out.parent / f"{out.name}.log").read_text())
+        time.sleep(0.05)
+    return process
 
+
+def _alive_in_group(pgid: int) -> list[str]:
+    """The processes left in a process group, zombies (already dead) aside."""
+    result = subprocess.run(["ps", "-eo", "pgid=,stat=,comm="], capture_output=True, text=True)
+    return [
+        line
+        for line in result.stdout.splitlines()
+        if line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")
+    ]
+
+
+def _gone_within(pgid: int, seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while (left := _alive_in_group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_dir, capfd):
+    overrides = [*SMALL, "rounds=3"]
+    config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)
+    simulate(config, tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    process = _run_until_round_1(data_dir, killed, overrides)
+    os.kill(process.pid, signal.SIGKILL)  # kill -9: the run itself cleans up nothing
+    process.wait(timeout=30)
+    latest = killed / "checkpoint" / "latest"
+    assert latest.read_text().strip() == "1" and not (killed / "adapters").exists()
+    time.sleep(5)  # Ray notices that its driver is gone; what outlives that is left over
+    left = _alive_in_group(process.pid)
+
+    capfd.readouterr()
     rows = simulate(config, killed, resume=True)
+    # The next run stops what the killed one left behind, and says so.
+    if left:
+        assert f"stopped {len(left)} Ray processes that a killed earlier run left" in (
+            capfd.readouterr().out
+        ), left
+    assert _alive_in_group(process.pid) == []
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for role in ("slm", "llm"):
         whole = load_file(tmp_path / "whole" / "adapters" / role / "adapter_model.safetensors")
@@ -146,6 +153,28 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_
         assert a["slm_acc"] == b["slm_acc"] and a.get("distilled_sha256") == b.get(
             "distilled_sha256"
         )
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group", "times"), [(signal.SIGINT, True, 3), (signal.SIGTERM, False, 1)]
+)
+def test_ctrl_c_and_sigterm_stop_the_run_cleanly(tmp_path, data_dir, signum, to_group, times):
+    # Ctrl-C reaches the whole process group (Ray's processes too), perhaps several times;
+    # a SIGTERM from a scheduler reaches the run's process only.
+    out = tmp_path / "run"
+    process = _run_until_round_1(data_dir, out, [*SMALL, "rounds=6"])
+    for _ in range(times):
+        (os.killpg if to_group else os.kill)(process.pid, signum)
+        time.sleep(0.3)
+    code = process.wait(timeout=120)
+    log = (tmp_path / "run.log").read_text()
+    assert code == 128 + signum, log
+    assert f"interrupted by {signal.Signals(signum).name}" in log and "--resume" in log
+    assert "Traceback" not in log
+    assert _gone_within(process.pid, 15) == []  # Ray's daemons and client actors included
+    config = load_config(TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=6"])
+    checkpoint = load_checkpoint(out / "checkpoint", config)
+    assert checkpoint.server_round >= 1 and len(checkpoint.rows) == checkpoint.server_round + 1
 
 
 def test_a_client_that_times_out_is_dropped_and_the_round_goes_on(tmp_path, data_dir):

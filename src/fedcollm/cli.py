@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from fedcollm.config import ConfigError, ModelConfig, load_config
 from fedcollm.data import TASKS, DataError
+from fedcollm.federation.processes import RunInterrupted
 from fedcollm.models import ModelError
 from fedcollm.models.registry import RegistryError
 from fedcollm.preflight import check_run
@@ -274,13 +278,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # a clean exit, not the default kill
     try:
         return args.func(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except RunInterrupted as err:
+        print(f"\n{err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Flower's ServerApp thread may still wait for replies that will never come.
+        os._exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.config import Config
+from fedcollm.federation import processes
 
 
 def simulate(
@@ -51,13 +52,14 @@ def simulate(
         },
         "init_args": {"num_cpus": cpus, "include_dashboard": False},
     }
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app or make_client_app(config),
-        num_supernodes=config.num_clients,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    with processes.stopped_with_the_run(out_dir):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app or make_client_app(config),
+            num_supernodes=config.num_clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
     if "error" in outcome:
         raise outcome["error"]
     if "rows" not in outcome:

@@ -6,11 +6,15 @@ timed against its parts on the same batch, each timed alone: `answer_loss(model,
 .backward()` then zeroing the grads, for the LLM (llm_fb) and for the SLM (slm_fb); and the
 SLM's teacher forward under no_grad (slm_teacher). The alternating schedule (Algorithm 1)
 needs that forward, because the LLM learns from the SLM's logits after the SLM's update; the
-simultaneous one does not, because both learn from the other's logits before the step. All
-five are timed in turn, `--steps` times per repetition (interleaved, so that load from other
-processes hits them alike), and each repetition takes their medians. Reported per repetition
-and as medians of those: each step / (llm_fb + slm_fb) (target <= 1.10), and alternating /
-(llm_fb + slm_fb + slm_teacher), Algorithm 1's own floor. What a step adds beyond the parts:
+simultaneous one does not, because both learn from the other's logits before the step.
+Each schedule runs twice: with eval-mode teachers (`distill.teacher_forward = "eval"`, the
+default; one more LLM forward per step, and under "simultaneous" one more SLM forward) and
+with the shared train-mode forward as teacher ("shared"). All are timed in turn, `--steps`
+times per repetition (interleaved, so that load from other processes hits them alike), and
+each repetition takes their medians. Reported per repetition and as medians of those: each
+step / (llm_fb + slm_fb) (target <= 1.10), alternating / (llm_fb + slm_fb + slm_teacher),
+Algorithm 1's own floor, and each schedule's eval-mode / shared step. What a step adds
+beyond the parts:
 the two KL and cross-entropy losses, two clip + AdamW steps, the optimiser and batch.
 
 Models: random weights shaped like Qwen2.5-1.5B (LLM) and Qwen2.5-0.5B (SLM), both with

@@ -372,3 +372,23 @@ def test_identical_adapters_are_identical_files_whatever_the_hash_seed(tmp_path)
         subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env=env, check=True)
     configs = {(tmp_path / s / "adapter_config.json").read_bytes() for s in ("1", "2", "3")}
     assert len(configs) == 1
+
+
+def test_an_experiment_reads_every_tasks_data_before_its_first_run(capsys, tmp_path, monkeypatch):
+    from fedcollm.experiments import methods
+
+    monkeypatch.setattr(methods, "run_experiment", lambda *a, **k: pytest.fail("it started"))
+    data = _arc_dir(tmp_path, GOOD, [{**ARC, "answerKey": "Z"}])
+    line = refused(
+        capsys,
+        "experiment",
+        str(TINY),
+        "--data-dir",
+        str(data),
+        "--out",
+        str(tmp_path / "exp"),
+        "--set",
+        "data.train_limit=0",
+    )
+    assert "validation.jsonl:1: answerKey 'Z' is not one of the choice labels" in line
+    assert not (tmp_path / "exp").exists()

@@ -11,11 +11,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import load_config
+from fedcollm.data import load_questions
 from fedcollm.federation.rounds import ServerRounds
 from fedcollm.federation.screening import UpdateRejected, check_update
 from fedcollm.federation.server_app import FedCoLLM
 from fedcollm.federation.wire import adapter_to_record
 from fedcollm.models import adapter_digest
+from fedcollm.tracking.checkpoint import latest_round, load_checkpoint
 from fedcollm.tracking.metrics import MetricsLog
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -195,3 +197,25 @@ def test_a_node_cannot_take_over_another_nodes_partition(server, strategy):
     assert [(c["node"], c["partition"]) for c in strategy.row["clients"]] == [(10, 0)]
     (rejected,) = strategy.row["rejected"]
     assert rejected["node"] == 12 and "partition 0 belongs to node 10" in rejected["reason"]
+
+
+def test_a_rounds_checkpoint_is_written_before_its_metrics_row(server, tmp_path, monkeypatch):
+    # A kill between the two then leaves a round that --resume simply repeats.
+    questions = load_questions("vell_fruits", "validation", None)[:4]
+    rounds = ServerRounds(server, questions, MetricsLog(tmp_path), tmp_path / "checkpoint")
+    checkpointed_first = []
+    write = MetricsLog.write
+
+    def checking(self, row):
+        checkpointed_first.append(latest_round(tmp_path / "checkpoint") == row["round"])
+        write(self, row)
+
+    monkeypatch.setattr(MetricsLog, "write", checking)
+    for flower_round in (0, 1):
+        rounds.begin(flower_round, server.slm_adapter)
+        rounds.evaluate(flower_round, server.slm_adapter)
+    assert checkpointed_first == [True, True]
+    assert [r["round"] for r in load_checkpoint(tmp_path / "checkpoint", server.config).rows] == [
+        0,
+        1,
+    ]

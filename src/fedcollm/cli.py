@@ -92,16 +92,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}"
             )
-    for task in tasks:
-        overrides = [*args.set, f"task={task!r}"]
-        check_run(load_config(args.config, overrides=overrides, data_dir=args.data_dir))
     if args.seeds < 1:
         raise ConfigError("--seeds: must be 1 or more")
     from fedcollm.experiments.methods import run_experiment
     from fedcollm.experiments.tables import write_experiment_report
+    from fedcollm.preflight import check_data, check_models
+    from fedcollm.tracking.checkpoint import check_writable
 
-    _prepare_models(config)
+    for task in tasks:  # every task's data is read before the first run starts
+        overrides = [*args.set, f"task={task!r}"]
+        check_data(check_run(load_config(args.config, overrides=overrides, data_dir=args.data_dir)))
     out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
+    check_writable(out)
+    _prepare_models(config)
+    check_models(config)
     seeds = [config.seed + i for i in range(args.seeds)]
     run_experiment(config, methods, seeds, tasks, out)
     print(f"\nreport: {write_experiment_report(out)}")

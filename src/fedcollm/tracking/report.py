@@ -9,7 +9,8 @@ from fedcollm.tracking.metrics import summary_table
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy of the server LLM and the global SLM per round (round 0: zero-shot)."""
+    """Accuracy of the server LLM and the global SLM per round (round 0: zero-shot), with
+    error bars of one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,21 +18,30 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
 
     rounds = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for role, label, colour in (
-        ("llm", "server LLM", "tab:blue"),
-        ("slm", "global SLM", "tab:orange"),
-    ):
-        ax.plot(rounds, [r[f"{role}_acc"] for r in rows], "o-", color=colour, label=f"{label} acc")
-        ax.plot(
-            rounds,
-            [r[f"{role}_acc_norm"] for r in rows],
-            "s--",
+    series = [
+        ("llm", "server LLM", "tab:blue", "acc", "o-", 1.0),
+        ("llm", "server LLM", "tab:blue", "acc_norm", "s--", 0.6),
+        ("slm", "global SLM", "tab:orange", "acc", "o-", 1.0),
+        ("slm", "global SLM", "tab:orange", "acc_norm", "s--", 0.6),
+    ]
+    for k, (role, label, colour, metric, style, alpha) in enumerate(series):
+        key = f"{role}_{metric}"
+        # ± one standard error, where the rows have it (rows of older runs do not); each
+        # series a little to the side, so that the bars do not hide each other.
+        errors = [r.get(f"{key}_stderr") for r in rows]
+        ax.errorbar(
+            [r + 0.03 * (k - 1.5) for r in rounds],
+            [r[key] for r in rows],
+            yerr=errors if None not in errors else None,
+            fmt=style,
             color=colour,
-            alpha=0.6,
-            label=f"{label} acc_norm",
+            alpha=alpha,
+            capsize=3,
+            label=f"{label} {metric}",
         )
     last = rows[-1]
     title = f"{last['task']}: {last['eval_questions']} {last['eval_split']} questions"
+    title += "\n(bars: one standard error)"
     ax.set(
         xlabel="round (0 = zero-shot)", ylabel="accuracy", ylim=(0, 1), xticks=rounds, title=title
     )

@@ -261,5 +261,5 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     out_dir = Path(str(run_config.get("out-dir", "runs/flwr")))
     resume = bool(run_config.get("resume", False))
-    config = check_run(config_from_run_config(run_config))
+    config = check_run(config_from_run_config(run_config), simulated=False)
     run_server(grid, context, config, out_dir, resume)

@@ -20,14 +20,13 @@ from fedcollm.data.synthetic import NAME as BUILT_IN_TASK
 from fedcollm.models import (
     ModelError,
     architecture,
-    byte_tokenizer,
     check_model_dir,
     looks_like_path,
     model_path,
     resolve_device,
 )
 from fedcollm.models.lora import TARGET_MODULES
-from fedcollm.models.registry import REGISTRY, model_dir
+from fedcollm.models.registry import REGISTRY
 
 
 def check_task(config: Config) -> None:
@@ -100,48 +99,48 @@ def check_data(config: Config) -> DataSplit:
     return split
 
 
-def _module_names(spec) -> set[str]:
+def _module_names(architecture) -> set[str]:
     """The names of every module of a model's architecture, built on no device at all."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(architecture(spec))
+        model = AutoModelForCausalLM.from_config(architecture)
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
 
 
-def _vocab_size(spec) -> int:
-    if spec.name == "tiny":
-        return len(byte_tokenizer())
-    config = architecture(spec)
-    return (getattr(config, "text_config", None) or config).vocab_size
+def _check_targets(config: Config, role: str, name: str, arch) -> None:
+    modules = _module_names(arch)
+    targets = config.lora.target_modules or TARGET_MODULES.get(arch.model_type)
+    if targets is None:
+        raise ConfigError(
+            f"lora.target_modules: no default for {role}.name {name!r} (architecture "
+            f'{arch.model_type!r}); set it, e.g. ["q_proj", "v_proj"]'
+        )
+    absent = [t for t in targets if t not in modules]
+    if absent:
+        linear = sorted(m for m in modules if "proj" in m or "attn" in m)[:8]
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(absent)} not in {role}.name {name!r}; "
+            f"it has {', '.join(linear) or 'no projection modules'}"
+        )
 
 
 def check_models(config: Config) -> None:
     """Model directories, LoRA target modules and the KL's top-k against the models, read
-    from their config files only (registry models must be fetched by now)."""
+    from their config files only (registry models must be fetched by now). A hub id has
+    nothing here to read before it is loaded."""
+    vocab_sizes = []
     for role in ("llm", "slm"):
         spec = getattr(config, role)
-        if spec.name != "tiny" and (spec.name in REGISTRY or looks_like_path(spec.name)):
-            directory = model_dir(spec.name) if spec.name in REGISTRY else model_path(spec.name)
-            check_model_dir(directory)
-        if spec.name != "tiny" and not (spec.name in REGISTRY or looks_like_path(spec.name)):
-            continue  # a hub id: nothing here to read before loading it
-        modules = _module_names(spec)
-        model_type = architecture(spec).model_type
-        targets = config.lora.target_modules or TARGET_MODULES.get(model_type)
-        if targets is None:
-            raise ConfigError(
-                f"lora.target_modules: no default for {role}.name {spec.name!r} (architecture "
-                f'{model_type!r}); set it, e.g. ["q_proj", "v_proj"]'
-            )
-        absent = [t for t in targets if t not in modules]
-        if absent:
-            linear = sorted(m for m in modules if "proj" in m or "attn" in m)[:8]
-            raise ConfigError(
-                f"lora.target_modules: {', '.join(absent)} not in {role}.name {spec.name!r}; "
-                f"it has {', '.join(linear) or 'no projection modules'}"
-            )
+        if spec.name != "tiny":
+            if spec.name not in REGISTRY and not looks_like_path(spec.name):
+                continue
+            check_model_dir(model_path(spec.name))
+        arch = architecture(spec)
+        _check_targets(config, role, spec.name, arch)
+        vocab_sizes.append((getattr(arch, "text_config", None) or arch).vocab_size)
     top_k = config.distill.top_k
-    vocab = min(_vocab_size(config.llm), _vocab_size(config.slm))
-    if top_k > vocab:
-        raise ConfigError(f"distill.top_k: {top_k} is more than the {vocab} tokens; lower it")
+    if vocab_sizes and top_k > min(vocab_sizes):
+        raise ConfigError(
+            f"distill.top_k: {top_k} is more than the {min(vocab_sizes)} tokens; lower it"
+        )

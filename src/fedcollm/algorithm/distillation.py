@@ -88,6 +88,8 @@ class MutualDistillation:
 
     def __init__(self, llm, slm, cfg: DistillConfig, optim: OptimConfig):
         self.llm, self.slm, self.cfg, self.optim = llm, slm, cfg, optim
+        # Whose train-mode forward is random; fixed for the run, so found once.
+        self._with_dropout = {m for m in (llm, slm) if has_dropout(m)}
         self.llm_optimizer = make_optimizer(llm.parameters(), cfg.llm_lr, optim)
         self._make_slm_optimizer = lambda: make_optimizer(slm.parameters(), cfg.slm_lr, optim)
 
@@ -116,7 +118,7 @@ class MutualDistillation:
         """A model's logits as the other model's teacher: those of eval mode, no gradient.
         Its train-mode student forward serves instead when that is the same (no dropout
         anywhere) or when `teacher_forward = "shared"` accepts LoRA dropout in the teacher."""
-        if self.cfg.teacher_forward == "shared" or not has_dropout(model):
+        if self.cfg.teacher_forward == "shared" or model not in self._with_dropout:
             return student_out[0].detach()
         return teacher_logits(model, batch)
 

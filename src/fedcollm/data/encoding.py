@@ -43,10 +43,9 @@ def encode_continuations(tokenizer, context: str, continuations: Sequence[str]) 
     trailing spaces of the context move to the continuation. An empty context is the prefix
     token (or the continuation's first token, where that is the prefix token)."""
     if not context:
-        pairs = []
+        prefix, pairs = prefix_token_id(tokenizer), []
         for continuation in continuations:
             ids = tokenizer.encode(continuation, add_special_tokens=False)
-            prefix = prefix_token_id(tokenizer)
             pairs.append((ids[:1], ids[1:]) if ids and ids[0] == prefix else ([prefix], ids))
         return pairs
     spaces = len(context) - len(context.rstrip())

@@ -30,7 +30,8 @@ class Question:
     context: str
     choices: tuple[str, ...]
     gold: int
-    # The answer label ("A", "1", ...) and where the question comes from; used for non-IID splits.
+    # The answer's label as the file writes it ("A", "1", ...), and where the question comes
+    # from (non-IID splits group by `source`, or by the answer's position `gold`).
     label: str
     source: str
 

@@ -53,9 +53,12 @@ def _partition(reply: Message) -> int:
         return -1
 
 
-def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUpdate, dict]:
+def read_update(
+    reply: Message, sent: Adapter, sent_digest: str, config: Config
+) -> tuple[ClientUpdate, dict]:
     """A client's reply as a screened update plus its metrics row; UpdateRejected if bad,
-    and if its receipt shows that it tuned another theta than the one `sent`."""
+    and if its receipt shows that it tuned another theta than the one `sent` (whose
+    `adapter_digest` is `sent_digest`)."""
     content = reply.content
     arrays, metrics = content.array_records.get("arrays"), content.metric_records.get("metrics")
     if arrays is None or metrics is None:
@@ -90,10 +93,10 @@ def read_update(reply: Message, sent: Adapter, config: Config) -> tuple[ClientUp
         )
     if row["num_examples"] < 1:
         raise UpdateRejected(f"num-examples {row['num_examples']}: a client trains on some")
-    if row["received_sha256"] != adapter_digest(sent):
+    if row["received_sha256"] != sent_digest:
         raise UpdateRejected(
             f"its receipt says it tuned theta {row['received_sha256']}, but the server sent "
-            f"{adapter_digest(sent)}"
+            f"{sent_digest}"
         )
     update = ClientUpdate(
         adapter={k: v.float() for k, v in tensors.items()},
@@ -116,7 +119,7 @@ class FedCoLLM(FedAvg):
             min_available_nodes=quorum,
         )
         self.rounds, self.server, self.config = rounds, rounds.server, rounds.config
-        self.sent: Adapter = {}
+        self.sent = {}
         self.sent_to: set[int] = set()
         self.node_partitions: dict[int, int] = {}
         self.partition_nodes: dict[int, int] = {}
@@ -124,6 +127,16 @@ class FedCoLLM(FedAvg):
     @property
     def row(self) -> dict[str, Any]:
         return self.rounds.row
+
+    @property
+    def sent(self) -> Adapter:
+        """theta as broadcast this round; its digest, which every receipt must show, is
+        computed once here rather than once per reply."""
+        return self._sent
+
+    @sent.setter
+    def sent(self, adapter: Adapter) -> None:
+        self._sent, self.sent_digest = adapter, adapter_digest(adapter)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config, grid: Grid
@@ -153,7 +166,7 @@ class FedCoLLM(FedAvg):
                 dropped.append({**who, "error": str(reply.error)})
                 continue
             try:
-                update, client = read_update(reply, self.sent, self.config)
+                update, client = read_update(reply, self.sent, self.sent_digest, self.config)
                 partition = client["partition"]
                 owner = self.partition_nodes.get(partition, node)
                 if owner != node:

@@ -135,20 +135,23 @@ GOOD = [{**ARC, "id": f"Mercury_{i}", "question": f"Question {i}?"} for i in ran
     ("train", "validation", "fragment"),
     [
         (
-            [*GOOD, {**ARC, "choices": {"text": ["a", "b"], "label": ["A", "B", "C"]}}],
+            [
+                *GOOD,
+                {**ARC, "answerKey": "C", "choices": {"text": ["a", "b"], "label": list("ABC")}},
+            ],
             GOOD,
-            "train.jsonl:13: 2 choice texts but 3 labels",
+            "train.jsonl:13: doc_to_target 2 is not among the choices ['a', 'b']",
         ),
         (
             GOOD,
             [{**ARC, "choices": {"text": ["a", "", "c"], "label": ["A", "B", "C"]}}],
             "validation.jsonl:1: choice 2 is empty",
         ),
-        (GOOD, [], "validation.jsonl holds no questions"),
+        (GOOD, [], "validation.jsonl holds no rows"),
         (
-            [{**ARC, "question": None}, *GOOD],
+            [{k: v for k, v in ARC.items() if k != "question"}, *GOOD],
             GOOD,
-            "train.jsonl:1: field 'question' must be non-empty text, got None",
+            "train.jsonl:1: doc_to_text names a missing field ('question' is undefined)",
         ),
     ],
 )
@@ -390,5 +393,5 @@ def test_an_experiment_reads_every_tasks_data_before_its_first_run(capsys, tmp_p
         "--set",
         "data.train_limit=0",
     )
-    assert "validation.jsonl:1: answerKey 'Z' is not one of the choice labels" in line
+    assert "validation.jsonl:1: doc_to_target fails on this row (ValueError: 'Z' is not" in line
     assert not (tmp_path / "exp").exists()

@@ -36,8 +36,10 @@ def test_evaluate_rejects_an_unknown_task_and_a_missing_adapter(data_dir, tmp_pa
     result = fedcollm("evaluate", "--model", "tiny", "--task", "piqa")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --task: unknown task 'piqa'; choose one of arc_easy, arc_challenge, "
-        "openbookqa, commonsense_qa, vell_fruits"
+        "error: --task: unknown task 'piqa'; choose one of arc_challenge, arc_easy, "
+        "code_alpaca, commonsense_qa, medmcqa, mmlu, mmlu_humanities, mmlu_social_sciences, "
+        "mmlu_stem, openbookqa, self_instruct, tfns, vell_fruits, or give the path of a task "
+        "file (.yaml)"
     ]
     result = fedcollm(
         "evaluate",

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+from tinymodels import mc
 
 from fedcollm.data import (
     DataError,
@@ -19,7 +20,6 @@ from fedcollm.data import (
     split_training_data,
     training_batches,
 )
-from fedcollm.data.split import partition_group
 from fedcollm.models import byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
@@ -128,22 +128,29 @@ def test_dirichlet_by_label_is_disjoint_covering_and_skewed(arc_train):
 def test_dirichlet_by_label_groups_by_answer_position_not_label_text(arc_train):
     # ARC labels its choices "A".."D" in most rows and "1".."4" in some: the first choice is
     # one group whatever it is called.
-    numeric = next(q for q in arc_train if q.label == "1")
-    lettered = next(q for q in arc_train if q.label == "A")
-    assert partition_group(numeric, "label") == partition_group(lettered, "label") == 0
-    groups = {partition_group(q, "label") for q in arc_train}
-    assert groups == set(range(max(len(q.choices) for q in arc_train)))
+    numeric = next(q for q in arc_train if q.doc["answerKey"] == "1")
+    lettered = next(q for q in arc_train if q.doc["answerKey"] == "A")
+    assert numeric.gold == lettered.gold == 0
+    split = split_training_data(
+        arc_train, num_clients=2, seed=0, partition="dirichlet", alpha=0.01, by="label"
+    )
+    # With a tiny alpha each answer position lands almost whole on one client.
+    for position in range(4):
+        holders = Counter(
+            k for k, part in enumerate(split.clients) for i in part if arc_train[i].gold == position
+        )
+        assert holders.most_common(1)[0][1] / sum(holders.values()) > 0.9
 
 
 def test_repeated_rows_are_left_out_before_the_split():
-    rows = [Question(f"q{i}", f"Question {i % 7}?", ("a", "b"), 0, "A", "s") for i in range(21)]
+    rows = [mc(f"q{i}", f"Question {i % 7}?", ("a", "b"), 0) for i in range(21)]
     split = split_training_data(rows, num_clients=2, seed=0)
     kept = split.aux + [i for part in split.clients for i in part]
     assert sorted(kept) == list(range(7)) and split.duplicates == 14
     texts = [{rows[i].context for i in part} for part in (split.aux, *split.clients)]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
     # The same question with another answer is another row.
-    other = [*rows[:7], Question("x", "Question 0?", ("a", "b"), 1, "B", "s")]
+    other = [*rows[:7], mc("x", "Question 0?", ("a", "b"), 1)]
     assert split_training_data(other, num_clients=2, seed=0).duplicates == 0
 
 
@@ -156,12 +163,55 @@ def test_dirichlet_is_seeded(arc_train):
     assert parts(a) != parts(c)
 
 
-def test_dirichlet_by_source(arc_train):
+def test_dirichlet_by_a_template_field(arc_train):
+    exam = "{{ id.split('_')[0] }}"  # the exam an ARC question comes from
     split = split_training_data(
-        arc_train, num_clients=3, seed=0, partition="dirichlet", alpha=0.1, by="source"
+        arc_train,
+        num_clients=3,
+        seed=0,
+        partition="dirichlet",
+        alpha=0.1,
+        by="field",
+        partition_field=exam,
     )
     assert_disjoint_cover(split, set(range(len(arc_train))))
     assert all(split.clients)
+
+
+def test_by_field_gives_each_value_to_one_client_balanced(data_dir):
+    medmcqa = load_questions("medmcqa", "train", data_dir)
+    split = split_training_data(
+        medmcqa, num_clients=4, seed=0, partition="by_field", partition_field="subject_name"
+    )
+    assert_disjoint_cover(split, set(range(len(medmcqa))))
+    holders: dict[str, set[int]] = {}
+    for k, part in enumerate(split.clients):
+        for i in part:
+            holders.setdefault(medmcqa[i].doc["subject_name"], set()).add(k)
+    assert all(len(clients) == 1 for clients in holders.values())
+    assert {v: next(iter(c)) for v, c in holders.items()} == split.assignment
+    sizes = [len(p) for p in split.clients]
+    assert max(sizes) < 1.5 * min(sizes), sizes
+    # Deterministic: the same assignment from another seed of D_a's draw is still whole.
+    again = split_training_data(
+        medmcqa, num_clients=4, seed=0, partition="by_field", partition_field="subject_name"
+    )
+    assert again.assignment == split.assignment and parts(again) == parts(split)
+
+
+def test_by_field_needs_as_many_values_as_clients(arc_train):
+    with pytest.raises(DataError, match="2 distinct values, fewer than the 3 clients"):
+        split_training_data(
+            arc_train,
+            num_clients=3,
+            seed=0,
+            partition="by_field",
+            partition_field="{{ 'even' if choices.text|length % 2 == 0 else 'odd' }}",
+        )
+    with pytest.raises(DataError, match="data.partition_field names a missing field"):
+        split_training_data(
+            arc_train, num_clients=2, seed=0, partition="by_field", partition_field="{{ hospital }}"
+        )
 
 
 def test_too_many_clients_for_the_rows(arc_train):

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from tinymodels import PAD, batch, examples, nudge_lora_b, tiny_lora_model
 
 from fedcollm.algorithm.distillation import MutualDistillation, kd_loss, teacher_logits
-from fedcollm.algorithm.training import answer_logits
 from fedcollm.config import Config, DistillConfig, LoraConfig, OptimConfig
 from fedcollm.data import cycle_batches
-from fedcollm.models import get_adapter
+from fedcollm.models import answer_logits, get_adapter
 
 
 def _kl(p_logits, q_logits, t=1.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,20 @@ def test_table1_averages_clients_then_seeds_and_omits_what_a_method_lacks():
     ]
     text = table1(results)
     ci = 100 * 12.706 * 0.1414213562 / math.sqrt(2)
-    # (se): the standard error of one seed's accuracy p on n = 10 questions, as lm-eval's.
-    se = {p: 100 * math.sqrt(p * (1 - p) / 9) for p in (0.6, 0.4, 0.2)}
-    assert f"| LLM | FedCoLLM | 60.0 ± {ci:.1f} (se {se[0.6]:.1f}) |" in text
-    assert f"| SLM, clients' own adapters | FedCoLLM | 40.0 ± {ci:.1f} (se {se[0.4]:.1f}) |" in text
-    assert f"| SLM, clients' own adapters | Standalone | 20.0 (se {se[0.2]:.1f}) |" in text
+
+    # (se): the standard error one seed's accuracy p has on n = 10 questions, as lm-eval's
+    # (results without a stored stderr: binomial), averaged over clients and seeds.
+    def se(*shares):
+        return 100 * statistics.fmean(math.sqrt(p * (1 - p) / 9) for p in shares)
+
+    assert f"| LLM | FedCoLLM | 60.0 ± {ci:.1f} (se {se(0.5, 0.7):.1f}) |" in text
+    clients = se(0.2, 0.4, 0.4, 0.6)
+    assert f"| SLM, clients' own adapters | FedCoLLM | 40.0 ± {ci:.1f} (se {clients:.1f}) |" in text
+    assert f"| SLM, clients' own adapters | Standalone | 20.0 (se {se(0.1, 0.3):.1f}) |" in text
+    # A stored standard error (a generative metric's, say) is used as it is.
+    stored = _result("fedcollm", 0, llm=0.5)
+    stored["llm"]["acc_stderr"] = 0.123
+    assert "| LLM | FedCoLLM | 50.0 (se 12.3) |" in table1([stored])
     assert "Centralized" not in text  # no such runs
     assert "| LLM | FedCoLLM | 30.0" in table1(results, "acc_norm")
 
@@ -88,7 +98,8 @@ def test_baselines_get_the_federated_budget_and_runs_resume(tmp_path, data_dir, 
     assert again == results
     report = write_experiment_report(tmp_path)
     assert "| LLM | Centralized |" in report.read_text()
-    assert (tmp_path / "results.csv").read_text().count("slm_client") == config.num_clients + 1
+    # One line per client model and metric (acc, acc_norm).
+    assert (tmp_path / "results.csv").read_text().count("slm_client") == 2 * (config.num_clients + 1)
 
 
 @pytest.mark.parametrize(("kd_steps", "per_round"), [(4, 3 * 4 + 4), (0, 3 * 4 + 13)])

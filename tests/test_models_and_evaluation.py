@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 from peft import PeftModel
-from tinymodels import PAD, TOKENIZER, batch, nudge_lora_b, tiny_lora_model, tiny_model
+from tinymodels import PAD, TOKENIZER, batch, mc, nudge_lora_b, tiny_lora_model, tiny_model
 
 from fedcollm.algorithm.training import answer_logits
 from fedcollm.config import Config, LoraConfig, ModelConfig
-from fedcollm.data import DataError, Question, encode_continuations, encode_pair
+from fedcollm.data import DataError, encode_continuations, encode_pair
 from fedcollm.evaluation import accuracy, choice_loglikelihoods
 from fedcollm.evaluation.multiple_choice import _score_packed
 from fedcollm.models import (
@@ -113,16 +113,14 @@ def test_adapter_round_trip_and_peft_format(tmp_path):
 
 
 QUESTIONS = [
-    Question(
+    mc(
         "q1",
         "Question: Which is a mammal?\nAnswer:",
         ("a whale", "a trout", "an ant"),
         0,
-        "A",
-        "test",
     ),
-    Question("q2", "The sun rises in the", ("east", "west"), 1, "B", "test"),
-    Question("q3", "Question: Pick\nAnswer:", ("x", "yyyyyyyy", "zz", "w"), 2, "C", "test"),
+    mc("q2", "The sun rises in the", ("east", "west"), 1),
+    mc("q3", "Question: Pick\nAnswer:", ("x", "yyyyyyyy", "zz", "w"), 2),
 ]
 
 
@@ -135,15 +133,13 @@ def _naive_loglikelihood(model, context, continuation):
 
 
 # Same prompt length and choice count as q3.
-SAME_LENGTH = Question("q4", "Question: Pack\nAnswer:", ("a", "bbbb", "cc", "ddddddd"), 3, "D", "t")
+SAME_LENGTH = mc("q4", "Question: Pack\nAnswer:", ("a", "bbbb", "cc", "ddddddd"), 3)
 # Four choices too, and a much longer prompt: padding must not change its scores.
-LONGER = Question(
+LONGER = mc(
     "q5",
     "Question: Which of these is the longest word here?\nAnswer:",
     ("x", "yy", "zzzzzz", "w"),
     2,
-    "C",
-    "t",
 )
 
 
@@ -272,18 +268,19 @@ def _lm_eval_loglikelihood(model, tokenizer, context, continuation, max_length):
 # Prompts longer than the evaluation length, with choices of very different lengths: lm-eval
 # keeps less of the prompt before a long choice than before a short one.
 LONG_PROMPTS = [
-    Question(
+    mc(
         "l1",
         "Question: " + "why is the sky so very blue " * 3 + "\nAnswer:",
         ("x", "a much longer answer", "mid"),
         0,
-        "A",
-        "t",
     ),
-    Question(
-        "l2", "Q: " + "count the stones " * 4 + "\nA:", ("one", "two stones here"), 1, "B", "t"
+    mc(
+        "l2",
+        "Q: " + "count the stones " * 4 + "\nA:",
+        ("one", "two stones here"),
+        1,
     ),
-    Question("e1", "", ("an empty prompt", "is read as EOS"), 0, "A", "t"),
+    mc("e1", "", ("an empty prompt", "is read as EOS"), 0),
 ]
 
 
@@ -342,6 +339,6 @@ def test_a_tokenizer_that_adds_bos_gets_it_in_scoring_and_training():
 
 
 def test_a_choice_longer_than_the_evaluation_length_is_refused():
-    question = Question("q", "Question: x\nAnswer:", ("short", "a" * 30), 0, "A", "t")
+    question = mc("q", "Question: x\nAnswer:", ("short", "a" * 30), 0)
     with pytest.raises(DataError, match=r"question q: choice 2 has 31 tokens, more than .* 24"):
         choice_loglikelihoods(tiny_model(seed=3).eval(), TOKENIZER, [question], max_length=24)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedcollm.config import Config, ModelConfig, TinyModel
-from fedcollm.data import Example, collate, encode_pair
+from fedcollm.data import Example, Question, collate, encode_pair
 from fedcollm.models import add_lora, byte_tokenizer, tiny_llama
 
 TOKENIZER = byte_tokenizer()
@@ -52,3 +52,8 @@ def nudge_lora_b(model, scale: float = 0.05, seed: int = 1) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def mc(id: str, context: str, choices: tuple[str, ...], gold: int) -> Question:
+    """A multiple-choice question, as a task file would give it."""
+    return Question(id, context, choices, gold, choices[gold])

@@ -149,33 +149,54 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ):
         if value < least:
             raise ConfigError(f"{flag}: must be {least} or more, got {value}")
-    spec, seed, task = _evaluated_model(args)
-    if task not in TASKS:
-        raise ConfigError(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    from fedcollm.data import load_questions
-    from fedcollm.evaluation import evaluate_multiple_choice
+    spec, seed, name = _evaluated_model(args)
+    from fedcollm.data import get_task
+    from fedcollm.data.tasks import split_questions
+    from fedcollm.evaluation import evaluate_task
     from fedcollm.models import load_model
     from fedcollm.models.lora import load_saved_adapter
 
-    questions = load_questions(task, args.split, args.data_dir)
+    try:
+        task = get_task(name)
+    except DataError as err:
+        raise ConfigError(f"--task: {err}") from None
+    # Default: the split the task scores on (validation, else test).
+    split = args.split or ("validation" if "validation" in task.spec.splits else "test")
+    questions = split_questions(task, split, args.data_dir)  # bad rows stop before the model
     if args.limit:
         questions = questions[: args.limit]
     model, tokenizer = load_model(spec, seed=seed)
     if args.adapter:
         model = load_saved_adapter(model, Path(args.adapter))
-    result = evaluate_multiple_choice(model, tokenizer, questions, args.batch_size, args.max_length)
+    scores = evaluate_task(model, tokenizer, task, questions, args.batch_size, args.max_length)
     summary = {
         "model": spec.name,
         "adapter": args.adapter,
-        "task": task,
-        "split": args.split,
-        **result.summary(),
+        "task": task.name,
+        "split": split,
+        **scores.summary(),
     }
     if args.json:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
             print(f"{key:>14}  {value:.4f}" if isinstance(value, float) else f"{key:>14}  {value}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """The built-in tasks (or the task files given) with their kind, splits and metrics."""
+    from fedcollm.data import get_task
+
+    names = args.files or list(TASKS)
+    rows = [("task", "kind", "splits", "metrics")]
+    for name in names:
+        spec = get_task(name).spec
+        splits = ", ".join(f"{role}={split}" for role, split in spec.splits.items())
+        rows.append((name, spec.output_type, splits, ", ".join(get_task(name).metric_names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + row[3])
     return 0
 
 
@@ -232,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     run.set_defaults(func=cmd_run)
 
-    ev = sub.add_parser("evaluate", help="multiple-choice accuracy of one model")
+    ev = sub.add_parser("evaluate", help="a task's metrics of one model (and adapter)")
     ev.add_argument(
         "--model",
         help='"tiny", a registry name (fedcollm models), a model directory or a hub id',
@@ -243,9 +264,16 @@ def parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--role", choices=["slm", "llm"], default="slm", help="with --config")
     ev.add_argument("--adapter", help="a saved PEFT adapter directory to apply")
-    ev.add_argument("--task", help=f"one of {', '.join(TASKS)} (with --config: its task)")
-    ev.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")
-    ev.add_argument("--split", default="validation")
+    ev.add_argument(
+        "--task", help="a built-in task (fedcollm tasks) or a task file; with --config: its task"
+    )
+    ev.add_argument("--data-dir", help="where the task's relative data files are")
+    ev.add_argument(
+        "--split",
+        default="",
+        choices=["", "train", "validation", "test"],
+        help="the task's split to score (default: validation, else test)",
+    )
     ev.add_argument("--limit", type=int, default=0, help="first N questions only")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument(
@@ -268,12 +296,16 @@ def parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rebuild an experiment's report, or compare two")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="one directory, or two to compare")
-    rep.add_argument("--metric", default="acc", choices=["acc", "acc_norm"])
+    rep.add_argument("--metric", default="acc", help="acc, acc_norm, rougeL, target_loss...")
     rep.set_defaults(func=cmd_report)
 
     models = sub.add_parser("models", help="the registry of pretrained models usable offline")
     models.add_argument("--fetch", nargs="+", metavar="NAME", help="fetch and convert these now")
     models.set_defaults(func=cmd_models)
+
+    tasks = sub.add_parser("tasks", help="the built-in tasks: kind, splits and metrics")
+    tasks.add_argument("files", nargs="*", metavar="FILE", help="task files to check and show")
+    tasks.set_defaults(func=cmd_tasks)
 
     certs = sub.add_parser("certs", help="test TLS and SuperNode credentials (docs/DEPLOYMENT.md)")
     certs.add_argument("dir", help="where to write them")

@@ -60,11 +60,16 @@ class DataConfig:
     train_limit: int = 0
     # "iid": the training split cut into K+1 equal parts (D_a, D_1..D_K), as in the paper.
     # "dirichlet": D_a as before, the rest spread over clients by Dirichlet(alpha) per group.
-    partition: Literal["iid", "dirichlet"] = "iid"
+    # "by_field": D_a as before, each value of partition_field held by one client (natural
+    # partitions: MedMCQA's subject_name, a hospital per group of specialties).
+    partition: Literal["iid", "dirichlet", "by_field"] = "iid"
     dirichlet_alpha: float = 0.5
     # Groups of the Dirichlet split: "label", the answer's position (first choice, second...:
-    # ARC's "1" and "A" are one group); "source", where the question comes from (ARC only).
-    dirichlet_by: Literal["label", "source"] = "label"
+    # ARC's "1" and "A" are one group); "field", the rows' partition_field.
+    dirichlet_by: Literal["label", "field"] = "label"
+    # A field of the task's rows, or a Jinja template over them as in task files (ARC's exam:
+    # "{{ id.split('_')[0] }}"); for by_field, and for dirichlet_by = "field".
+    partition_field: str = ""
     max_length: int = 256
 
 
@@ -161,8 +166,10 @@ class Config:
     seed: int = 0
     rounds: int = 2
     num_clients: int = 3
+    # A built-in task (`fedcollm tasks` lists them) or the path of an lm-eval task file.
     task: str = "arc_easy"
-    # Directory with <task>/<split>.jsonl in hub layout; empty: the Hugging Face hub.
+    # Where a task's relative data_files are (the built-in tasks: <task>/<split>.jsonl in
+    # hub layout); empty: beside the task file.
     data_dir: str = ""
     llm: ModelConfig = field(default_factory=ModelConfig)
     slm: ModelConfig = field(default_factory=ModelConfig)
@@ -304,6 +311,14 @@ def _check_meaning(config: Config) -> None:
     for key in ("optim.beta1", "optim.beta2"):
         if not 0 <= _get(config, key) < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {_get(config, key)}")
+    by_field = config.data.partition == "by_field" or (
+        config.data.partition == "dirichlet" and config.data.dirichlet_by == "field"
+    )
+    if by_field and not config.data.partition_field.strip():
+        raise ConfigError(
+            "data.partition_field: empty; name the field of the task's rows to partition by "
+            '(e.g. "subject_name" for medmcqa)'
+        )
     if config.federation.min_clients > config.num_clients:
         raise ConfigError(
             f"federation.min_clients: {config.federation.min_clients} is more than "
@@ -387,4 +402,8 @@ def load_config(
     values = apply_overrides(values, overrides or [])
     if data_dir is not None:
         values["data_dir"] = data_dir
+    task = values.get("task")
+    if isinstance(task, str) and task.endswith((".yaml", ".yml")):
+        # Ray workers and resumed runs may start elsewhere: the task file's absolute path.
+        values["task"] = str(Path(task).expanduser().resolve())
     return config_from_dict(values)

@@ -15,8 +15,15 @@ from pathlib import Path
 import torch
 
 from fedcollm.config import Config, ConfigError
-from fedcollm.data import TASKS, DataSplit, evaluation_questions, training_split
-from fedcollm.data.synthetic import NAME as BUILT_IN_TASK
+from fedcollm.data import (
+    DataError,
+    DataSplit,
+    evaluation_questions,
+    get_task,
+    is_task_file,
+    training_split,
+)
+from fedcollm.data.tasks import split_files
 from fedcollm.models import (
     ModelError,
     architecture,
@@ -30,22 +37,24 @@ from fedcollm.models.registry import REGISTRY
 
 
 def check_task(config: Config) -> None:
-    if config.task not in TASKS:
-        raise ConfigError(f"task: unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
-    if config.data_dir and config.task != BUILT_IN_TASK:  # generated in code, no files
-        task_dir = Path(config.data_dir).expanduser() / config.task
-        for split, key in (("train", "data_dir"), (config.eval.split, "eval.split")):
-            if not (task_dir / f"{split}.jsonl").is_file():
+    """The task file read and its keys checked, and the files of the splits a run reads
+    there (their rows are read by `check_data`); the error names the key to change."""
+    try:
+        task = get_task(config.task)
+    except DataError as err:
+        raise ConfigError(f"task: {err}") from None
+    for role, key in (("train", "task"), (config.eval.split, "eval.split")):
+        try:
+            files = split_files(task, task.spec.split(role), config.data_dir)
+        except DataError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        for path in files if config.data_dir or is_task_file(config.task) else ():
+            if not path.is_file():
+                where = "data_dir (or --data-dir)" if config.data_dir else "the task file"
                 raise ConfigError(
-                    f"{key}: {task_dir / f'{split}.jsonl'} does not exist; point data_dir (or "
-                    f"--data-dir) at a directory holding {config.task}/{split}.jsonl"
+                    f"{'data_dir' if role == 'train' else key}: {path} does not exist; the "
+                    f"{task.name} task reads its {role} rows there (relative to {where})"
                 )
-    if config.data.partition == "dirichlet" and config.data.dirichlet_by == "source":
-        if config.task not in ("arc_easy", "arc_challenge"):
-            raise ConfigError(
-                f"data.dirichlet_by: {config.task} rows carry no question source; "
-                'use "label" (only ARC ids name their source)'
-            )
 
 
 def check_model_names(config: Config) -> None:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fedcollm.algorithm.training import answer_logits, make_optimizer, optimizer_step
+from fedcollm.algorithm.training import make_optimizer, optimizer_step
 from fedcollm.config import DistillConfig, OptimConfig
 from fedcollm.data import Batch, Example, cycle_batches
-from fedcollm.models import eval_mode, has_dropout
+from fedcollm.models import answer_logits, eval_mode, has_dropout
 
 
 def kd_loss(

@@ -24,7 +24,7 @@ from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.distillation import MutualDistillation
 from fedcollm.config import Config
 from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
-from fedcollm.evaluation import Accuracy, score
+from fedcollm.evaluation import Scores, score
 from fedcollm.models import (
     Adapter,
     ModelError,
@@ -112,8 +112,8 @@ class CoTuningServer:
 
     def evaluate(
         self, questions: Sequence[Question], roles: Sequence[str] = ("llm", "slm")
-    ) -> dict[str, Accuracy]:
-        """Accuracy of the LLM (with omega) and/or of the global SLM (with theta)."""
+    ) -> dict[str, Scores]:
+        """The task's metrics of the LLM (with omega) and/or of the global SLM (with theta)."""
         models = {"llm": self.llm, "slm": self.slm}
         return {role: score(models[role], self.tokenizer, self.config, questions) for role in roles}
 

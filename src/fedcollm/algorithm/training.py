@@ -12,27 +12,7 @@ import torch.nn.functional as F
 
 from fedcollm.config import OptimConfig
 from fedcollm.data import Batch, Example, training_batches
-from fedcollm.models import model_device, output_logits
-
-
-def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token logits at the positions that predict an answer token, and those tokens.
-
-    Position t predicts token t+1, so the answer mask is shifted by one against the hidden
-    states. Only the N answer positions go through the output layer: (N, V) instead of
-    (B, L, V), which matters with a 150k-token vocabulary. Returns (N, V) logits and (N,)
-    targets, row-major over the batch.
-    """
-    batch = batch.to(model_device(model))  # batches are made on the CPU
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,  # the model's own logits are not used; keep them to one position
-    )
-    predicts = batch.answer_mask[:, 1:]  # (B, L-1)
-    hidden = out.hidden_states[-1][:, :-1][predicts]  # (N, H): final-norm output
-    return output_logits(model, hidden), batch.input_ids[:, 1:][predicts]
+from fedcollm.models import answer_logits
 
 
 def answer_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

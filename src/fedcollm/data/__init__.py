@@ -8,25 +8,26 @@ from fedcollm.data.encoding import (
     encode_examples,
     encode_pair,
 )
+from fedcollm.data.rows import DataError
 from fedcollm.data.split import DataSplit, split_training_data, training_split
 from fedcollm.data.tasks import (
-    TARGET_DELIMITER,
     TASKS,
-    DataError,
     Question,
+    Task,
     evaluation_questions,
     get_task,
+    is_task_file,
     load_questions,
 )
 
 __all__ = [
-    "TARGET_DELIMITER",
     "TASKS",
     "Batch",
     "DataError",
     "DataSplit",
     "Example",
     "Question",
+    "Task",
     "collate",
     "cycle_batches",
     "encode_answer",
@@ -35,6 +36,7 @@ __all__ = [
     "encode_pair",
     "evaluation_questions",
     "get_task",
+    "is_task_file",
     "load_questions",
     "split_training_data",
     "training_batches",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedcollm.config import Config
-from fedcollm.data.tasks import TARGET_DELIMITER, Question
+from fedcollm.data.tasks import Question
 
 
 @dataclass
@@ -26,7 +26,7 @@ def prefix_token_id(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def _tokens(tokenizer, text: str) -> list[int]:
+def prompt_tokens(tokenizer, text: str) -> list[int]:
     """Text as lm-eval's `tok_encode` encodes it: with the tokenizer's own special tokens (a
     BOS for Llama or Gemma, nothing for Qwen or GPT-2), unless the text already opens with
     the prefix token's text."""
@@ -51,9 +51,10 @@ def encode_continuations(tokenizer, context: str, continuations: Sequence[str]) 
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuations = context[:-spaces], [context[-spaces:] + c for c in continuations]
-    context_ids = _tokens(tokenizer, context)
+    context_ids = prompt_tokens(tokenizer, context)
     return [
-        (context_ids, _tokens(tokenizer, context + c)[len(context_ids) :]) for c in continuations
+        (context_ids, prompt_tokens(tokenizer, context + c)[len(context_ids) :])
+        for c in continuations
     ]
 
 
@@ -68,7 +69,7 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> 
 
 def encode_answer(tokenizer, question: Question, max_length: int) -> Example:
     """The training example of a question: its prompt followed by the correct answer."""
-    return encode_pair(tokenizer, question.context, TARGET_DELIMITER + question.answer, max_length)
+    return encode_pair(tokenizer, question.context, question.continuation, max_length)
 
 
 def encode_examples(

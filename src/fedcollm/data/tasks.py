@@ -1,205 +1,186 @@
-"""The four multiple-choice QA tasks of the paper, with lm-evaluation-harness prompts, and
-the built-in `vell_fruits` task generated in code.
+"""Tasks: lm-evaluation-harness task files, the built-in ones shipped in `task_files/`.
 
-A row becomes a `Question`: a context (the prompt) and the choice strings. lm-eval scores the
-continuation `" " + choice` after the context; training uses the very same text, with the
-loss on the continuation of the correct choice only.
+A task is named by a built-in name (`arc_easy`, `tfns`, ...) or by the path of a task file.
+Its rows become `Question`s: the prompt (`context`), the choices and the correct one
+(multiple choice) or the reference answer (generation). lm-eval scores the continuation
+`target_delimiter + choice` after the prompt; training uses the very same text, with the
+loss on the continuation of the correct answer only.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedcollm.config import Config
-from fedcollm.data import synthetic
+from fedcollm.data.rows import DataError, Row, read_rows
+from fedcollm.data.taskfile import TaskFile, read_task_file
+from fedcollm.data.templates import BadRow, Template, choices, target, text
 
-TARGET_DELIMITER = " "
-
-
-class DataError(ValueError):
-    """A data file that cannot be read as the task expects; names the file and line."""
+TASK_FILES = Path(__file__).parent / "task_files"
+TASKS: dict[str, Path] = {p.stem: p for p in sorted(TASK_FILES.glob("*.yaml"))}
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True)
 class Question:
     id: str
     context: str
+    # The choices and the correct one's index; () and -1 for a generative task.
     choices: tuple[str, ...]
     gold: int
-    # The answer's label as the file writes it ("A", "1", ...), and where the question comes
-    # from (non-IID splits group by `source`, or by the answer's position `gold`).
-    label: str
-    source: str
+    # The answer the model learns and is scored against: the correct choice or the reference.
+    answer: str
+    delimiter: str = " "
+    # The row itself: natural partitions group by its fields.
+    doc: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
-    def answer(self) -> str:
-        return self.choices[self.gold]
+    def continuation(self) -> str:
+        return self.delimiter + self.answer
 
 
-class BadRow(ValueError):
-    """What is wrong with one row; the reader adds the file and line."""
-
-
-def _text(row: dict[str, Any], *path: str) -> str:
-    """A field that must hold text: `_text(row, "choices", "label")` is row["choices"]["label"]."""
-    value: Any = row
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            raise BadRow(f"missing field {'.'.join(path)!r}")
-        value = value[key]
-    if not isinstance(value, str) or not value.strip():
-        raise BadRow(f"field {'.'.join(path)!r} must be non-empty text, got {value!r}")
-    return value
-
-
-def _choices(row: dict[str, Any], answer: str) -> tuple[list[str], list[str], int]:
-    """The choice texts and labels of a row in hub layout, and the answer's position."""
-    choices = row.get("choices")
-    if not isinstance(choices, dict) or not {"text", "label"} <= set(choices):
-        raise BadRow("missing field 'choices' with 'text' and 'label' lists")
-    texts, labels = choices["text"], choices["label"]
-    if not isinstance(texts, list) or not isinstance(labels, list):
-        raise BadRow("choices.text and choices.label must be lists")
-    if len(texts) != len(labels):
-        raise BadRow(f"{len(texts)} choice texts but {len(labels)} labels")
-    if len(texts) < 2:
-        raise BadRow(f"{len(texts)} choices; a question needs at least 2")
-    for k, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise BadRow(f"choice {k + 1} is empty ({text!r}); every choice needs text")
-    if any(not isinstance(label, str) for label in labels):
-        raise BadRow(f"choice labels must be text, got {labels!r}")
-    if answer not in labels:
-        raise BadRow(f"answerKey {answer!r} is not one of the choice labels {labels}")
-    return texts, labels, labels.index(answer)
-
-
-def _arc(row: dict[str, Any]) -> Question:
-    answer = _text(row, "answerKey")
-    texts, _, gold = _choices(row, answer)
-    return Question(
-        id=_text(row, "id"),
-        context=f"Question: {_text(row, 'question')}\nAnswer:",
-        choices=tuple(texts),
-        gold=gold,
-        label=answer,
-        # ARC ids name the exam they come from: "Mercury_7175875", "NYSEDREGENTS_2010_8_12".
-        source=row["id"].split("_")[0],
-    )
-
-
-def _openbookqa(row: dict[str, Any]) -> Question:
-    answer = _text(row, "answerKey").strip()
-    texts, _, gold = _choices(row, answer)
-    return Question(
-        id=_text(row, "id"),
-        context=_text(row, "question_stem"),
-        choices=tuple(texts),
-        gold=gold,
-        label=answer,
-        source="openbookqa",
-    )
-
-
-def _commonsense_qa(row: dict[str, Any]) -> Question:
-    answer = _text(row, "answerKey")
-    texts, labels, gold = _choices(row, answer)
-    listed = "".join(f"\n{label}. {text}" for label, text in zip(labels, texts, strict=True))
-    return Question(
-        id=_text(row, "id"),
-        context=f"Question: {_text(row, 'question').strip()}{listed}\nAnswer:",
-        # lm-eval answers CommonsenseQA with the letter, not the choice text.
-        choices=tuple(labels),
-        gold=gold,
-        label=answer,
-        source=row.get("question_concept", "commonsense_qa"),
-    )
-
-
-@dataclass(frozen=True)
 class Task:
-    name: str
-    hub_path: str
-    hub_name: str | None
-    to_question: Callable[[dict[str, Any]], Question]
+    """A task file with its templates compiled."""
+
+    def __init__(self, spec: TaskFile) -> None:
+        self.spec = spec
+        self.templates = {
+            key: Template(key, value)
+            for key, value in (
+                ("description", spec.description),
+                ("doc_to_text", spec.doc_to_text),
+                ("doc_to_choice", spec.doc_to_choice),
+                ("doc_to_target", spec.doc_to_target),
+            )
+        }
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def generative(self) -> bool:
+        return self.spec.generative
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """What evaluation reports, headline first; generation always adds the target loss
+        (cheap and noise-free, so it can be tracked every round)."""
+        names = tuple(m.name for m in self.spec.metrics)
+        return names + ("target_loss",) * (self.generative and "target_loss" not in names)
+
+    def question(self, row: Row, index: int, split: str) -> Question:
+        spec, doc, templates = self.spec, row.doc, self.templates
+        context = templates["description"].render(doc) + text(templates["doc_to_text"], doc)
+        if spec.generative:
+            answer = target(templates["doc_to_target"], doc, is_choice=False)
+            if not answer.strip():
+                raise BadRow("doc_to_target gives an empty answer; every row needs one")
+            options, gold = (), -1
+        else:
+            options = tuple(choices(templates["doc_to_choice"], doc))
+            answer = target(templates["doc_to_target"], doc, is_choice=True)
+            gold = answer if isinstance(answer, int) else _index(options, answer)
+            if not 0 <= gold < len(options):
+                raise BadRow(f"doc_to_target {answer!r} is not among the choices {list(options)}")
+            answer = options[gold]
+        return Question(
+            id=str(doc.get("id", f"{split}-{index}")),
+            context=context,
+            choices=options,
+            gold=gold,
+            answer=answer,
+            delimiter=spec.target_delimiter,
+            doc=doc,
+        )
 
 
-TASKS: dict[str, Task] = {
-    "arc_easy": Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", _arc),
-    "arc_challenge": Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", _arc),
-    "openbookqa": Task("openbookqa", "allenai/openbookqa", "main", _openbookqa),
-    "commonsense_qa": Task("commonsense_qa", "tau/commonsense_qa", None, _commonsense_qa),
-    # Generated in code (see synthetic.py); ARC's layout and prompt.
-    synthetic.NAME: Task(synthetic.NAME, "", None, _arc),
-}
+def _index(options: tuple[str, ...], answer: str) -> int:
+    return options.index(answer) if answer in options else -1
+
+
+def is_task_file(name: str) -> bool:
+    return name.endswith(TASK_FILE_SUFFIXES)
 
 
 def get_task(name: str) -> Task:
+    """The task of a built-in name or a task file's path."""
+    if is_task_file(name):
+        return Task(read_task_file(name))
     if name not in TASKS:
-        raise DataError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+        raise DataError(
+            f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or give the path of a "
+            "task file (.yaml)"
+        )
+    return Task(read_task_file(TASKS[name]))
 
 
-def _read_jsonl(path: Path, task: Task) -> list[Question]:
-    questions = []
+def split_files(task: Task, split: str, data_dir: str | Path | None) -> list[Path]:
+    """The data files of one split (relative paths: under `data_dir`, else beside the task
+    file); [] for a task whose rows come from its `custom_dataset`."""
+    spec = task.spec
+    if spec.custom_dataset is not None:
+        return []
+    if split not in spec.data_files:
+        if not spec.data_files and spec.dataset_path not in ("json", "csv", "parquet"):
+            raise DataError(
+                f"{spec.path}: dataset_path {spec.dataset_path!r} is a hub data set, which "
+                "cannot be reached here; give dataset_path: json and dataset_kwargs.data_files"
+            )
+        raise DataError(
+            f"{spec.path}: split {split!r} has no file in dataset_kwargs.data_files; add one"
+        )
+    base = Path(data_dir).expanduser() if data_dir else spec.path.parent
+    return [base / Path(name).expanduser() for name in spec.data_files[split]]
+
+
+def _split_rows(task: Task, split: str, data_dir: str | Path | None) -> list[Row]:
+    spec = task.spec
+    if spec.custom_dataset is not None:
+        docs = spec.custom_dataset()[split]
+        return [Row(dict(doc), f"{spec.name} {split} row {i}") for i, doc in enumerate(docs)]
+    rows = []
+    for path in split_files(task, split, data_dir):
+        rows += read_rows(path, spec.dataset_path)
+    return rows
+
+
+def _processed(task: Task, rows: list[Row]) -> list[Row]:
+    """lm-eval's `process_docs`, which takes and returns a `datasets.Dataset`."""
+    if task.spec.process_docs is None:
+        return rows
+    import datasets
+
+    datasets.disable_progress_bars()
     try:
-        raw_lines = path.read_bytes().splitlines()
-    except OSError as err:
-        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
-    for number, raw in enumerate(raw_lines, start=1):
+        docs = task.spec.process_docs(datasets.Dataset.from_list([r.doc for r in rows]))
+    except Exception as err:  # noqa: BLE001 - the user's function: name it, once
+        raise DataError(
+            f"{task.spec.path}: process_docs fails ({err!r}); fix the function"
+        ) from None
+    return [Row(dict(doc), f"{task.name} processed row {i}") for i, doc in enumerate(docs)]
+
+
+def split_questions(task: Task, role: str, data_dir: str | Path | None) -> list[Question]:
+    """Every question of one of the task's splits ("train", "validation" or "test")."""
+    split = task.spec.split(role)
+    questions = []
+    for index, row in enumerate(_processed(task, _split_rows(task, split, data_dir))):
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{number}: not UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not a JSON object ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: not a JSON object but {type(row).__name__}")
-        try:
-            questions.append(task.to_question(row))
+            questions.append(task.question(row, index, split))
         except BadRow as err:
             raise DataError(
-                f"{path}:{number}: {err} (task {task.name}); fix or remove the row"
+                f"{row.where}: {err} (task {task.spec.path}); fix the row or the template"
             ) from None
     if not questions:
-        raise DataError(f"{path} holds no questions; it needs one JSON object per line")
+        raise DataError(f"{task.spec.path}: split {split!r} holds no rows")
     return questions
 
 
-def _read_hub(task: Task, split: str) -> list[Question]:
-    import datasets  # imported here: only hub runs pay for it
-
-    try:
-        rows = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
-    except Exception as err:  # noqa: BLE001 - any hub failure means the same to the user
-        raise DataError(
-            f"could not load {task.hub_path} ({split}) from the hub: {err}. "
-            "Without a hub, pass --data-dir with a directory holding <task>/<split>.jsonl"
-        ) from None
-    return [task.to_question(row) for row in rows]
-
-
-def load_questions(task_name: str, split: str, data_dir: str | Path | None) -> list[Question]:
-    """All questions of one split, from `data_dir/<task>/<split>.jsonl` or else from the hub."""
-    task = get_task(task_name)
-    if task.name == synthetic.NAME:
-        return [task.to_question(row) for row in synthetic.generate(split)]
-    if not data_dir:
-        return _read_hub(task, split)
-    path = Path(data_dir).expanduser() / task.name / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataError(
-            f"{path} does not exist; the data directory must hold {task.name}/{split}.jsonl"
-        )
-    return _read_jsonl(path, task)
+def load_questions(task_name: str, role: str, data_dir: str | Path | None) -> list[Question]:
+    return split_questions(get_task(task_name), role, data_dir)
 
 
 def evaluation_questions(config: Config) -> list[Question]:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedcollm.config import Config
-from fedcollm.data import TARGET_DELIMITER, DataError, Question, encode_continuations
+from fedcollm.data import DataError, Question, encode_continuations
 from fedcollm.data.encoding import Pair
 from fedcollm.models import eval_mode, model_device, output_logits
 
@@ -174,7 +173,7 @@ def choice_loglikelihoods(
     context length, lm-eval's default)."""
     max_length = max_length or context_length(model, tokenizer)
     pairs = [
-        encode_continuations(tokenizer, q.context, [TARGET_DELIMITER + c for c in q.choices])
+        encode_continuations(tokenizer, q.context, [q.delimiter + c for c in q.choices])
         for q in questions
     ]
     entries = list(_entries(questions, pairs, max_length))
@@ -220,10 +219,3 @@ def evaluate_multiple_choice(
         raise ValueError("no questions to evaluate")
     lls = choice_loglikelihoods(model, tokenizer, questions, batch_size, max_length)
     return accuracy(questions, lls)
-
-
-def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Accuracy:
-    """Multiple-choice accuracy with the config's evaluation settings."""
-    return evaluate_multiple_choice(
-        model, tokenizer, questions, config.eval.batch_size, config.eval.max_length
-    )

@@ -28,7 +28,8 @@ from fedcollm import seeds
 from fedcollm.algorithm.distillation import distillation_steps
 from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config
-from fedcollm.data import encode_examples, evaluation_questions, training_split
+from fedcollm.data import encode_examples, evaluation_questions, get_task, training_split
+from fedcollm.data.taskfile import METRICS
 from fedcollm.evaluation import score
 from fedcollm.models import build_llm, build_slm, get_adapter, set_adapter
 from fedcollm.tracking.metrics import worth_reporting
@@ -126,7 +127,10 @@ def federated(config: Config, out: Path) -> dict[str, Any]:
         "llm": _row_score(last, "llm") if trained_llm else None,
         "slm_global": _row_score(last, "slm"),
         "slm_clients": [
-            {"acc": c["own_acc"], "acc_norm": c["own_acc_norm"], "n": last["eval_questions"]}
+            {
+                **{k[4:]: v for k, v in c.items() if k.startswith("own_")},
+                "n": last["eval_questions"],
+            }
             for c in last["clients"]
         ],
         "history": rows,
@@ -134,11 +138,14 @@ def federated(config: Config, out: Path) -> dict[str, Any]:
 
 
 def _row_score(row: dict[str, Any], role: str) -> dict[str, float]:
-    return {
-        "acc": row[f"{role}_acc"],
-        "acc_norm": row[f"{role}_acc_norm"],
-        "n": row["eval_questions"],
-    }
+    """A role's metrics in a metrics row (`slm_acc`, `slm_acc_stderr`...) as a summary."""
+    names = {name for names in METRICS.values() for name in names} | {"majority"}
+    scores = {}
+    for key, value in row.items():
+        metric = key.removeprefix(f"{role}_").removesuffix("_stderr")
+        if key.startswith(f"{role}_") and metric in names:
+            scores[key.removeprefix(f"{role}_")] = value
+    return {**scores, "n": row["eval_questions"]}
 
 
 RUNNERS = {
@@ -160,7 +167,8 @@ def method_config(config: Config, task: str, method: str, seed: int) -> Config:
 
 
 def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
-    return out / "runs" / task / method / f"seed{seed}"
+    """Where one run lives; a task file's runs under the task's name."""
+    return out / "runs" / get_task(task).name / method / f"seed{seed}"
 
 
 def run_experiment(
@@ -181,7 +189,8 @@ def run_experiment(
         run = method_config(config, task, method, seed)
         result = RUNNERS[method](run, directory)
         result.update(
-            task=task,
+            task=get_task(task).name,
+            metrics=list(get_task(task).metric_names[:2]),
             method=method,
             seed=seed,
             seconds=time.perf_counter() - start,

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedcollm.evaluation.multiple_choice import stderr
 from fedcollm.experiments.methods import load_results
-from fedcollm.tracking.metrics import human_bytes
+from fedcollm.tracking.metrics import LOSSES, human_bytes, row_metrics
 
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
 T975 = {
@@ -58,41 +58,63 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def seed_score(result: dict[str, Any], which: str, metric: str) -> float | None:
-    """One seed's score: the LLM, the global SLM, or the mean over the clients' SLMs."""
+def seed_score(result: dict[str, Any], which: str, metric: str) -> tuple[float, float] | None:
+    """One seed's score and its standard error on the questions scored: the LLM, the global
+    SLM, or the mean over the clients' SLMs (None where the result lacks the metric)."""
     value = result.get(which)
     if value is None:
         return None
-    if which == "slm_clients":
-        return statistics.fmean(c[metric] for c in value)
-    return value[metric]
-
-
-def questions_scored(result: dict[str, Any], which: str) -> int:
-    value = result[which]
-    return (value[0] if which == "slm_clients" else value)["n"]
+    scores = value if which == "slm_clients" else [value]
+    if any(metric not in s for s in scores):
+        return None
+    # The standard error on these questions: stored, or (results of older runs) binomial.
+    errors = [s.get(f"{metric}_stderr", stderr(s[metric], s["n"])) for s in scores]
+    return statistics.fmean(s[metric] for s in scores), statistics.fmean(errors)
 
 
 def table1_cells(results: list[dict[str, Any]], metric: str) -> dict[tuple, tuple]:
-    """(row index, task) -> (mean, ci half-width over seeds, seeds, questions)."""
+    """(row index, task) -> (mean, ci half-width over seeds, seeds, mean standard error)."""
     scores: dict[tuple, list[float]] = defaultdict(list)
-    questions: dict[tuple, int] = {}
+    errors: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
         for i, (_, _, method, which) in enumerate(TABLE1_ROWS):
             if r["method"] == method and (s := seed_score(r, which, metric)) is not None:
-                scores[i, r["task"]].append(s)
-                questions[i, r["task"]] = questions_scored(r, which)
-    return {key: (*mean_ci(v), len(v), questions[key]) for key, v in scores.items()}
+                scores[i, r["task"]].append(s[0])
+                errors[i, r["task"]].append(s[1])
+    return {key: (*mean_ci(v), len(v), statistics.fmean(errors[key])) for key, v in scores.items()}
 
 
-def _cell(cell: tuple | None) -> str:
+def _cell(cell: tuple | None, metric: str = "acc") -> str:
     """Mean over seeds, ± its 95% interval over seeds, and (se) the standard error that one
-    seed's accuracy has on this many questions."""
+    seed's score has on the questions scored; shares in %, losses as they are."""
     if cell is None:
         return "-"
-    mean, ci, _, questions = cell
-    se = f" (se {100 * stderr(mean, questions):.1f})"
-    return f"{100 * mean:.1f}{se}" if math.isnan(ci) else f"{100 * mean:.1f} ± {100 * ci:.1f}{se}"
+    mean, ci, _, se = cell
+    scale, digits = (1, 3) if metric in LOSSES else (100, 1)
+    text = f"{scale * mean:.{digits}f}"
+    if not math.isnan(ci):
+        text += f" ± {scale * ci:.{digits}f}"
+    return f"{text} (se {scale * se:.{digits}f})"
+
+
+def majority_floors(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Each multiple-choice task's majority-class floor on its evaluation questions."""
+    floors = {}
+    for r in results:
+        for which in ("llm", "slm_global"):
+            if r.get(which) and "majority" in r[which]:
+                floors[r["task"]] = r[which]["majority"]
+    return floors
+
+
+def report_metrics(results: list[dict[str, Any]]) -> list[str]:
+    """The metrics the report tabulates: each task's two, in order (older results: acc)."""
+    names: list[str] = []
+    for r in results:
+        for metric in r.get("metrics") or ["acc", "acc_norm"]:
+            if metric not in names:
+                names.append(metric)
+    return names
 
 
 def table1(results: list[dict[str, Any]], metric: str = "acc") -> str:
@@ -101,7 +123,7 @@ def table1(results: list[dict[str, Any]], metric: str = "acc") -> str:
     lines = [f"| model | method | {' | '.join(tasks)} |", "|---|---|" + "---|" * len(tasks)]
     for i, (block, label, _, _) in enumerate(TABLE1_ROWS):
         if any((i, t) in cells for t in tasks):
-            row = " | ".join(_cell(cells.get((i, t))) for t in tasks)
+            row = " | ".join(_cell(cells.get((i, t)), metric) for t in tasks)
             lines.append(f"| {block} | {label} | {row} |")
     return "\n".join(lines)
 
@@ -168,28 +190,19 @@ def paper_reference_sizes() -> list[tuple[str, int, int]]:
 
 
 def write_csv(results: list[dict[str, Any]], path: Path) -> None:
+    """One line per run, model and metric: the score and its standard error."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["task", "method", "seed", "model", "acc", "acc_norm", "n"])
+        writer.writerow(["task", "method", "seed", "model", "metric", "value", "stderr", "n"])
         for r in results:
-            for which in ("llm", "slm_global"):
-                if r.get(which):
-                    s = r[which]
-                    writer.writerow(
-                        [r["task"], r["method"], r["seed"], which, s["acc"], s["acc_norm"], s["n"]]
-                    )
-            for k, s in enumerate(r.get("slm_clients") or []):
-                writer.writerow(
-                    [
-                        r["task"],
-                        r["method"],
-                        r["seed"],
-                        f"slm_client{k}",
-                        s["acc"],
-                        s["acc_norm"],
-                        s["n"],
-                    ]
-                )
+            scored = [(which, r.get(which)) for which in ("llm", "slm_global")]
+            scored += [(f"slm_client{k}", s) for k, s in enumerate(r.get("slm_clients") or [])]
+            for model, s in scored:
+                for metric in r.get("metrics") or ["acc", "acc_norm"]:
+                    if s and metric in s:
+                        error = s.get(f"{metric}_stderr", "")
+                        row = [r["task"], r["method"], r["seed"], model, metric, s[metric]]
+                        writer.writerow([*row, error, s["n"]])
 
 
 def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
@@ -217,13 +230,14 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
             if not runs:
                 continue
             rounds = [row["round"] for row in runs[0]]
+            metric = row_metrics(runs[0][-1])[0]
             means = [
-                statistics.fmean(h[i][f"{role}_acc"] for h in runs) for i in range(len(rounds))
+                statistics.fmean(h[i][f"{role}_{metric}"] for h in runs) for i in range(len(rounds))
             ]
             ax.plot(
                 rounds, means, style, label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}"
             )
-        ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel="accuracy", xticks=rounds)
+        ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel=metric, xticks=rounds)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -238,24 +252,27 @@ def write_experiment_report(out: Path) -> Path:
     write_csv(results, out / "results.csv")
     plot_rounds(results, out / "accuracy_per_round.png")
     seeds = sorted({r["seed"] for r in results})
+    tables = "\n\n".join(
+        f"## Table 1: {metric}\n\n{table1(results, metric)}" for metric in report_metrics(results)
+    )
+    floors = majority_floors(results)
+    if floors:
+        tables += "\n\nMajority-class floor (always the most common answer): " + ", ".join(
+            f"{task} {100 * share:.1f}%" for task, share in sorted(floors.items())
+        )
     text = f"""# FedCoLLM experiment
 
-{len(results)} runs; seeds {seeds}. Cells: accuracy in % (mean over seeds ± half-width of
-the 95% confidence interval, Student t; no interval with one seed), then in brackets the
-standard error one seed's accuracy has on the questions scored (lm-eval's acc_stderr).
+{len(results)} runs; seeds {seeds}. Cells: the task's metric (shares in %, losses as they
+are; mean over seeds ± half-width of the 95% confidence interval, Student t; no interval
+with one seed), then in brackets the standard error one seed's score has on the questions
+scored (lm-eval's *_stderr). A task with one metric shows "-" in the other's table.
 
 - **SLM, clients' own adapters**: each client's adapter after its last local update, scored
   on the evaluation split and averaged over clients (the paper's client rows).
 - **SLM, global adapter**: the adapter the server holds at the end (for FedCoLLM: after
   distillation).
 
-## Table 1: accuracy (acc)
-
-{table1(results, "acc")}
-
-## Table 1: length-normalised accuracy (acc_norm)
-
-{table1(results, "acc_norm")}
+{tables}
 
 ## Table 2: communication of the SLM per round
 

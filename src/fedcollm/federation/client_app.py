@@ -99,8 +99,8 @@ def tune(
     own = {}
     if instructions.get("evaluate-own"):
         # The client's own adapter after its last local update, scored where it lives.
-        accuracy = score(client.slm, tokenizer, config, evaluation_questions(config))
-        own = {"own_acc": accuracy.acc, "own_acc_norm": accuracy.acc_norm}
+        scores = score(client.slm, tokenizer, config, evaluation_questions(config)).summary()
+        own = {f"own_{k}": v for k, v in scores.items() if k not in ("n", "majority")}
         # Which adapter that score is of: the server can compare it with what arrives.
         receipt["scored_sha256"] = adapter_digest(get_adapter(client.slm))
     metrics = {

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.algorithm.server import CoTuningServer, ServerRound
-from fedcollm.data import Question
+from fedcollm.data import Question, get_task
 from fedcollm.federation.screening import UpdateRejected
 from fedcollm.federation.wire import WireError
 from fedcollm.models import Adapter, adapter_digest, adapter_numel
@@ -122,16 +122,18 @@ class ServerRounds:
             "task": self.config.task,
             "eval_split": self.config.eval.split,
             "eval_questions": len(self.eval_questions),
+            # The task's headline metric and the one beside it, as the tables show them.
+            "metrics": list(get_task(self.config.task).metric_names[:2]),
             "clients": [],
             "client_train_loss": None,
             **self.row,
         }
         # Without distillation (FedAvg) the LLM never changes: score it once.
         roles = ["llm", "slm"] if server_round == 0 or self.config.distill.enabled else ["slm"]
-        for role, acc in self.server.evaluate(self.eval_questions, roles).items():
-            row.update({f"{role}_{k}": v for k, v in acc.summary().items() if k != "n"})
-        if "llm_acc" not in row:
-            row.update({k: v for k, v in self.metrics.rows[-1].items() if k.startswith("llm_acc")})
+        for role, scores in self.server.evaluate(self.eval_questions, roles).items():
+            row.update({f"{role}_{k}": v for k, v in scores.summary().items() if k != "n"})
+        if "llm" not in roles:
+            row.update({k: v for k, v in self.metrics.rows[-1].items() if k.startswith("llm_")})
         seconds = row.setdefault("seconds", {})
         seconds["evaluation"] = time.perf_counter() - start
         seconds["round"] = time.perf_counter() - (self.started if server_round else start)

@@ -25,6 +25,7 @@ from fedcollm.federation.rounds import ServerRounds
 from fedcollm.federation.screening import check_update
 from fedcollm.federation.wire import adapter_from_parameters, parameters_from_adapter
 from fedcollm.models import Adapter
+from fedcollm.tracking.metrics import headline_scores
 
 
 def client_row(proxy, res) -> dict:
@@ -97,7 +98,7 @@ class SecureFedCoLLM(LegacyFedAvg):
         row = self.rounds.evaluate(server_round, adapter_from_parameters(parameters, self.keys))
         if row is None:
             return None
-        return 0.0, {"llm_acc": row["llm_acc"], "slm_acc": row["slm_acc"]}
+        return 0.0, headline_scores(row)
 
 
 def max_weight(config: Config, split: DataSplit) -> float:

@@ -41,7 +41,7 @@ from fedcollm.tracking.checkpoint import (
     load_checkpoint,
     restore,
 )
-from fedcollm.tracking.metrics import MetricsLog, summary_table
+from fedcollm.tracking.metrics import MetricsLog, headline_scores, summary_table
 from fedcollm.tracking.report import write_report
 
 
@@ -79,7 +79,7 @@ def read_update(
             "bytes_sent": record_bytes(arrays),
             "seconds": float(metrics["seconds"]),
             "update_norm": norm,
-            **{k: float(metrics[k]) for k in ("own_acc", "own_acc_norm") if k in metrics},
+            **{k: float(v) for k, v in metrics.items() if k.startswith("own_")},
         }
         receipt = content.config_records["receipt"]
         row["received_sha256"] = str(receipt["received_sha256"])
@@ -210,7 +210,7 @@ class FedCoLLM(FedAvg):
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         row = self.rounds.evaluate(server_round, record_to_adapter(arrays))
-        return row and MetricRecord({"llm_acc": row["llm_acc"], "slm_acc": row["slm_acc"]})
+        return row and MetricRecord(headline_scores(row))
 
 
 def run_rounds(grid: MeteredGrid, rounds: ServerRounds) -> None:

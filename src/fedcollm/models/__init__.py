@@ -1,7 +1,7 @@
 """Models: loading any causal LM (or a tiny one built in code), LoRA adapters, the offline
 registry of pretrained weights."""
 
-from fedcollm.models.forward import eval_mode, has_dropout, output_logits
+from fedcollm.models.forward import answer_logits, eval_mode, has_dropout, output_logits
 from fedcollm.models.loading import (
     DTYPES,
     ModelError,
@@ -36,6 +36,7 @@ __all__ = [
     "Adapter",
     "ModelError",
     "adapter_digest",
+    "answer_logits",
     "adapter_numel",
     "add_lora",
     "architecture",

@@ -1,5 +1,5 @@
-"""How the algorithm runs a model: its output layer on chosen hidden states only, and eval
-mode for a block of code."""
+"""How the algorithm runs a model: its output layer on chosen hidden states only (the answer
+positions of a batch), and eval mode for a block of code."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from fedcollm.data.batches import Batch
+from fedcollm.models.loading import model_device
 
 
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -16,6 +19,26 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if cap:  # Gemma 2 squashes its logits; the full forward would too
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits at the positions that predict an answer token, and those tokens.
+
+    Position t predicts token t+1, so the answer mask is shifted by one against the hidden
+    states. Only the N answer positions go through the output layer: (N, V) instead of
+    (B, L, V), which matters with a 150k-token vocabulary. Returns (N, V) logits and (N,)
+    targets, row-major over the batch.
+    """
+    batch = batch.to(model_device(model))  # batches are made on the CPU
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=1,  # the model's own logits are not used; keep them to one position
+    )
+    predicts = batch.answer_mask[:, 1:]  # (B, L-1)
+    hidden = out.hidden_states[-1][:, :-1][predicts]  # (N, H): final-norm output
+    return output_logits(model, hidden), batch.input_ids[:, 1:][predicts]
 
 
 @contextmanager

@@ -50,6 +50,21 @@ def worth_reporting(step: int, total: int, reports: int = 5) -> bool:
     return step == total or step % max(total // reports, 1) == 0
 
 
+# Metrics that are losses (lower is better, not a share in [0, 1]).
+LOSSES = {"target_loss"}
+
+
+def row_metrics(row: dict[str, Any]) -> list[str]:
+    """The headline metric of a row and the one beside it (rows of older runs: acc, acc_norm)."""
+    return row.get("metrics") or ["acc", "acc_norm"]
+
+
+def headline_scores(row: dict[str, Any]) -> dict[str, float]:
+    """The LLM's and the global SLM's headline metric, for Flower's own evaluation record."""
+    metric = row_metrics(row)[0]
+    return {f"llm_{metric}": row[f"llm_{metric}"], f"slm_{metric}": row[f"slm_{metric}"]}
+
+
 def progress_line(row: dict[str, Any], rounds: int) -> str:
     """One line per round while the run goes on."""
     parts = [f"round {row['round']}/{rounds}"]
@@ -59,21 +74,25 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
             parts.append(
                 f"KD(slm) {_fmt(row['distill_slm_kd'])} KD(llm) {_fmt(row['distill_llm_kd'])}"
             )
-    parts.append(f"LLM acc {_fmt(row['llm_acc'])} / SLM acc {_fmt(row['slm_acc'])}")
+    metric = row_metrics(row)[0]
+    parts.append(
+        f"LLM {metric} {_fmt(row[f'llm_{metric}'])} / SLM {metric} {_fmt(row[f'slm_{metric}'])}"
+    )
     parts.append(f"{_fmt(row['seconds']['round'], '.1f')} s")
     return " | ".join(parts)
 
 
-def _accuracy(row: dict[str, Any], key: str) -> str:
-    """An accuracy and its standard error, "0.467±0.065" (rows of older runs lack the latter)."""
+def _with_stderr(row: dict[str, Any], key: str) -> str:
+    """A metric and its standard error, "0.467±0.065" (rows of older runs lack the latter)."""
     stderr = row.get(f"{key}_stderr")
     return _fmt(row[key]) + (f"±{stderr:.3f}" if stderr is not None else "")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """The table printed at the end of a run: accuracy and communication per round."""
+    """The table printed at the end of a run: the task's metrics and communication per round."""
+    first, second = row_metrics(rows[-1])[:2]
     head = (
-        f"{'round':>5}  {'LLM acc':>11} {'acc_norm':>11}  {'SLM acc':>11} {'acc_norm':>11}  "
+        f"{'round':>5}  {'LLM ' + first:>11} {second:>11}  {'SLM ' + first:>11} {second:>11}  "
         f"{'client loss':>11}  {'sent/client':>11} {'recv/client':>11}  {'seconds':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -85,8 +104,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         total_bytes += sent + received
         per_client = max(len(clients), 1)
         lines.append(
-            f"{r['round']:>5}  {_accuracy(r, 'llm_acc'):>11} {_accuracy(r, 'llm_acc_norm'):>11}  "
-            f"{_accuracy(r, 'slm_acc'):>11} {_accuracy(r, 'slm_acc_norm'):>11}  "
+            f"{r['round']:>5}  {_with_stderr(r, f'llm_{first}'):>11} "
+            f"{_with_stderr(r, f'llm_{second}'):>11}  "
+            f"{_with_stderr(r, f'slm_{first}'):>11} {_with_stderr(r, f'slm_{second}'):>11}  "
             f"{_fmt(r.get('client_train_loss')):>11}  "
             f"{human_bytes(sent / per_client) if clients else '-':>11} "
             f"{human_bytes(received / per_client) if clients else '-':>11}  "
@@ -96,8 +116,10 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     last = rows[-1]
     lines.append(
         f"evaluated on {last['eval_questions']} {last['eval_split']} questions of {last['task']}"
-        " (± one standard error, as lm-eval's acc_stderr)"
+        " (± one standard error, as lm-eval's *_stderr)"
     )
+    if last.get("llm_majority") is not None:
+        lines.append(f"majority-class floor: {last['llm_majority']:.3f}")
     if "adapter_params" in last:
         lines.append(
             f"SLM adapter: {last['adapter_params']:,} parameters, "

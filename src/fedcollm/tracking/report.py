@@ -5,31 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedcollm.tracking.metrics import summary_table
+from fedcollm.tracking.metrics import LOSSES, row_metrics, summary_table
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy of the server LLM and the global SLM per round (round 0: zero-shot), with
-    error bars of one standard error."""
+    """The task's two metrics of the server LLM and the global SLM per round (round 0:
+    zero-shot), with error bars of one standard error; a loss on an axis of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in rows]
+    first, second = row_metrics(rows[-1])[:2]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    loss_ax = ax.twinx() if second in LOSSES else ax
     series = [
-        ("llm", "server LLM", "tab:blue", "acc", "o-", 1.0),
-        ("llm", "server LLM", "tab:blue", "acc_norm", "s--", 0.6),
-        ("slm", "global SLM", "tab:orange", "acc", "o-", 1.0),
-        ("slm", "global SLM", "tab:orange", "acc_norm", "s--", 0.6),
+        ("llm", "server LLM", "tab:blue", first, "o-", 1.0),
+        ("llm", "server LLM", "tab:blue", second, "s--", 0.6),
+        ("slm", "global SLM", "tab:orange", first, "o-", 1.0),
+        ("slm", "global SLM", "tab:orange", second, "s--", 0.6),
     ]
     for k, (role, label, colour, metric, style, alpha) in enumerate(series):
         key = f"{role}_{metric}"
         # ± one standard error, where the rows have it (rows of older runs do not); each
         # series a little to the side, so that the bars do not hide each other.
         errors = [r.get(f"{key}_stderr") for r in rows]
-        ax.errorbar(
+        (loss_ax if metric in LOSSES else ax).errorbar(
             [r + 0.03 * (k - 1.5) for r in rounds],
             [r[key] for r in rows],
             yerr=errors if None not in errors else None,
@@ -42,14 +44,23 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     last = rows[-1]
     title = f"{last['task']}: {last['eval_questions']} {last['eval_split']} questions"
     title += "\n(bars: one standard error)"
-    ax.set(
-        xlabel="round (0 = zero-shot)", ylabel="accuracy", ylim=(0, 1), xticks=rounds, title=title
-    )
+    ylabel = first if first not in ("acc",) else "accuracy"
+    ax.set(xlabel="round (0 = zero-shot)", ylabel=ylabel, ylim=(0, 1), xticks=rounds, title=title)
+    if loss_ax is not ax:
+        loss_ax.set(ylabel=f"{second} (dashed)")
+        loss_ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+_METRICS_NOTE = (
+    "acc is multiple-choice log-likelihood accuracy and acc_norm its length-normalised form;"
+    " rougeL is ROUGE-L F1 of the greedy generation, target_loss the reference answer's mean"
+    " token loss, exact_match the share of generations equal to the reference."
+)
 
 
 def write_report(rows: list[dict[str, Any]], config: dict[str, Any], out_dir: Path) -> Path:
@@ -61,8 +72,8 @@ def write_report(rows: list[dict[str, Any]], config: dict[str, Any], out_dir: Pa
             "# FedCoLLM run",
             "",
             f"{setting}; {models}.",
-            "Accuracy is multiple-choice log-likelihood (acc) and its length-normalised form"
-            " (acc_norm); the SLM row is the global adapter after distillation.",
+            _METRICS_NOTE,
+            "The SLM row is the global adapter after distillation.",
             "",
             "```",
             summary_table(rows),

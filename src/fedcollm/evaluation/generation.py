@@ -1,0 +1,155 @@
+"""Generative evaluation: batched greedy decoding, and the metrics of its text.
+
+Prompts are encoded as lm-eval encodes them, sorted longest first (as lm-eval's batches),
+left-padded and decoded greedily with the key/value cache, each row until one of its task's
+`until` strings, EOS or `max_gen_toks`; the text is cut before the first `until` string,
+as lm-eval cuts it. Decoding is plain greedy: the model's own generation defaults (a
+repetition penalty, sampling) are not applied.
+
+Metrics: `exact_match` as lm-eval computes it (its options `ignore_case`,
+`ignore_punctuation`, `ignore_numbers`, `regexes_to_ignore`), ROUGE-L F1 by Google's
+`rouge-score` (with its Porter stemmer, as the Self-Instruct evaluation), and the reference
+answer's mean token loss under teacher forcing, which needs no decoding at all.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from fedcollm.data import Question, collate, encode_answer
+from fedcollm.data.encoding import prompt_tokens
+from fedcollm.models import answer_logits, eval_mode, model_device
+
+
+class _Until(StoppingCriteria):
+    """Stops each row once its generated text holds one of the stop strings."""
+
+    def __init__(self, tokenizer, until: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.until, self.start = tokenizer, [u for u in until if u], prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        done = [any(u in text for u in self.until) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at(text: str, until: Sequence[str]) -> str:
+    """The text before the first of the stop strings (lm-eval's post-processing)."""
+    for term in until:
+        if term:
+            text = text.split(term)[0]
+    return text
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    until: Sequence[str],
+    max_gen_toks: int,
+    batch_size: int = 16,
+    max_length: int = 0,
+) -> list[str]:
+    """The greedy continuation of every prompt, cut at `until`; prompts longer than
+    `max_length - max_gen_toks` tokens keep their last ones (0: no cut)."""
+    encoded = [prompt_tokens(tokenizer, p) for p in prompts]
+    if max_length:
+        encoded = [ids[-(max_length - max_gen_toks) :] for ids in encoded]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    greedy = GenerationConfig(
+        max_new_tokens=max_gen_toks,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    device = model_device(model)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding: every prompt ends at the same column
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                attention[r, width - len(encoded[i]) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=greedy,
+                stopping_criteria=StoppingCriteriaList([_Until(tokenizer, until, width)]),
+            )
+            texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
+            for i, text in zip(rows, texts, strict=True):
+                outputs[i] = cut_at(text, until)
+    return outputs
+
+
+def exact_match(
+    prediction: str,
+    reference: str,
+    regexes_to_ignore: Sequence[str] = (),
+    ignore_case: bool = False,
+    ignore_punctuation: bool = False,
+    ignore_numbers: bool = False,
+) -> float:
+    """1.0 if the two texts are equal after lm-eval's normalisations, in its order."""
+    for pattern in regexes_to_ignore or ():
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    if ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    for ignored, flag in (
+        (string.punctuation, ignore_punctuation),
+        (string.digits, ignore_numbers),
+    ):
+        if flag:
+            table = str.maketrans("", "", ignored)
+            prediction, reference = prediction.translate(table), reference.translate(table)
+    # numpy, which lm-eval compares with, drops trailing NUL characters.
+    return float(prediction.rstrip("\0") == reference.rstrip("\0"))
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of Google's rouge-score package, stemmed."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer  # imported here: its NLTK load takes a moment
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
+
+
+@torch.inference_mode()
+def target_losses(
+    model: torch.nn.Module,
+    tokenizer,
+    questions: Sequence[Question],
+    batch_size: int = 16,
+    max_length: int = 0,
+) -> list[float]:
+    """Each reference answer's mean token loss after its prompt (teacher-forced), with the
+    pair cut from the left to `max_length` tokens as in training (0: 2048)."""
+    examples = [encode_answer(tokenizer, q, max_length or 2048) for q in questions]
+    pad = tokenizer.pad_token_id
+    losses = []
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate(chunk, pad)
+            logits, targets = answer_logits(model, batch)
+            nll = F.cross_entropy(logits.float(), targets, reduction="none").cpu()
+            # answer_logits is row-major: each example's answer tokens in turn.
+            for piece in torch.split(nll, [sum(e.answer_mask[1:]) for e in chunk]):
+                losses.append(piece.mean().item())
+    return losses

@@ -1,0 +1,134 @@
+"""A task's metrics on a model: multiple choice by log-likelihood (and FlowerTune's parsed
+generations), generation by its text and its reference's loss. Every metric is a mean over
+questions, with the standard error lm-eval reports (sample standard deviation over sqrt(n));
+multiple choice also reports the majority-class floor beside it."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedcollm.config import Config
+from fedcollm.data import Question, Task, get_task
+from fedcollm.data.templates import Template
+from fedcollm.evaluation import flowertune
+from fedcollm.evaluation.generation import exact_match, generate, rouge_l, target_losses
+from fedcollm.evaluation.multiple_choice import accuracy, choice_loglikelihoods
+
+
+@dataclass
+class Scores:
+    """Per-question values of each metric (headline first), and the majority floor."""
+
+    values: dict[str, list[float]]
+    majority: float | None = None
+
+    @property
+    def n(self) -> int:
+        return len(next(iter(self.values.values())))
+
+    @property
+    def headline(self) -> str:
+        return next(iter(self.values))
+
+    def mean(self, metric: str) -> float:
+        return statistics.fmean(self.values[metric])
+
+    def stderr(self, metric: str) -> float:
+        values = self.values[metric]
+        return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric in self.values:
+            out[metric] = self.mean(metric)
+            out[f"{metric}_stderr"] = self.stderr(metric)
+        out["n"] = self.n
+        if self.majority is not None:
+            out["majority"] = self.majority
+        return out
+
+
+def majority_share(questions: Sequence[Question]) -> float:
+    """The accuracy of always giving the most common correct answer."""
+    return Counter(q.answer for q in questions).most_common(1)[0][1] / len(questions)
+
+
+def _flowertune(model, tokenizer, task: Task, questions, metric, batch_size) -> list[float]:
+    options = metric.options
+    prompt = Template(f"metric_list.{metric.name}.prompt", options.get("prompt"))
+    prompts = [
+        prompt.render(q.doc) if options.get("prompt") else q.context + q.delimiter
+        for q in questions
+    ]
+    # FlowerTune stops at "###" (medical) or the end of the answer (finance).
+    outputs = generate(
+        model, tokenizer, prompts, ["###"], options.get("max_gen_toks", 16), batch_size
+    )
+    return [
+        flowertune.correct(metric.name, o, q.answer)
+        for o, q in zip(outputs, questions, strict=True)
+    ]
+
+
+def evaluate_task(
+    model: torch.nn.Module,
+    tokenizer,
+    task: Task,
+    questions: Sequence[Question],
+    batch_size: int = 16,
+    max_length: int = 0,
+) -> Scores:
+    if not questions:
+        raise ValueError("no questions to evaluate")
+    names = task.metric_names
+    values: dict[str, list[float]] = {}
+    if not task.generative:
+        lls = choice_loglikelihoods(model, tokenizer, questions, batch_size, max_length)
+        result = accuracy(questions, lls)
+        picks = {"acc": result.predictions, "acc_norm": result.predictions_norm}
+        for metric in task.spec.metrics:
+            if metric.name in picks:
+                values[metric.name] = [
+                    float(p == q.gold) for p, q in zip(picks[metric.name], questions, strict=True)
+                ]
+            else:
+                values[metric.name] = _flowertune(
+                    model, tokenizer, task, questions, metric, batch_size
+                )
+        return Scores(values, majority=majority_share(questions))
+    spec = task.spec
+    if {"exact_match", "rougeL"} & set(names):
+        prompts = [q.context for q in questions]
+        outputs = generate(
+            model, tokenizer, prompts, spec.until, spec.max_gen_toks, batch_size, max_length
+        )
+    for metric in spec.metrics:
+        if metric.name == "exact_match":
+            values["exact_match"] = [
+                exact_match(o, q.answer, **metric.options)
+                for o, q in zip(outputs, questions, strict=True)
+            ]
+        elif metric.name == "rougeL":
+            values["rougeL"] = [
+                rouge_l(o, q.answer) for o, q in zip(outputs, questions, strict=True)
+            ]
+    values["target_loss"] = target_losses(model, tokenizer, questions, batch_size, max_length)
+    return Scores({name: values[name] for name in names})
+
+
+def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Scores:
+    """The config's task's metrics with the config's evaluation settings."""
+    return evaluate_task(
+        model,
+        tokenizer,
+        get_task(config.task),
+        questions,
+        config.eval.batch_size,
+        config.eval.max_length,
+    )

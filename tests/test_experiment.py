@@ -99,7 +99,9 @@ def test_baselines_get_the_federated_budget_and_runs_resume(tmp_path, data_dir, 
     report = write_experiment_report(tmp_path)
     assert "| LLM | Centralized |" in report.read_text()
     # One line per client model and metric (acc, acc_norm).
-    assert (tmp_path / "results.csv").read_text().count("slm_client") == 2 * (config.num_clients + 1)
+    assert (tmp_path / "results.csv").read_text().count("slm_client") == 2 * (
+        config.num_clients + 1
+    )
 
 
 @pytest.mark.parametrize(("kd_steps", "per_round"), [(4, 3 * 4 + 4), (0, 3 * 4 + 13)])

@@ -1,0 +1,244 @@
+"""An lm-eval task file with local data scores exactly what lm-eval scores on it; bad task
+files and rows stop with one line naming the file, key or row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tinymodels import TOKENIZER, tiny_model
+
+from fedcollm.data import DataError, get_task
+from fedcollm.data.tasks import split_questions
+from fedcollm.evaluation import choice_loglikelihoods, evaluate_task
+from fedcollm.evaluation.generation import exact_match, generate
+
+ROWS = [
+    {
+        "id": f"r{i}",
+        "q": f"Which word comes {i} after {'abc'[i % 3]}?",
+        "opts": ["alpha", "beta gamma", "delta", "epsilon zeta eta"],
+        "ans": i % 4,
+        "ward": ["cardiology", "surgery", "dental"][i % 3],
+        "instruction": f"Repeat the number {i}.",
+        "output": f"{i}",
+    }
+    for i in range(12)
+]
+
+MULTIPLE_CHOICE = """\
+task: ward_quiz
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {data}
+    validation: {data}
+output_type: multiple_choice
+training_split: train
+validation_split: validation
+description: "Questions from the {{{{ward}}}} ward.\\n\\n"
+doc_to_text: "Q: {{{{q | trim}}}}\\nA:"
+doc_to_choice: "{{{{opts}}}}"
+doc_to_target: ans
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+GENERATIVE = """\
+task: repeat_number
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+output_type: generate_until
+validation_split: validation
+doc_to_text: "{{{{instruction}}}}\\nAnswer:"
+doc_to_target: output
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+"""
+
+
+def write_task(tmp_path: Path, text: str, rows=ROWS, name: str = "task.yaml") -> Path:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / name
+    path.write_text(text.format(data=data))
+    return path
+
+
+def our_scores(path: Path, model):
+    task = get_task(str(path))
+    questions = split_questions(task, "validation", None)
+    return task, questions, evaluate_task(model, TOKENIZER, task, questions, batch_size=5)
+
+
+def lm_eval_samples(path: Path, model) -> tuple[dict, list[dict]]:
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    name = path.read_text().split("\n")[0].removeprefix("task: ")
+    lm = HFLM(pretrained=model, tokenizer=TOKENIZER, batch_size=4)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[name],
+        task_manager=TaskManager(include_path=str(path.parent)),
+        log_samples=True,
+        verbosity="ERROR",
+    )
+    return out["results"][name], sorted(out["samples"][name], key=lambda s: s["doc_id"])
+
+
+def test_the_task_file_reads_rows_as_lm_eval_would(tmp_path):
+    task, questions, _ = our_scores(write_task(tmp_path, MULTIPLE_CHOICE), tiny_model(seed=5))
+    q = questions[4]
+    assert q.context == "Questions from the surgery ward.\n\nQ: Which word comes 4 after b?\nA:"
+    assert q.choices == ("alpha", "beta gamma", "delta", "epsilon zeta eta")
+    assert (q.gold, q.answer, q.continuation) == (0, "alpha", " alpha")
+    assert task.metric_names == ("acc", "acc_norm")
+
+
+# lm-eval 0.4.13's log-likelihoods on this task and model (question 4's four choices, and
+# the sum over all 48 pairs), for machines without lm-eval; the test below checks them live.
+LM_EVAL_QUESTION_4 = [-33.114742, -60.975605, -32.989746, -93.723709]
+LM_EVAL_SUM = -2650.9758
+
+
+def test_multiple_choice_log_likelihoods_are_lm_evals_recorded_ones(tmp_path):
+    task = get_task(str(write_task(tmp_path, MULTIPLE_CHOICE)))
+    questions = split_questions(task, "validation", None)
+    lls = choice_loglikelihoods(tiny_model(seed=5).eval(), TOKENIZER, questions, 5)
+    assert lls[4] == pytest.approx(LM_EVAL_QUESTION_4, abs=1e-4)
+    assert sum(map(sum, lls)) == pytest.approx(LM_EVAL_SUM, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_multiple_choice_scores_are_lm_evals(tmp_path):
+    path = write_task(tmp_path, MULTIPLE_CHOICE)
+    model = tiny_model(seed=5).eval()
+    _, questions, ours = our_scores(path, model)
+    theirs, samples = lm_eval_samples(path, model)
+    lls = choice_loglikelihoods(model, TOKENIZER, questions, 5)
+    for ours_q, sample in zip(lls, samples, strict=True):
+        assert ours_q == pytest.approx([r[0][0] for r in sample["resps"]], abs=1e-4)
+    assert ours.mean("acc") == pytest.approx(theirs["acc,none"], abs=1e-12)
+    assert ours.mean("acc_norm") == pytest.approx(theirs["acc_norm,none"], abs=1e-12)
+    assert ours.stderr("acc") == pytest.approx(theirs["acc_stderr,none"], abs=1e-12)
+    # Question by question: the same correct answers.
+    assert ours.values["acc"] == [s["acc"] for s in samples]
+    assert [s["target"] for s in samples] == [q.gold for q in questions]
+
+
+@pytest.mark.slow
+def test_generations_and_exact_match_are_lm_evals(tmp_path):
+    path = write_task(tmp_path, GENERATIVE)
+    model = tiny_model(seed=7).eval()
+    task, questions, ours = our_scores(path, model)
+    theirs, samples = lm_eval_samples(path, model)
+    prompts = [q.context for q in questions]
+    spec = task.spec
+    texts = generate(model, TOKENIZER, prompts, spec.until, spec.max_gen_toks, batch_size=5)
+    assert texts == [s["filtered_resps"][0] for s in samples]
+    assert ours.mean("exact_match") == pytest.approx(theirs["exact_match,none"], abs=1e-12)
+
+
+def test_exact_match_normalises_as_lm_eval():
+    assert exact_match("Paris", "paris") == 0.0
+    assert exact_match("Paris", "paris", ignore_case=True) == 1.0
+    assert exact_match("Paris!", "Paris", ignore_punctuation=True) == 1.0
+    assert exact_match("Room 12", "Room ", ignore_numbers=True) == 1.0
+    assert exact_match("The answer is 4", "4", regexes_to_ignore=["The answer is "]) == 1.0
+    assert exact_match(" Paris", "Paris") == 0.0  # no stripping: lm-eval does not strip
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tmp_path):
+    model = tiny_model(seed=3).eval()
+    prompts = [f"Count {'to ' * i}{i}:" for i in range(7)]
+    batched = generate(model, TOKENIZER, prompts, ["\n"], 8, batch_size=4)
+    alone = [generate(model, TOKENIZER, [p], ["\n"], 8, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    assert any(batched)
+
+
+# --- bad task files and rows ------------------------------------------------------------
+
+
+def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedcollm.cli", "evaluate", "--model", "tiny", *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "rows", "fragment"),
+    [
+        (("metric_list:", "num_choices: 4\nmetric_list:"), ROWS, "unknown key 'num_choices'"),
+        (("{{{{q | trim}}}}", "{{{{question}}}}"), ROWS, "doc_to_text names a missing field"),
+        (("doc_to_target: ans", "doc_to_target: '{{{{ans + 4}}}}'"), ROWS, "is not among"),
+        (("", ""), [{**ROWS[0], "opts": ["a", ""]}], "choice 2 is empty"),
+        (("validation_split: validation", "validation_split: dev"), ROWS, "split 'dev' has no"),
+        (("output_type: multiple_choice", "output_type: loglikelihood"), ROWS, "not supported"),
+        (("metric_list:", "filter_list: []\nmetric_list:"), ROWS, "filter_list is not supported"),
+    ],
+)
+def test_a_bad_task_file_is_one_line_before_any_model_loads(tmp_path, edit, rows, fragment):
+    text = MULTIPLE_CHOICE.replace(*edit) if edit[0] else MULTIPLE_CHOICE
+    path = write_task(tmp_path, text, rows)
+    result = evaluate_cli("--task", str(path))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert fragment in line and (str(path) in line or "rows.jsonl" in line), line
+    assert "Loading weights" not in result.stderr
+
+
+def test_an_empty_answer_of_a_generative_row_names_the_row(tmp_path):
+    path = write_task(tmp_path, GENERATIVE, [ROWS[0], {**ROWS[1], "output": "  "}])
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: doc_to_target gives an empty answer"):
+        split_questions(get_task(str(path)), "validation", None)
+
+
+def test_data_files_that_are_not_utf8_or_not_json_or_csv(tmp_path):
+    path = write_task(tmp_path, MULTIPLE_CHOICE)
+    (tmp_path / "rows.jsonl").write_bytes(json.dumps(ROWS[0]).encode() + b"\n\xff oops\n")
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: not UTF-8"):
+        split_questions(get_task(str(path)), "validation", None)
+    other = tmp_path / "rows.xlsx"
+    other.write_text("x")
+    path.write_text(path.read_text().replace(str(tmp_path / "rows.jsonl"), str(other)))
+    with pytest.raises(DataError, match=r"rows\.xlsx:1: not a JSON object"):
+        split_questions(get_task(str(path)), "validation", None)
+    path.write_text(path.read_text().replace("dataset_path: json", "dataset_path: excel"))
+    with pytest.raises(DataError, match="rows.xlsx: not a JSON, JSON Lines, CSV or Parquet file"):
+        split_questions(get_task(str(path)), "validation", None)
+
+
+def test_csv_and_parquet_rows_read_as_datasets_reads_them(tmp_path):
+    import datasets
+
+    flat = [{k: v for k, v in r.items() if k != "opts"} for r in ROWS]
+    table = datasets.Dataset.from_list(flat)
+    for suffix, write in ((".csv", table.to_csv), (".parquet", table.to_parquet)):
+        write(str(tmp_path / f"rows{suffix}"))
+        text = MULTIPLE_CHOICE.replace('"{{{{opts}}}}"', '["alpha", "beta", "gamma", "delta"]')
+        path = write_task(tmp_path, text, name=f"task{suffix}.yaml")
+        text = path.read_text().replace("rows.jsonl", f"rows{suffix}")
+        path.write_text(text.replace("dataset_path: json", f"dataset_path: {suffix[1:]}"))
+        questions = split_questions(get_task(str(path)), "validation", None)
+        assert [q.gold for q in questions] == [r["ans"] for r in ROWS]  # ints, as datasets reads

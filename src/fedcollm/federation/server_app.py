@@ -243,6 +243,10 @@ def run_server(
         restore(server, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    # Who holds what: D_a's and each client's size, and (by_field) each value's client.
+    split_record = {"partition": config.data.partition, "field": config.data.partition_field}
+    split_record.update(server.split.summary())
+    (out_dir / "partition.json").write_text(json.dumps(split_record, indent=2))
     metrics, first_round = MetricsLog(out_dir), 0
     if checkpoint:
         metrics.write_all(checkpoint.rows)

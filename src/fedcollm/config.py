@@ -71,6 +71,10 @@ class DataConfig:
     # "{{ id.split('_')[0] }}"); for by_field, and for dirichlet_by = "field".
     partition_field: str = ""
     max_length: int = 256
+    # How a prompt reaches the model: "plain", as lm-eval builds it (scores comparable with
+    # lm-eval's, and any model works, base or instruction-tuned); "chat", inside the
+    # tokenizer's chat template (the user's turn; the answer is the assistant's).
+    prompt_format: Literal["plain", "chat"] = "plain"
 
 
 @dataclass

@@ -134,6 +134,16 @@ def _check_targets(config: Config, role: str, name: str, arch) -> None:
         )
 
 
+def _check_chat_template(role: str, name: str) -> None:
+    from transformers import AutoTokenizer
+
+    if name == "tiny" or not AutoTokenizer.from_pretrained(model_path(name)).chat_template:
+        raise ConfigError(
+            f'data.prompt_format: "chat" needs a chat template, and {role}.name {name!r} has '
+            'none; use "plain"'
+        )
+
+
 def check_models(config: Config) -> None:
     """Model directories, LoRA target modules and the KL's top-k against the models, read
     from their config files only (registry models must be fetched by now). A hub id has
@@ -147,6 +157,8 @@ def check_models(config: Config) -> None:
             check_model_dir(model_path(spec.name))
         arch = architecture(spec)
         _check_targets(config, role, spec.name, arch)
+        if config.data.prompt_format == "chat":
+            _check_chat_template(role, spec.name)
         vocab_sizes.append((getattr(arch, "text_config", None) or arch).vocab_size)
     top_k = config.distill.top_k
     if vocab_sizes and top_k > min(vocab_sizes):

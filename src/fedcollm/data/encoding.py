@@ -4,9 +4,10 @@ training (the correct answer) and for scoring (every choice)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedcollm.config import Config
+from fedcollm.data.rows import DataError
 from fedcollm.data.tasks import Question
 
 
@@ -72,8 +73,31 @@ def encode_answer(tokenizer, question: Question, max_length: int) -> Example:
     return encode_pair(tokenizer, question.context, question.continuation, max_length)
 
 
+def as_prompted(questions: Sequence[Question], tokenizer, prompt_format: str) -> list[Question]:
+    """The questions as the model reads them: the prompt as lm-eval builds it ("plain"), or
+    ("chat") that prompt as the user's turn of the tokenizer's chat template, the answer
+    right after the assistant's turn opens (no delimiter)."""
+    if prompt_format == "plain":
+        return list(questions)
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            'data.prompt_format = "chat": this tokenizer has no chat template; use "plain"'
+        )
+    return [
+        replace(
+            q,
+            context=tokenizer.apply_chat_template(
+                [{"role": "user", "content": q.context}], tokenize=False, add_generation_prompt=True
+            ),
+            delimiter="",
+        )
+        for q in questions
+    ]
+
+
 def encode_examples(
     questions: Sequence[Question], indices: Sequence[int], tokenizer, config: Config
 ) -> list[Example]:
     """The training examples of the questions at `indices` (a client's D_k, or D_a)."""
-    return [encode_answer(tokenizer, questions[i], config.data.max_length) for i in indices]
+    chosen = as_prompted([questions[i] for i in indices], tokenizer, config.data.prompt_format)
+    return [encode_answer(tokenizer, q, config.data.max_length) for q in chosen]

@@ -15,6 +15,7 @@ import torch
 
 from fedcollm.config import Config
 from fedcollm.data import Question, Task, get_task
+from fedcollm.data.encoding import as_prompted
 from fedcollm.data.templates import Template
 from fedcollm.evaluation import flowertune
 from fedcollm.evaluation.generation import exact_match, generate, rouge_l, target_losses
@@ -123,12 +124,12 @@ def evaluate_task(
 
 
 def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Scores:
-    """The config's task's metrics with the config's evaluation settings."""
+    """The config's task's metrics with the config's evaluation settings and prompt format."""
     return evaluate_task(
         model,
         tokenizer,
         get_task(config.task),
-        questions,
+        as_prompted(questions, tokenizer, config.data.prompt_format),
         config.eval.batch_size,
         config.eval.max_length,
     )

@@ -242,3 +242,108 @@ def test_csv_and_parquet_rows_read_as_datasets_reads_them(tmp_path):
         path.write_text(text.replace("dataset_path: json", f"dataset_path: {suffix[1:]}"))
         questions = split_questions(get_task(str(path)), "validation", None)
         assert [q.gold for q in questions] == [r["ans"] for r in ROWS]  # ints, as datasets reads
+
+
+# --- built-in tasks, FlowerTune, chat, the tasks command ---------------------------------
+
+
+def test_flowertune_parsers_follow_its_rules():
+    from fedcollm.evaluation.flowertune import correct, finance_label, medical_letter
+
+    assert finance_label("Positive, clearly") == "positive"
+    assert finance_label("not negative, rather positive") == "positive"  # positive first
+    assert finance_label("Negative.") == "negative"
+    assert finance_label("") == finance_label("hmm") == "neutral"
+    assert medical_letter(" B. Pancreas") == "b"
+    assert medical_letter("(c)") == "c"
+    assert medical_letter("The answer is A") == ""  # its first character, "t", is no option
+    assert medical_letter("x\n## Answer\nD\n") == "a"  # the line after "##": "answer"
+    assert correct("flowertune_medical", "B", "B") == 1.0
+    assert correct("flowertune_finance", "", "neutral") == 1.0
+
+
+def test_tfns_and_medmcqa_carry_flowertunes_prompts(data_dir):
+    (tweet,) = split_questions(get_task("tfns"), "validation", data_dir)[:1]
+    assert tweet.context.startswith(
+        "Instruction: What is the sentiment of this tweet? Please choose an answer from "
+        "{negative/neutral/positive}.\nInput: "
+    )
+    assert tweet.context.endswith("\nAnswer:") and tweet.delimiter == " "
+    assert tweet.choices == ("negative", "positive", "neutral")
+    assert tweet.answer == ("negative", "positive", "neutral")[tweet.doc["label"]]
+    medmcqa = get_task("medmcqa")
+    (question,) = split_questions(medmcqa, "validation", data_dir)[:1]
+    assert question.choices == ("A", "B", "C", "D") and question.gold == question.doc["cop"]
+    (metric,) = [m for m in medmcqa.spec.metrics if m.name == "flowertune_medical"]
+    from fedcollm.data.templates import Template
+
+    prompt = Template("prompt", metric.options["prompt"]).render(question.doc)
+    assert prompt.startswith("<|im_start|>question\nYou are a medical doctor")
+    assert f"\nA. {question.doc['opa']}\nB. " in prompt
+    assert prompt.endswith("\nThe answer is:\n<|im_end|>\n<|im_start|>answer\n")
+
+
+def test_mmlu_categories_split_the_subjects(data_dir):
+    sizes = {
+        name: len(split_questions(get_task(name), "validation", data_dir))
+        for name in ("mmlu", "mmlu_stem", "mmlu_social_sciences", "mmlu_humanities")
+    }
+    assert sizes["mmlu"] == 1531
+    parts = sizes["mmlu_stem"] + sizes["mmlu_social_sciences"] + sizes["mmlu_humanities"]
+    assert 0 < parts < sizes["mmlu"]  # the fourth category, "other", is not among them
+    stem = split_questions(get_task("mmlu_stem"), "validation", data_dir)
+    assert {q.doc["subject"] for q in stem} >= {"anatomy", "machine_learning"}
+    assert stem[0].context.startswith("The following are multiple choice questions")
+
+
+def test_chat_prompt_format_wraps_the_prompt_and_drops_the_delimiter():
+    from tinymodels import mc
+
+    from fedcollm.data.encoding import as_prompted
+
+    tokenizer = TOKENIZER.__class__(tokenizer_object=TOKENIZER.backend_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<user>{{ m.content }}</user>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    question = mc("q", "Question: x?\nAnswer:", ("yes", "no"), 1)
+    (chat,) = as_prompted([question], tokenizer, "chat")
+    assert chat.context == "<user>Question: x?\nAnswer:</user><assistant>"
+    assert chat.continuation == "no"
+    assert as_prompted([question], tokenizer, "plain") == [question]
+    with pytest.raises(DataError, match="no chat template"):
+        as_prompted([question], TOKENIZER, "chat")
+
+
+def test_the_tasks_command_lists_kind_splits_and_metrics(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fedcollm.cli", "tasks"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert "generate_until" in lines["code_alpaca"] and "rougeL" in lines["code_alpaca"]
+    assert "test=test" in lines["self_instruct"] and "train=" not in lines["self_instruct"]
+    assert "flowertune_finance" in lines["tfns"] and "train=train" in lines["tfns"]
+    path = write_task(tmp_path, MULTIPLE_CHOICE)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedcollm.cli", "tasks", str(path)], capture_output=True, text=True
+    )
+    assert "ward_quiz" not in result.stdout and str(path) in result.stdout
+
+
+@pytest.mark.slow
+def test_a_bad_task_file_on_resume_loses_nothing(tmp_path, capsys):
+    from fedcollm import cli
+
+    path = write_task(tmp_path, MULTIPLE_CHOICE)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    out = tmp_path / "out"
+    run = ["run", str(config), "--out", str(out), "--set", f'task="{path}"']
+    assert cli.main([*run, "--set", "rounds=1", "--set", "data.train_limit=0"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    path.write_text(path.read_text().replace("metric_list:", "shots: 3\nmetric_list:"))
+    capsys.readouterr()
+    code = cli.main([*run, "--resume", "--set", "rounds=2", "--set", "data.train_limit=0"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "unknown key 'shots'" in line and str(path) in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

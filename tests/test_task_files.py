@@ -347,3 +347,20 @@ def test_a_bad_task_file_on_resume_loses_nothing(tmp_path, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "unknown key 'shots'" in line and str(path) in line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_an_experiment_runs_on_a_task_file(tmp_path, capsys):
+    from fedcollm import cli
+
+    path = write_task(tmp_path, MULTIPLE_CHOICE)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    out = tmp_path / "exp"
+    argv = ["experiment", str(config), "--tasks", str(path), "--methods", "zero-shot,standalone"]
+    assert cli.main([*argv, "--seeds", "1", "--out", str(out), "--set", "data.train_limit=0"]) == 0
+    result = json.loads((out / "runs/ward_quiz/standalone/seed0/result.json").read_text())
+    assert result["task"] == "ward_quiz" and result["metrics"] == ["acc", "acc_norm"]
+    assert len(result["slm_clients"]) == 3 and "acc_stderr" in result["slm_clients"][0]
+    report = (out / "report.md").read_text()
+    assert "| SLM, clients' own adapters | Standalone |" in report and "ward_quiz" in report
+    assert "Majority-class floor" in report

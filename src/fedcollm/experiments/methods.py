@@ -179,7 +179,7 @@ def run_experiment(
     for number, (task, seed, method) in enumerate(plan, start=1):
         directory = run_dir(out, task, method, seed)
         done = directory / "result.json"
-        label = f"[{number}/{len(plan)}] {task} {method} seed {seed}"
+        label = f"[{number}/{len(plan)}] {get_task(task).name} {method} seed {seed}"
         if done.is_file():
             print(f"{label}: done before, kept", flush=True)
             continue

@@ -364,3 +364,20 @@ def test_an_experiment_runs_on_a_task_file(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| SLM, clients' own adapters | Standalone |" in report and "ward_quiz" in report
     assert "Majority-class floor" in report
+
+
+def test_scores_report_lm_evals_stderr_and_the_majority_floor():
+    from tinymodels import mc
+
+    from fedcollm.evaluation import Scores, majority_share
+    from fedcollm.evaluation.multiple_choice import stderr
+
+    questions = [
+        mc(f"q{i}", "Q?", ("yes", "no", "maybe"), g) for i, g in enumerate([0, 0, 0, 1, 2])
+    ]
+    assert majority_share(questions) == 0.6
+    scores = Scores({"acc": [1.0, 0.0, 1.0, 1.0, 0.0], "rougeL": [0.5, 0.2, 0.9, 0.4, 0.1]}, 0.6)
+    summary = scores.summary()
+    assert summary["acc"] == 0.6 and summary["acc_stderr"] == pytest.approx(stderr(0.6, 5))
+    assert summary["rougeL_stderr"] == pytest.approx(0.13928388)  # sample sd 0.311, over sqrt 5
+    assert (summary["n"], summary["majority"]) == (5, 0.6)

@@ -33,10 +33,6 @@ class Scores:
     def n(self) -> int:
         return len(next(iter(self.values.values())))
 
-    @property
-    def headline(self) -> str:
-        return next(iter(self.values))
-
     def mean(self, metric: str) -> float:
         return statistics.fmean(self.values[metric])
 

@@ -135,7 +135,9 @@ def test_replies_hold_only_what_docs_messages_lists(tiny_run):
         "bytes_received",
         "seconds",
         "own_acc",
+        "own_acc_stderr",
         "own_acc_norm",
+        "own_acc_norm_stderr",
     }
     for reply in pulled:
         assert set(dict(reply.content.items())) == {"arrays", "metrics", "receipt"}

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
-from fedcollm.data import evaluation_questions
+from fedcollm.data import evaluation_questions, get_task
 from fedcollm.federation.rounds import ServerRounds
 from fedcollm.federation.screening import UpdateRejected, check_update
 from fedcollm.federation.secure_server import run_secure_rounds
@@ -69,6 +69,7 @@ def read_update(
         raise UpdateRejected(f"arrays are not readable as tensors ({err})") from None
     wire = DTYPES[config.federation.adapter_dtype]
     norm = check_update(tensors, sent, wire, config.federation.max_update_norm)
+    own = own_keys(config)
     try:
         row = {
             "partition": int(metrics["partition"]),
@@ -79,7 +80,8 @@ def read_update(
             "bytes_sent": record_bytes(arrays),
             "seconds": float(metrics["seconds"]),
             "update_norm": norm,
-            **{k: float(v) for k, v in metrics.items() if k.startswith("own_")},
+            # A client's own scores: the task's metrics and their stderrs, nothing else.
+            **{k: float(v) for k, v in metrics.items() if k in own},
         }
         receipt = content.config_records["receipt"]
         row["received_sha256"] = str(receipt["received_sha256"])
@@ -224,6 +226,12 @@ def run_rounds(grid: MeteredGrid, rounds: ServerRounds) -> None:
         timeout=config.federation.round_timeout,
         evaluate_fn=strategy.evaluate,
     )
+
+
+def own_keys(config: Config) -> set[str]:
+    """The metric keys a client may report about its own adapter (docs/MESSAGES.md)."""
+    names = get_task(config.task).metric_names
+    return {f"own_{m}" for m in names} | {f"own_{m}_stderr" for m in names}
 
 
 def run_server(

@@ -196,7 +196,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         rows.append((name, spec.output_type, splits, ", ".join(get_task(name).metric_names)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + row[3])
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[3]
+        )
     return 0
 
 

@@ -119,7 +119,7 @@ class ServerRounds:
         start = time.perf_counter()
         row = {
             "round": server_round,
-            "task": self.config.task,
+            "task": get_task(self.config.task).name,  # a task file's name, not its path
             "eval_split": self.config.eval.split,
             "eval_questions": len(self.eval_questions),
             # The task's headline metric and the one beside it, as the tables show them.

@@ -381,3 +381,16 @@ def test_scores_report_lm_evals_stderr_and_the_majority_floor():
     assert summary["acc"] == 0.6 and summary["acc_stderr"] == pytest.approx(stderr(0.6, 5))
     assert summary["rougeL_stderr"] == pytest.approx(0.13928388)  # sample sd 0.311, over sqrt 5
     assert (summary["n"], summary["majority"]) == (5, 0.6)
+
+
+def test_a_run_checkpointed_before_a_key_existed_still_resumes():
+    from fedcollm.config import Config
+    from fedcollm.tracking.checkpoint import _differences
+
+    defaults = Config().to_dict()
+    saved = Config().to_dict()
+    del saved["data"]["prompt_format"], saved["data"]["partition_field"]  # an older run
+    assert _differences(saved, Config().to_dict(), defaults) == []
+    current = Config()
+    current.data.prompt_format = "chat"
+    assert _differences(saved, current.to_dict(), defaults) == ["data.prompt_format"]

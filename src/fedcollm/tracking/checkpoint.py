@@ -142,12 +142,16 @@ def check_out_dir(out_dir: Path, resume: bool) -> int | None:
     return server_round
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+def _differences(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any], prefix: str = ""
+) -> list[str]:
+    """The keys whose values differ. A key the saved config lacks was added to fedcollm
+    after that run, which ran as its default does now: it differs only if set otherwise."""
     keys = []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differences(a, b, f"{prefix}{key}.")
+            keys += _differences(a, b, defaults.get(key) or {}, f"{prefix}{key}.")
         elif a != b:
             keys.append(prefix + key)
     return keys
@@ -174,7 +178,9 @@ def load_checkpoint(directory: Path, config: Config) -> Checkpoint:
             f"{path} is not a checkpoint of this version of fedcollm; {_start_afresh(directory)}"
         )
     changed = [
-        k for k in _differences(state["config"], config.to_dict()) if k not in RESUMABLE_CHANGES
+        k
+        for k in _differences(state["config"], config.to_dict(), Config().to_dict())
+        if k not in RESUMABLE_CHANGES
     ]
     if changed:
         raise ConfigError(

@@ -191,9 +191,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     names = args.files or list(TASKS)
     rows = [("task", "kind", "splits", "metrics")]
     for name in names:
-        spec = get_task(name).spec
-        splits = ", ".join(f"{role}={split}" for role, split in spec.splits.items())
-        rows.append((name, spec.output_type, splits, ", ".join(get_task(name).metric_names)))
+        task = get_task(name)
+        splits = ", ".join(f"{role}={split}" for role, split in task.spec.splits.items())
+        rows.append((name, task.spec.output_type, splits, ", ".join(task.metric_names)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print(

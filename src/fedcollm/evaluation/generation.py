@@ -24,6 +24,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from fedcollm.data import Question, collate, encode_answer
 from fedcollm.data.encoding import prompt_tokens
+from fedcollm.evaluation.multiple_choice import context_length
 from fedcollm.models import answer_logits, eval_mode, model_device
 
 
@@ -58,10 +59,10 @@ def generate(
     max_length: int = 0,
 ) -> list[str]:
     """The greedy continuation of every prompt, cut at `until`; prompts longer than
-    `max_length - max_gen_toks` tokens keep their last ones (0: no cut)."""
-    encoded = [prompt_tokens(tokenizer, p) for p in prompts]
-    if max_length:
-        encoded = [ids[-(max_length - max_gen_toks) :] for ids in encoded]
+    `max_length - max_gen_toks` tokens keep their last ones, as lm-eval cuts them (0: the
+    model's context length, lm-eval's default)."""
+    max_length = max_length or context_length(model, tokenizer)
+    encoded = [prompt_tokens(tokenizer, p)[-(max_length - max_gen_toks) :] for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     greedy = GenerationConfig(
         max_new_tokens=max_gen_toks,
@@ -139,8 +140,10 @@ def target_losses(
     max_length: int = 0,
 ) -> list[float]:
     """Each reference answer's mean token loss after its prompt (teacher-forced), with the
-    pair cut from the left to `max_length` tokens as in training (0: 2048)."""
-    examples = [encode_answer(tokenizer, q, max_length or 2048) for q in questions]
+    pair cut from the left to `max_length` tokens as in training (0: the model's context
+    length, as for every evaluation)."""
+    max_length = max_length or context_length(model, tokenizer)
+    examples = [encode_answer(tokenizer, q, max_length) for q in questions]
     pad = tokenizer.pad_token_id
     losses = []
     with eval_mode(model):

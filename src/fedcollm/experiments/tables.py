@@ -111,7 +111,7 @@ def report_metrics(results: list[dict[str, Any]]) -> list[str]:
     """The metrics the report tabulates: each task's two, in order (older results: acc)."""
     names: list[str] = []
     for r in results:
-        for metric in r.get("metrics") or ["acc", "acc_norm"]:
+        for metric in row_metrics(r):
             if metric not in names:
                 names.append(metric)
     return names
@@ -198,7 +198,7 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
             scored = [(which, r.get(which)) for which in ("llm", "slm_global")]
             scored += [(f"slm_client{k}", s) for k, s in enumerate(r.get("slm_clients") or [])]
             for model, s in scored:
-                for metric in r.get("metrics") or ["acc", "acc_norm"]:
+                for metric in row_metrics(r):
                     if s and metric in s:
                         error = s.get(f"{metric}_stderr", "")
                         row = [r["task"], r["method"], r["seed"], model, metric, s[metric]]

@@ -177,6 +177,36 @@ def test_ctrl_c_and_sigterm_stop_the_run_cleanly(tmp_path, data_dir, signum, to_
     assert checkpoint.server_round >= 1 and len(checkpoint.rows) == checkpoint.server_round + 1
 
 
+def test_sigterm_quiets_flower_before_rays_handler_exits(tmp_path):
+    # The race CI once lost: Ray's handler exits, Flower shuts Ray down on the way out and
+    # logs the client actors that die as crashes, before the run can say it is stopping.
+    import logging
+
+    import ray._private.utils as ray_utils
+
+    from fedcollm.federation import processes
+
+    levels = []
+    previous = signal.getsignal(signal.SIGTERM)
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(logging.ERROR)
+    try:
+        with processes.stopped_with_the_run(tmp_path):
+            ray_utils.set_sigterm_handler(lambda signum, frame: levels.append(flwr.level))
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        flwr.setLevel(logging.ERROR)
+    assert levels == [logging.CRITICAL]
+    # Outside a run, Ray's handler is installed as it is.
+    handler = lambda signum, frame: None  # noqa: E731
+    try:
+        ray_utils.set_sigterm_handler(handler)
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_client_that_times_out_is_dropped_and_the_round_goes_on(tmp_path, data_dir):
     config = load_config(
         TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=1", "federation.round_timeout=45"]

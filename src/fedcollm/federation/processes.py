@@ -151,6 +151,32 @@ def _interrupt(signum, frame) -> None:
 
 
 @contextmanager
+def _quiet_before_ray_exits() -> Iterator[None]:
+    """Ray's SIGTERM handler (installed by `ray.init`, replacing any other) exits at once,
+    and on the way out Flower shuts Ray down while its worker threads still wait on client
+    actors, logging each as a crash; wrap that handler so that Flower is quiet first."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:  # pragma: no cover - Ray comes with flwr[simulation]
+        yield
+        return
+    install = ray_utils.set_sigterm_handler
+
+    def install_quiet_first(handler):
+        def quiet_first(signum, frame):
+            _quiet_flower()
+            handler(signum, frame)
+
+        install(quiet_first)
+
+    ray_utils.set_sigterm_handler = install_quiet_first
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = install
+
+
+@contextmanager
 def stopped_with_the_run(out_dir: Path) -> Iterator[None]:
     """Around a simulation: first stop what killed earlier runs left, then make sure that
     this run's processes end with it, whether it finishes or is interrupted."""
@@ -165,7 +191,8 @@ def stopped_with_the_run(out_dir: Path) -> Iterator[None]:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:
-        yield
+        with _quiet_before_ray_exits():
+            yield
     except (KeyboardInterrupt, SystemExit) as stop:
         # Ctrl-C arrives as KeyboardInterrupt; SIGTERM as the SystemExit that Ray's handler
         # (which replaces any other) raises.

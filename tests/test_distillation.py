@@ -126,7 +126,7 @@ def test_mutual_distillation_reduces_the_kl_on_a_fixed_batch(schedule):
 
 
 def _kd_only(run):
-    def loss(student, targets, teacher):
+    def loss(role, student, targets, teacher, batch):
         kd = kd_loss(student, teacher)
         return kd, F.cross_entropy(student.float(), targets).item(), kd.item()
 
@@ -190,9 +190,9 @@ def _teachers_of_one_step(llm, slm, schedule: str, teacher_forward: str) -> list
     run = MutualDistillation(llm, slm, cfg, OptimConfig())
     seen, loss = [], run._loss  # noqa: SLF001
 
-    def recording(student, targets, teacher):
+    def recording(role, student, targets, teacher, batch):
         seen.append(teacher.clone())
-        return loss(student, targets, teacher)
+        return loss(role, student, targets, teacher, batch)
 
     run._loss = recording  # noqa: SLF001
     run.run(examples(), PAD, seed=0)

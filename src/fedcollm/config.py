@@ -33,6 +33,9 @@ class TinyModel:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 128
+    # "bytes": GPT-2-style byte-level tokens; "pieces": SentencePiece-style word pieces with
+    # byte fallback, another family's tokenizer (cross-family runs on tiny models).
+    tokenizer: Literal["bytes", "pieces"] = "bytes"
 
 
 @dataclass
@@ -119,6 +122,11 @@ class DistillConfig:
     # forward). "shared": a model's train-mode student forward is also the other model's
     # teacher, dropout and all. Without dropout both are the same and cost the same.
     teacher_forward: Literal["eval", "shared"] = "eval"
+    # When the LLM's and the SLM's tokenizers differ (they are compared at the answer
+    # positions where both start a token): "map" carries the teacher's distribution onto the
+    # student's vocabulary through a token map, then the KL above; "uld" is Universal Logit
+    # Distillation (sorted probabilities, no map). One tokenizer: ignored, the KL as ever.
+    cross_tokenizer: Literal["map", "uld"] = "map"
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Each model's loss is its answer-token cross-entropy plus kd_weight * KL toward the other
 model's next-token distribution at the same answer positions. The KL runs over the full
 vocabulary in one vectorised pass over all answer positions of the batch; the teacher side
-carries no gradient.
+carries no gradient. When the two tokenizers differ, D_a holds both tokenizations
+(`AlignedExample`), each model's cross-entropy covers its own answer tokens, and the
+distance (`cross_vocabulary`) compares only the aligned positions' rows.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fedcollm.algorithm.cross_vocabulary import Distance, cross_vocabulary_distance
 from fedcollm.algorithm.training import make_optimizer, optimizer_step
 from fedcollm.config import DistillConfig, OptimConfig
-from fedcollm.data import Batch, Example, cycle_batches
+from fedcollm.data import Batch, Example, collate, cycle_batches
+from fedcollm.data.alignment import AlignedBatch, AlignedExample, collate_aligned
 from fedcollm.models import answer_logits, eval_mode, has_dropout
+from fedcollm.models.vocabulary import VocabularyMap
 
 
 def kd_loss(
@@ -79,37 +84,72 @@ def distillation_steps(cfg: DistillConfig, aux_examples: int) -> int:
     return cfg.kd_steps or -(-aux_examples // cfg.batch_size)
 
 
+def _model_batch(batch: Batch | AlignedBatch, role: str) -> Batch:
+    return getattr(batch, role) if isinstance(batch, AlignedBatch) else batch
+
+
+def _aligned_rows(batch: Batch | AlignedBatch, role: str) -> torch.Tensor | None:
+    """The rows of `role`'s answer logits that are compared; None: all (one tokenizer)."""
+    return getattr(batch, f"{role}_rows") if isinstance(batch, AlignedBatch) else None
+
+
 class MutualDistillation:
     """Holds the two optimisers and runs R steps of co-tuning per call.
 
     The LLM's optimiser (for omega) lives across rounds. The SLM's is made anew each round,
     because theta is overwritten by the clients' aggregate before every distillation.
+    `vocabulary`: the map between the two vocabularies when the tokenizers differ (D_a is
+    then made of `AlignedExample`s); None when they are one.
     """
 
-    def __init__(self, llm, slm, cfg: DistillConfig, optim: OptimConfig):
+    def __init__(
+        self,
+        llm,
+        slm,
+        cfg: DistillConfig,
+        optim: OptimConfig,
+        vocabulary: VocabularyMap | None = None,
+    ):
         self.llm, self.slm, self.cfg, self.optim = llm, slm, cfg, optim
         # Whose train-mode forward is random; fixed for the run, so found once.
         self._with_dropout = {m for m in (llm, slm) if has_dropout(m)}
         self.llm_optimizer = make_optimizer(llm.parameters(), cfg.llm_lr, optim)
         self._make_slm_optimizer = lambda: make_optimizer(slm.parameters(), cfg.slm_lr, optim)
+        self.distance: dict[str, Distance] = {  # by student
+            role: lambda student, teacher: kd_loss(
+                student, teacher, cfg.kd_temperature, cfg.kd_direction, cfg.top_k
+            )
+            for role in ("slm", "llm")
+        }
+        if vocabulary is not None:
+            self.distance = {
+                "slm": cross_vocabulary_distance(cfg, vocabulary.llm_to_slm),
+                "llm": cross_vocabulary_distance(cfg, vocabulary.slm_to_llm),
+            }
 
-    def _loss(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor):
+    def _loss(self, role: str, student, targets, teacher, batch: Batch | AlignedBatch):
+        """`role`'s loss as student: cross-entropy on all its answer tokens, distance to the
+        teacher's rows at the aligned positions."""
         ce = F.cross_entropy(student.float(), targets)
-        kd = kd_loss(
-            student, teacher, self.cfg.kd_temperature, self.cfg.kd_direction, self.cfg.top_k
-        )
+        student_rows = _aligned_rows(batch, role)
+        if student_rows is not None:
+            teacher_rows = _aligned_rows(batch, "llm" if role == "slm" else "slm")
+            student, teacher = student[student_rows.to(student.device)], teacher[teacher_rows]
+        kd = self.distance[role](student, teacher)
         return ce + self.cfg.kd_weight * kd, ce.item(), kd.item()
 
     def _slm_step(self, optimizer, batch, slm_out, llm_teacher, losses: DistillLosses) -> None:
-        logits, targets = slm_out if slm_out is not None else answer_logits(self.slm, batch)
-        loss, ce, kd = self._loss(logits, targets, llm_teacher)
+        slm_batch = _model_batch(batch, "slm")
+        logits, targets = slm_out if slm_out is not None else answer_logits(self.slm, slm_batch)
+        loss, ce, kd = self._loss("slm", logits, targets, llm_teacher, batch)
         optimizer_step(optimizer, loss, self.optim.max_grad_norm)
         losses.slm_ce.append(ce)
         losses.slm_kd.append(kd)
 
     def _llm_step(self, batch, llm_out, slm_teacher, losses: DistillLosses) -> None:
-        logits, targets = llm_out if llm_out is not None else answer_logits(self.llm, batch)
-        loss, ce, kd = self._loss(logits, targets, slm_teacher)
+        llm_batch = _model_batch(batch, "llm")
+        logits, targets = llm_out if llm_out is not None else answer_logits(self.llm, llm_batch)
+        loss, ce, kd = self._loss("llm", logits, targets, slm_teacher, batch)
         optimizer_step(self.llm_optimizer, loss, self.optim.max_grad_norm)
         losses.llm_ce.append(ce)
         losses.llm_kd.append(kd)
@@ -122,32 +162,38 @@ class MutualDistillation:
             return student_out[0].detach()
         return teacher_logits(model, batch)
 
-    def _mutual_step(self, slm_optimizer, batch: Batch, losses: DistillLosses) -> None:
+    def _mutual_step(self, slm_optimizer, batch, losses: DistillLosses) -> None:
         """One batch of the alternating (Algorithm 1) or the simultaneous schedule."""
+        slm_batch, llm_batch = _model_batch(batch, "slm"), _model_batch(batch, "llm")
         # The LLM's student forward comes first: omega does not change before its own step.
-        llm_out = answer_logits(self.llm, batch)
-        llm_teacher = self._teacher(self.llm, batch, llm_out)
+        llm_out = answer_logits(self.llm, llm_batch)
+        llm_teacher = self._teacher(self.llm, llm_batch, llm_out)
         if self.cfg.schedule == "alternating":
             # Algorithm 1: theta steps toward the LLM, then omega toward the *updated* SLM,
             # which costs the SLM one more forward.
             self._slm_step(slm_optimizer, batch, None, llm_teacher, losses)
-            slm_teacher = teacher_logits(self.slm, batch)
+            slm_teacher = teacher_logits(self.slm, slm_batch)
         else:
             # Both step toward the other's logits from before this step's updates.
-            slm_out = answer_logits(self.slm, batch)
-            slm_teacher = self._teacher(self.slm, batch, slm_out)
+            slm_out = answer_logits(self.slm, slm_batch)
+            slm_teacher = self._teacher(self.slm, slm_batch, slm_out)
             self._slm_step(slm_optimizer, batch, slm_out, llm_teacher, losses)
         self._llm_step(batch, llm_out, slm_teacher, losses)
 
     def run(
         self,
-        aux_data: Sequence[Example],
-        pad_id: int,
+        aux_data: Sequence[Example] | Sequence[AlignedExample],
+        pad_id: int | tuple[int, int],
         seed: int,
         on_step: Callable[[int, int, DistillLosses], None] | None = None,
     ) -> DistillLosses:
+        """R steps on D_a; `pad_id`: (SLM's, LLM's) when D_a is aligned."""
         steps = distillation_steps(self.cfg, len(aux_data))
-        batches = list(cycle_batches(aux_data, self.cfg.batch_size, pad_id, steps, seed))
+        aligned = bool(aux_data) and isinstance(aux_data[0], AlignedExample)
+        make_batch = collate_aligned if aligned else collate
+        batches = list(
+            cycle_batches(aux_data, self.cfg.batch_size, pad_id, steps, seed, make_batch)
+        )
         slm_optimizer = self._make_slm_optimizer()
         self.llm.train()
         self.slm.train()
@@ -155,11 +201,13 @@ class MutualDistillation:
         losses = DistillLosses()
         if self.cfg.schedule == "sequential":
             for step, batch in enumerate(batches, start=1):
-                self._slm_step(slm_optimizer, batch, None, teacher_logits(self.llm, batch), losses)
+                teacher = teacher_logits(self.llm, _model_batch(batch, "llm"))
+                self._slm_step(slm_optimizer, batch, None, teacher, losses)
                 if on_step:
                     on_step(step, 2 * steps, losses)
             for step, batch in enumerate(batches, start=steps + 1):
-                self._llm_step(batch, None, teacher_logits(self.slm, batch), losses)
+                teacher = teacher_logits(self.slm, _model_batch(batch, "slm"))
+                self._llm_step(batch, None, teacher, losses)
                 if on_step:
                     on_step(step, 2 * steps, losses)
             return losses

@@ -24,6 +24,7 @@ from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.distillation import MutualDistillation
 from fedcollm.config import Config
 from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
+from fedcollm.data.alignment import AlignedExample, encode_aligned
 from fedcollm.evaluation import Scores, score
 from fedcollm.models import (
     Adapter,
@@ -33,6 +34,13 @@ from fedcollm.models import (
     get_adapter,
     save_adapter,
     set_adapter,
+)
+from fedcollm.models.vocabulary import (
+    VocabularyMap,
+    byte_lengths,
+    logits_width,
+    same_vocabulary,
+    vocabulary_map,
 )
 
 
@@ -47,32 +55,59 @@ class ServerRound:
 
 
 class CoTuningServer:
-    """The LLM and omega are only ever read here; nothing in this class hands them out."""
+    """The LLM and omega are only ever read here; nothing in this class hands them out.
+
+    `tokenizer` is the SLM's (the clients'), `llm_tokenizer` the LLM's; when they differ, D_a
+    holds both tokenizations, aligned, and `vocabulary` maps one vocabulary to the other."""
 
     def __init__(
-        self, config: Config, llm, slm, tokenizer, aux_data: Sequence[Example], split: DataSplit
+        self,
+        config: Config,
+        llm,
+        slm,
+        tokenizer,
+        aux_data: Sequence[Example] | Sequence[AlignedExample],
+        split: DataSplit,
+        llm_tokenizer=None,
+        vocabulary: VocabularyMap | None = None,
     ):
         self.config, self.llm, self.slm, self.tokenizer = config, llm, slm, tokenizer
+        self.llm_tokenizer = llm_tokenizer or tokenizer
         self.aux_data, self.split = list(aux_data), split
-        self.distillation = MutualDistillation(llm, slm, config.distill, config.optim)
+        self.distillation = MutualDistillation(llm, slm, config.distill, config.optim, vocabulary)
 
     @classmethod
     def from_config(cls, config: Config) -> CoTuningServer:
         llm, llm_tokenizer = build_llm(config)
         slm, tokenizer = build_slm(config)
-        if llm_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ModelError(
-                f"llm.name {config.llm.name!r} and slm.name {config.slm.name!r} use different "
-                "tokenizers; mutual distillation compares their next-token distributions, so "
-                "pick two models of one family (same tokenizer)"
-            )
         questions, split = training_split(config)
-        aux_data = encode_examples(questions, split.aux, tokenizer, config)
-        return cls(config, llm, slm, tokenizer, aux_data, split)
+        if same_vocabulary(llm_tokenizer, tokenizer):
+            aux_data = encode_examples(questions, split.aux, tokenizer, config)
+            return cls(config, llm, slm, tokenizer, aux_data, split)
+        if config.distill.top_k:
+            raise ModelError(
+                "distill.top_k keeps the teacher's best tokens of one vocabulary; the LLM's and "
+                "the SLM's tokenizers differ, so set distill.top_k = 0"
+            )
+        widths = [logits_width(m) for m in (llm, slm)]
+        vocabulary = vocabulary_map(llm_tokenizer, tokenizer, *widths)
+        aux_data = encode_aligned(
+            questions,
+            split.aux,
+            tokenizer,
+            llm_tokenizer,
+            config,
+            byte_lengths(tokenizer, widths[1]),
+            byte_lengths(llm_tokenizer, widths[0]),
+        )
+        return cls(config, llm, slm, tokenizer, aux_data, split, llm_tokenizer, vocabulary)
 
     @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
+    def pad_id(self) -> int | tuple[int, int]:
+        """The SLM's pad token; (the SLM's, the LLM's) when the tokenizers differ."""
+        if self.llm_tokenizer is self.tokenizer:
+            return self.tokenizer.pad_token_id
+        return self.tokenizer.pad_token_id, self.llm_tokenizer.pad_token_id
 
     @property
     def slm_adapter(self) -> Adapter:
@@ -114,8 +149,8 @@ class CoTuningServer:
         self, questions: Sequence[Question], roles: Sequence[str] = ("llm", "slm")
     ) -> dict[str, Scores]:
         """The task's metrics of the LLM (with omega) and/or of the global SLM (with theta)."""
-        models = {"llm": self.llm, "slm": self.slm}
-        return {role: score(models[role], self.tokenizer, self.config, questions) for role in roles}
+        models = {"llm": (self.llm, self.llm_tokenizer), "slm": (self.slm, self.tokenizer)}
+        return {role: score(*models[role], self.config, questions) for role in roles}
 
     def state_dict(self) -> dict[str, Any]:
         """What the next round needs of the server: theta, omega and the LLM's optimiser (the

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,21 +37,33 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
 
 
 def training_batches(
-    examples: Sequence[Example], batch_size: int, pad_id: int, epochs: int, seed: int
-) -> Iterator[Batch]:
-    """Shuffled batches, epoch after epoch; the order depends only on `seed`."""
+    examples: Sequence[Any],
+    batch_size: int,
+    pad_id: Any,
+    epochs: int,
+    seed: int,
+    collate_fn: Callable[[Sequence[Any], Any], Any] = collate,
+) -> Iterator[Any]:
+    """Shuffled batches, epoch after epoch; the order depends only on `seed`. `collate_fn`
+    makes a batch of the chosen examples and `pad_id` (`collate` and its Batch: one
+    tokenizer)."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(examples), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+            yield collate_fn([examples[i] for i in order[start : start + batch_size]], pad_id)
 
 
 def cycle_batches(
-    examples: Sequence[Example], batch_size: int, pad_id: int, steps: int, seed: int
-) -> Iterator[Batch]:
+    examples: Sequence[Any],
+    batch_size: int,
+    pad_id: Any,
+    steps: int,
+    seed: int,
+    collate_fn: Callable[[Sequence[Any], Any], Any] = collate,
+) -> Iterator[Any]:
     """Exactly `steps` shuffled batches, wrapping around the examples as often as needed."""
     epochs = -(-steps * batch_size // len(examples))
-    stream = training_batches(examples, batch_size, pad_id, epochs, seed)
+    stream = training_batches(examples, batch_size, pad_id, epochs, seed, collate_fn)
     for _ in range(steps):
         yield next(stream)

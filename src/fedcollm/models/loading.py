@@ -46,6 +46,54 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# The words `piece_tokenizer` knows whole; every other word is cut into letters, and what
+# is not printable ASCII into byte pieces.
+PIECE_WORDS = (
+    "the a an is are of and to in on for with what which who how why when where not this that "
+    "Question Answer answer true false yes no fruit colour color taste sweet sour red green "
+    "yellow blue water heat ice sun east west mammal whale four two one"
+).split()
+
+
+def piece_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE built in code: "▁" marks a word's start (and a dummy one
+    goes before the first word), the words of PIECE_WORDS are one token each, other text is
+    letters, and characters outside printable ASCII fall back to <0xNN> byte pieces. It
+    splits text unlike `byte_tokenizer`: another family, for cross-family tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in ["▁", *map(chr, range(0x21, 0x7F))]:
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for word in PIECE_WORDS:
+        piece = "▁"
+        for c in word:  # one merge per letter: ▁ + w -> ▁w, ▁w + h -> ▁wh, ...
+            if piece + c not in vocab:
+                merges.append((piece, c))
+                vocab[piece + c] = len(vocab)
+            piece += c
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+def tiny_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerFast:
+    return piece_tokenizer() if spec.tiny.tokenizer == "pieces" else byte_tokenizer()
+
+
 def tiny_config(spec: ModelConfig, vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -127,7 +175,7 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
     """The model and tokenizer a config names; raises ModelError with the fix on failure."""
     device = resolve_device(spec.device)
     if spec.name == "tiny":
-        tokenizer = byte_tokenizer()
+        tokenizer = tiny_tokenizer(spec)
         return tiny_llama(spec, len(tokenizer), seed).to(device), tokenizer
     local = model_path(spec.name)
     if looks_like_path(spec.name) and not local.is_dir():
@@ -155,7 +203,7 @@ def architecture(spec: ModelConfig) -> PretrainedConfig:
     """A model's architecture (its config.json), without loading weights; the registry
     model must have been fetched."""
     if spec.name == "tiny":
-        return tiny_config(spec, len(byte_tokenizer()))
+        return tiny_config(spec, len(tiny_tokenizer(spec)))
     local = model_path(spec.name)
     try:
         return AutoConfig.from_pretrained(str(local), local_files_only=local.is_dir())

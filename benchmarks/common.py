@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from fedcollm.config import LoraConfig
 from fedcollm.data import Example
@@ -40,6 +40,20 @@ SHAPES = {
         num_attention_heads=12,
     ),
 }
+# SmolLM2-135M (a Llama), the cross-family client of configs/demo_cross.toml.
+LLAMA_SHAPES = {
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -62,9 +76,17 @@ def machine() -> str:
 def random_model(
     shape: str, layers: int | None = None, dtype=torch.float32, device="cpu", seed: int = 0
 ):
-    """A Qwen2.5-shaped model with random weights (`layers` of the real width when given),
-    built directly in `dtype` on `device` and wrapped with our default LoRA."""
-    kwargs = dict(SHAPES[shape])
+    """A Qwen2.5- (or SmolLM2-) shaped model with random weights (`layers` of the real width
+    when given), built directly in `dtype` on `device` and wrapped with our default LoRA."""
+    kind, config = (
+        (LlamaForCausalLM, LlamaConfig)
+        if shape in LLAMA_SHAPES
+        else (
+            Qwen2ForCausalLM,
+            Qwen2Config,
+        )
+    )
+    kwargs = dict(LLAMA_SHAPES.get(shape) or SHAPES[shape])
     if layers:
         kwargs["num_hidden_layers"] = layers
     default = torch.get_default_dtype()
@@ -72,7 +94,7 @@ def random_model(
     try:
         with torch.random.fork_rng(), torch.device(device):
             torch.manual_seed(seed)
-            model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+            model = kind(config(**kwargs))
     finally:
         torch.set_default_dtype(default)
     return add_lora(model, LoraConfig())

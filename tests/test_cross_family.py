@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tinymodels import PAIRS, nudge_lora_b
 
-from fedcollm.algorithm.cross_vocabulary import carried_over, mapped_kd_loss, uld_loss
+from fedcollm.algorithm.cross_vocabulary import FLOOR, carried_over, mapped_kd_loss, uld_loss
 from fedcollm.algorithm.distillation import MutualDistillation, kd_loss, teacher_logits
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config, DistillConfig, ModelConfig, OptimConfig, TinyModel, load_config
@@ -129,6 +129,21 @@ def test_the_mapped_kl_with_the_identity_map_is_the_kl_of_one_vocabulary():
         assert mapped_kd_loss(student, teacher, identity, 2.0, direction).item() == pytest.approx(
             kd_loss(student, teacher, 2.0, direction).item(), 1e-5
         )
+    # A map that sends several teacher tokens to one student token and reaches only some
+    # student tokens: the KL over its support equals the KL written out over the whole
+    # student vocabulary, with FLOOR where no teacher token lands.
+    many_to_one = torch.tensor([0, 0, 3, 3, 3, 5, 5, 7, 8, 8])
+    carried = carried_over(torch.softmax(teacher / 2.0, -1), many_to_one, 10)
+    log_q = torch.log_softmax(student / 2.0, -1)
+    q, log_p = log_q.exp(), carried.clamp_min(FLOOR).log()
+    dense = {
+        "forward": (torch.xlogy(carried, carried) - carried * log_q).sum(-1).mean() * 4,
+        "reverse": (q * (log_q - log_p)).sum(-1).mean() * 4,
+    }
+    dense["symmetric"] = (dense["forward"] + dense["reverse"]) / 2
+    for direction, expected in dense.items():
+        got = mapped_kd_loss(student, teacher, many_to_one, 2.0, direction)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-4), direction
     # Carrying over keeps the teacher's mass, however many tokens land on one.
     probs = torch.softmax(torch.randn(4, 10), -1)
     carried = carried_over(probs, torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 5]), 6)

@@ -15,6 +15,7 @@ Both work on (N, V) rows at once; nothing loops over positions or tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -50,21 +51,34 @@ def mapped_kd_loss(
     teacher_to_student: torch.Tensor,
     temperature: float = 1.0,
     direction: str = "forward",
+    support: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The KL of `kd_loss` after carrying the teacher's distribution onto the student's
-    vocabulary; scaled by T^2 as `kd_loss` is."""
+    vocabulary; scaled by T^2 as `kd_loss` is.
+
+    Only the student tokens the map reaches (its support, `torch.unique(teacher_to_student,
+    return_inverse=True)`, computed once by the caller or here) can carry teacher mass, so
+    everything but the student's log-softmax runs over those columns: for an LLM student of
+    152k tokens taught by a 49k-token SLM, under a third of its vocabulary. The rest of the
+    student's vocabulary enters the reverse KL only through its total probability."""
+    columns, inverse = support or torch.unique(teacher_to_student, return_inverse=True)
     teacher = teacher.to(student.device).float()
-    p = carried_over(
-        F.softmax(teacher / temperature, dim=-1), teacher_to_student, student.shape[-1]
-    )
-    log_p = p.clamp_min(FLOOR).log()
+    p = carried_over(F.softmax(teacher / temperature, dim=-1), inverse, len(columns))
     log_q = F.log_softmax(student.float() / temperature, dim=-1)
-    forward = (torch.xlogy(p, p) - p * log_q).sum(dim=-1).mean()
-    reverse = (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean()
-    kl = {"forward": forward, "reverse": reverse, "symmetric": (forward + reverse) / 2}
+    log_q_on = log_q[:, columns.to(student.device)]
+
+    def forward() -> torch.Tensor:  # KL(p || q): p is 0 off its support
+        return (torch.xlogy(p, p) - p * log_q_on).sum(dim=-1)
+
+    def reverse() -> torch.Tensor:  # KL(q || p), p floored; off the support p = FLOOR
+        off = (1 - log_q_on.exp().sum(dim=-1)).clamp_min(0)
+        cross = (log_q_on.exp() * p.clamp_min(FLOOR).log()).sum(dim=-1) + off * math.log(FLOOR)
+        return (log_q.exp() * log_q).sum(dim=-1) - cross
+
+    kl = {"forward": forward, "reverse": reverse, "symmetric": lambda: (forward() + reverse()) / 2}
     if direction not in kl:
         raise ValueError(f"kd_direction must be one of {sorted(kl)}, got {direction!r}")
-    return kl[direction] * temperature**2
+    return kl[direction]().mean() * temperature**2
 
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student, teacher) -> loss
@@ -75,6 +89,7 @@ def cross_vocabulary_distance(cfg: DistillConfig, teacher_to_student: torch.Tens
     vocabularies differ; `teacher_to_student`: the vocabulary map in that direction."""
     if cfg.cross_tokenizer == "uld":
         return lambda student, teacher: uld_loss(student, teacher, cfg.kd_temperature)
+    support = torch.unique(teacher_to_student, return_inverse=True)
     return lambda student, teacher: mapped_kd_loss(
-        student, teacher, teacher_to_student, cfg.kd_temperature, cfg.kd_direction
+        student, teacher, teacher_to_student, cfg.kd_temperature, cfg.kd_direction, support
     )

@@ -77,7 +77,9 @@ class CoTuningServer:
         self.distillation = MutualDistillation(llm, slm, config.distill, config.optim, vocabulary)
 
     @classmethod
-    def from_config(cls, config: Config) -> CoTuningServer:
+    def from_config(
+        cls, config: Config, progress: Callable[[str], None] = lambda _: None
+    ) -> CoTuningServer:
         llm, llm_tokenizer = build_llm(config)
         slm, tokenizer = build_slm(config)
         questions, split = training_split(config)
@@ -90,7 +92,7 @@ class CoTuningServer:
                 "the SLM's tokenizers differ, so set distill.top_k = 0"
             )
         widths = [logits_width(m) for m in (llm, slm)]
-        vocabulary = vocabulary_map(llm_tokenizer, tokenizer, *widths)
+        vocabulary = vocabulary_map(llm_tokenizer, tokenizer, *widths, progress=progress)
         aux_data = encode_aligned(
             questions,
             split.aux,
@@ -99,6 +101,13 @@ class CoTuningServer:
             config,
             byte_lengths(tokenizer, widths[1]),
             byte_lengths(llm_tokenizer, widths[0]),
+        )
+        aligned = sum(len(e.slm_rows) for e in aux_data)
+        answer = sum(sum(e.slm.answer_mask[1:]) for e in aux_data)
+        progress(
+            f"the tokenizers differ: distilling at the {aligned} of the SLM's {answer} answer "
+            f"positions in D_a ({aligned / max(answer, 1):.0%}) where both start a token, "
+            f"distance {config.distill.cross_tokenizer!r}"
         )
         return cls(config, llm, slm, tokenizer, aux_data, split, llm_tokenizer, vocabulary)
 

@@ -246,7 +246,7 @@ def run_server(
     check_writable(out_dir)
     checkpoint = load_checkpoint(checkpoints, config) if resume else None
     print(f"loading the server LLM ({config.llm.name}) and SLM ({config.slm.name})", flush=True)
-    server = CoTuningServer.from_config(config)
+    server = CoTuningServer.from_config(config, progress=lambda m: print(m, flush=True))
     if checkpoint:
         restore(server, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -176,7 +178,12 @@ def end_of_text(tokenizer) -> int:
 
 
 def vocabulary_map(
-    llm_tokenizer, slm_tokenizer, llm_size: int, slm_size: int, cache: Path | None = None
+    llm_tokenizer,
+    slm_tokenizer,
+    llm_size: int,
+    slm_size: int,
+    cache: Path | None = None,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> VocabularyMap:
     """The map between the two vocabularies, built once per pair and cached (`cache`, else
     <model cache>/vocabulary_maps)."""
@@ -192,6 +199,11 @@ def vocabulary_map(
         return VocabularyMap(
             saved["llm_to_slm"], saved["slm_to_llm"], int(saved["exact"][0]), int(saved["exact"][1])
         )
+    progress(
+        f"building the map between the vocabularies ({llm_size:,} and {slm_size:,} tokens), "
+        f"once; it is kept in {path.parent}"
+    )
+    start = time.perf_counter()
     llm_to_slm, exact_llm = _one_way(llm_bytes, slm_bytes, end_of_text(slm_tokenizer))
     slm_to_llm, exact_slm = _one_way(slm_bytes, llm_bytes, end_of_text(llm_tokenizer))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,4 +217,8 @@ def vocabulary_map(
         str(partial),
     )
     partial.replace(path)  # whole or not at all: a killed build leaves no half map
+    progress(
+        f"vocabulary map built in {time.perf_counter() - start:.0f} s: {exact_llm:,} tokens "
+        "have the same bytes on both sides, the others map to the nearest by edit distance"
+    )
     return VocabularyMap(llm_to_slm, slm_to_llm, exact_llm, exact_slm)

@@ -88,6 +88,15 @@ def test_a_bad_value_stops_the_run_before_it_starts(
     assert not started and not (tmp_path / "out").exists()
 
 
+def test_top_k_across_two_tokenizers_stops_the_run_before_it_starts(
+    capsys, tmp_path, data_dir, started
+):
+    sets = ['llm.tiny.tokenizer="pieces"', "distill.top_k=5"]
+    line = refused(capsys, *run_args(data_dir, tmp_path / "out", *sets))
+    assert "tokenizers differ, so set distill.top_k = 0" in line
+    assert not started and not (tmp_path / "out").exists()
+
+
 def test_a_model_directory_without_weights_is_named(capsys, tmp_path, data_dir, started):
     model = tmp_path / "model"
     model.mkdir()

@@ -237,12 +237,6 @@ def test_the_server_takes_todays_path_when_the_tokenizers_are_one(data_dir):
     assert all(isinstance(e, AlignedExample) and e.slm_rows for e in cross.aux_data)
 
 
-def test_top_k_is_refused_across_vocabularies(data_dir):
-    overrides = ["data.train_limit=40", 'llm.tiny.tokenizer="pieces"', "distill.top_k=5"]
-    with pytest.raises(ValueError, match="distill.top_k = 0"):
-        CoTuningServer.from_config(load_config(TINY, data_dir=str(data_dir), overrides=overrides))
-
-
 def test_a_cross_family_tiny_run_completes_and_scores_both_models(tmp_path, data_dir):
     overrides = ['llm.tiny.tokenizer="pieces"', "rounds=1", "data.train_limit=80", "eval.limit=8"]
     config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)

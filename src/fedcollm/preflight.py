@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fedcollm.algorithm.cross_vocabulary import check_cross_family
 from fedcollm.config import Config, ConfigError
 from fedcollm.data import (
     DataError,
@@ -32,8 +33,10 @@ from fedcollm.models import (
     model_path,
     resolve_device,
 )
+from fedcollm.models.loading import tiny_tokenizer
 from fedcollm.models.lora import TARGET_MODULES
 from fedcollm.models.registry import REGISTRY
+from fedcollm.models.vocabulary import same_vocabulary
 
 
 def check_task(config: Config) -> None:
@@ -144,6 +147,14 @@ def _check_chat_template(role: str, name: str) -> None:
         )
 
 
+def _tokenizer(spec):
+    from transformers import AutoTokenizer
+
+    if spec.name == "tiny":
+        return tiny_tokenizer(spec)
+    return AutoTokenizer.from_pretrained(str(model_path(spec.name)))
+
+
 def check_models(config: Config) -> None:
     """Model directories, LoRA target modules and the KL's top-k against the models, read
     from their config files only (registry models must be fetched by now). A hub id has
@@ -161,6 +172,10 @@ def check_models(config: Config) -> None:
             _check_chat_template(role, spec.name)
         vocab_sizes.append((getattr(arch, "text_config", None) or arch).vocab_size)
     top_k = config.distill.top_k
+    specs = [config.llm, config.slm]
+    readable = all(s.name == "tiny" or s.name in REGISTRY or looks_like_path(s.name) for s in specs)
+    if top_k and readable and not same_vocabulary(*map(_tokenizer, specs)):
+        check_cross_family(config.distill)
     if vocab_sizes and top_k > min(vocab_sizes):
         raise ConfigError(
             f"distill.top_k: {top_k} is more than the {min(vocab_sizes)} tokens; lower it"

@@ -21,6 +21,7 @@ from typing import Any
 from fedcollm import seeds
 from fedcollm.algorithm.aggregation import client_weights, weighted_mean
 from fedcollm.algorithm.client import ClientUpdate
+from fedcollm.algorithm.cross_vocabulary import check_cross_family
 from fedcollm.algorithm.distillation import MutualDistillation
 from fedcollm.config import Config
 from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
@@ -28,7 +29,6 @@ from fedcollm.data.alignment import AlignedExample, encode_aligned
 from fedcollm.evaluation import Scores, score
 from fedcollm.models import (
     Adapter,
-    ModelError,
     build_llm,
     build_slm,
     get_adapter,
@@ -86,11 +86,7 @@ class CoTuningServer:
         if same_vocabulary(llm_tokenizer, tokenizer):
             aux_data = encode_examples(questions, split.aux, tokenizer, config)
             return cls(config, llm, slm, tokenizer, aux_data, split)
-        if config.distill.top_k:
-            raise ModelError(
-                "distill.top_k keeps the teacher's best tokens of one vocabulary; the LLM's and "
-                "the SLM's tokenizers differ, so set distill.top_k = 0"
-            )
+        check_cross_family(config.distill)
         widths = [logits_width(m) for m in (llm, slm)]
         vocabulary = vocabulary_map(llm_tokenizer, tokenizer, *widths, progress=progress)
         aux_data = encode_aligned(

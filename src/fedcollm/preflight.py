@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from fedcollm.algorithm.cross_vocabulary import check_cross_family
 from fedcollm.config import Config, ConfigError
 from fedcollm.data import (
     DataError,
@@ -36,7 +35,7 @@ from fedcollm.models import (
 from fedcollm.models.loading import tiny_tokenizer
 from fedcollm.models.lora import TARGET_MODULES
 from fedcollm.models.registry import REGISTRY
-from fedcollm.models.vocabulary import same_vocabulary
+from fedcollm.models.vocabulary import check_cross_family, same_vocabulary
 
 
 def check_task(config: Config) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fedcollm.config import ConfigError, DistillConfig
+from fedcollm.config import DistillConfig
 
 # A floor for carried-over probabilities that no teacher token lands on, so that the reverse
 # KL stays finite (mass of 1e-10 where the student puts some is a large but finite penalty).
@@ -79,15 +79,6 @@ def mapped_kd_loss(
     if direction not in kl:
         raise ValueError(f"kd_direction must be one of {sorted(kl)}, got {direction!r}")
     return kl[direction]().mean() * temperature**2
-
-
-def check_cross_family(cfg: DistillConfig) -> None:
-    """What a pair of different tokenizers rules out in the distillation settings."""
-    if cfg.top_k:
-        raise ConfigError(
-            "distill.top_k keeps the teacher's best tokens of one vocabulary; the LLM's and "
-            "the SLM's tokenizers differ, so set distill.top_k = 0"
-        )
 
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student, teacher) -> loss

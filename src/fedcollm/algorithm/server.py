@@ -21,7 +21,6 @@ from typing import Any
 from fedcollm import seeds
 from fedcollm.algorithm.aggregation import client_weights, weighted_mean
 from fedcollm.algorithm.client import ClientUpdate
-from fedcollm.algorithm.cross_vocabulary import check_cross_family
 from fedcollm.algorithm.distillation import MutualDistillation
 from fedcollm.config import Config
 from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
@@ -38,6 +37,7 @@ from fedcollm.models import (
 from fedcollm.models.vocabulary import (
     VocabularyMap,
     byte_lengths,
+    check_cross_family,
     logits_width,
     same_vocabulary,
     vocabulary_map,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedcollm.config import ConfigError, DistillConfig
 from fedcollm.models.registry import cache_dir
 
 MAP_VERSION = 1  # bump when the way maps are built changes: older cached maps are ignored
@@ -85,6 +86,15 @@ def same_vocabulary(a, b) -> bool:
 def logits_width(model: torch.nn.Module) -> int:
     """The number of next-token logits a model gives (its vocabulary, perhaps padded)."""
     return model.get_output_embeddings().weight.shape[0]
+
+
+def check_cross_family(cfg: DistillConfig) -> None:
+    """What a pair of different tokenizers rules out in the distillation settings."""
+    if cfg.top_k:
+        raise ConfigError(
+            "distill.top_k keeps the teacher's best tokens of one vocabulary; the LLM's and "
+            "the SLM's tokenizers differ, so set distill.top_k = 0"
+        )
 
 
 def byte_lengths(tokenizer, size: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ shaped like Qwen2.5 with our LoRA, fixed-length synthetic examples, a timer and 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
@@ -135,3 +136,11 @@ def add_workload_args(p: argparse.ArgumentParser, repeats: int, steps: int, step
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", help="write the figures to this file")
+
+
+def write_figures(args: argparse.Namespace, figures: dict) -> None:
+    """With --json: the machine, the options (but --json) and the figures, to that file."""
+    if args.json:
+        setup = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "setup": setup, **figures}, f, indent=2)

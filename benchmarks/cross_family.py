@@ -30,13 +30,12 @@ aligned, or, with `--answer-len`, questions of `--prompt-len` words whose answer
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import add_workload_args, machine, random_model, timed
+from common import add_workload_args, machine, random_model, timed, write_figures
 from distillation_step import fb, reset_peak_rss, rss_kib
 from transformers import AutoTokenizer
 
@@ -207,10 +206,7 @@ def main() -> None:
     p.add_argument("--map", action="store_true", help="time and measure the map's build")
     args = p.parse_args()
     figures = map_build(args) if args.map else step_speed(args)
-    if args.json:
-        setup = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "setup": setup, **figures}, f, indent=2)
+    write_figures(args, figures)
 
 
 if __name__ == "__main__":

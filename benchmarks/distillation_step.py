@@ -39,7 +39,6 @@ glibc keeps the freed activation memory for reuse (malloc_trim hands it back); i
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 
@@ -53,6 +52,7 @@ from common import (
     random_model,
     synthetic_examples,
     timed,
+    write_figures,
 )
 
 from fedcollm.algorithm.distillation import MutualDistillation, teacher_logits
@@ -230,10 +230,7 @@ def main() -> None:
     )
     args = p.parse_args()
     figures = memory(args) if args.memory else speed(args)
-    if args.json:
-        setup = {k: v for k, v in vars(args).items() if k != "json"}
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "setup": setup, **figures}, f, indent=2)
+    write_figures(args, figures)
 
 
 if __name__ == "__main__":

@@ -115,13 +115,13 @@ class MutualDistillation:
         self._with_dropout = {m for m in (llm, slm) if has_dropout(m)}
         self.llm_optimizer = make_optimizer(llm.parameters(), cfg.llm_lr, optim)
         self._make_slm_optimizer = lambda: make_optimizer(slm.parameters(), cfg.slm_lr, optim)
-        self.distance: dict[str, Distance] = {  # by student
-            role: lambda student, teacher: kd_loss(
+        self.distance: dict[str, Distance]  # by student
+        if vocabulary is None:
+            one = lambda student, teacher: kd_loss(  # noqa: E731
                 student, teacher, cfg.kd_temperature, cfg.kd_direction, cfg.top_k
             )
-            for role in ("slm", "llm")
-        }
-        if vocabulary is not None:
+            self.distance = {"slm": one, "llm": one}
+        else:
             self.distance = {
                 "slm": cross_vocabulary_distance(cfg, vocabulary.llm_to_slm),
                 "llm": cross_vocabulary_distance(cfg, vocabulary.slm_to_llm),

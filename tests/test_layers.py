@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).parents[1] / "src" / "fedcollm"
 LAYERS = {
     "config": 0,
     "seeds": 0,
+    "keystream": 0,
     "models": 1,
     "data": 1,
     "evaluation": 2,

@@ -55,6 +55,10 @@ class LoraConfig:
     dropout: float = 0.05
     # Empty: picked per architecture (attention projections; see models.py).
     target_modules: list[str] = field(default_factory=list)
+    # "lora": A and B trained, theta holds both. "ffa" (FFA-LoRA, Sun et al. 2024): A frozen
+    # at the shared seeded init, only B trained and sent; the mean of the clients' B A is
+    # then exactly (mean of B) A, secure aggregation and DP included, and half the bytes go.
+    variant: Literal["lora", "ffa"] = "lora"
 
 
 @dataclass
@@ -171,6 +175,31 @@ class FederationConfig:
     # scales weights by it). 0: the largest partition of the server's own split, which is
     # right in simulation; deployed nodes with their own data need it set.
     secagg_max_weight: int = 0
+    # Clients sampled each round, uniformly without replacement and seeded (recorded in each
+    # metrics row); 0: all num_clients every round, as in the paper.
+    clients_per_round: int = 0
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg on theta; docs/PRIVACY.md)."""
+
+    # L2 bound on each client's update theta_k - theta; 0: no clipping, no DP.
+    clip_norm: float = 0.0
+    # Gaussian noise of standard deviation noise_multiplier * clip_norm on the clipped sum;
+    # 0: clipping only (no guarantee, epsilon is infinite).
+    noise_multiplier: float = 0.0
+    target_delta: float = 1e-5
+    # Stop before a round that would take epsilon past this (0: no limit).
+    max_epsilon: float = 0.0
+    # "system": noise keyed from the OS's CSPRNG, as DP needs. "seeded": keyed from the
+    # config's seed, so a run repeats bit for bit; anyone who knows the seed can subtract the
+    # noise, so it guarantees nothing (tests and comparisons only).
+    noise_source: Literal["system", "seeded"] = "system"
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm > 0
 
 
 @dataclass
@@ -192,6 +221,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,6 +262,10 @@ _NON_NEGATIVE = {
     "federation.max_update_norm",
     "federation.client_gpus",
     "federation.secagg_max_weight",
+    "federation.clients_per_round",
+    "privacy.clip_norm",
+    "privacy.noise_multiplier",
+    "privacy.max_epsilon",
 }
 
 
@@ -336,8 +370,45 @@ def _check_meaning(config: Config) -> None:
             f"federation.min_clients: {config.federation.min_clients} is more than "
             f"num_clients = {config.num_clients}; no round could ever complete"
         )
+    sampled = config.federation.clients_per_round
+    if sampled > config.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {sampled} is more than num_clients = "
+            f"{config.num_clients}; sample at most all of them (0 means all)"
+        )
+    if sampled and config.federation.min_clients > sampled:
+        raise ConfigError(
+            f"federation.min_clients: {config.federation.min_clients} is more than "
+            f"federation.clients_per_round = {sampled}; no round could ever complete"
+        )
     if config.federation.secure_aggregation:
         _check_secure_aggregation(config)
+    _check_privacy(config)
+
+
+def _check_privacy(config: Config) -> None:
+    privacy = config.privacy
+    if not 0 < privacy.target_delta < 1:
+        raise ConfigError(f"privacy.target_delta: must be in (0, 1), got {privacy.target_delta}")
+    if not privacy.enabled:
+        for key in ("noise_multiplier", "max_epsilon"):
+            if getattr(privacy, key):
+                raise ConfigError(
+                    f"privacy.{key} is set but privacy.clip_norm is 0; DP needs a clipping "
+                    "bound: set privacy.clip_norm (e.g. 0.1; each row's update_norm shows "
+                    "the clients' update sizes)"
+                )
+        return
+    if config.client.aggregation != "uniform":
+        raise ConfigError(
+            'client.aggregation: must be "uniform" with privacy.clip_norm (a client\'s '
+            "self-reported size would scale its weight past the clipping bound)"
+        )
+    if privacy.max_epsilon and not privacy.noise_multiplier:
+        raise ConfigError(
+            "privacy.max_epsilon is set but privacy.noise_multiplier is 0: without noise "
+            "epsilon is infinite from the first round; set privacy.noise_multiplier"
+        )
 
 
 def _check_secure_aggregation(config: Config) -> None:

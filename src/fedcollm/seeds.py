@@ -34,6 +34,11 @@ def distillation_round(seed: int, server_round: int) -> int:
     return seed * 100_003 + server_round
 
 
+def client_sample(seed: int, server_round: int) -> int:
+    """Which clients take part in a round (federation.clients_per_round)."""
+    return seed * 100_019 + server_round + 7
+
+
 def standalone_client(seed: int, partition: int) -> int:
     """The standalone baseline's client k, which trains once over all its rounds' budget."""
     return seed * 1_000 + partition

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedcollm import seeds
+from fedcollm.algorithm.privacy import add, client_noise_std, clip_update, gaussian_noise, noise_key
 from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config
 from fedcollm.data import Example
@@ -50,6 +51,19 @@ def client_update(
     return ClientUpdate(get_adapter(slm), result.num_examples, result.mean_loss, result.steps)
 
 
+def private_adapter(
+    adapter: Adapter, slm_adapter: Adapter, config: Config, server_round: int, partition: int
+) -> Adapter:
+    """What a DP client sends: its update clipped to privacy.clip_norm and, under secure
+    aggregation (where the server cannot add noise to a sum it never sees), its share of
+    the noise, added before masking."""
+    clipped, _ = clip_update(adapter, slm_adapter, config.privacy.clip_norm)
+    if not (config.federation.secure_aggregation and config.privacy.noise_multiplier):
+        return clipped
+    key = noise_key(config.privacy, config.seed, server_round, f"client {partition}")
+    return add(clipped, gaussian_noise(clipped, client_noise_std(config), key))
+
+
 @dataclass
 class Client:
     """Client k: its partition number, its SLM and its encoded D_k.
@@ -67,6 +81,12 @@ class Client:
         self, slm_adapter: Adapter, server_round: int, on_step: StepCallback | None = None
     ) -> ClientUpdate:
         seed = seeds.client_round(self.config.seed, server_round, self.partition)
-        return client_update(
+        update = client_update(
             self.slm, slm_adapter, self.client_data, self.config, self.pad_id, seed, on_step
         )
+        if self.config.privacy.enabled:
+            update.adapter = private_adapter(
+                update.adapter, slm_adapter, self.config, server_round, self.partition
+            )
+            set_adapter(self.slm, update.adapter)  # what it scores is what it sends
+        return update

@@ -2,7 +2,7 @@
 runtime: the reference that the Flower apps carry out across processes and machines.
 
     for t in 1..T:
-        1. the server broadcasts theta
+        1. the server broadcasts theta to the round's clients      (sampled_partitions)
         2. every client k tunes theta on D_k into theta_k          (Client.update)
         3. the server aggregates theta_1..theta_K into theta       (CoTuningServer.aggregate)
         4. LLM and SLM distil into each other on D_a               (CoTuningServer.co_tune)
@@ -15,9 +15,11 @@ server. Flower adds transport, screening, secure aggregation and bookkeeping aro
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
+from fedcollm import seeds
 from fedcollm.algorithm.client import Client
 from fedcollm.algorithm.server import CoTuningServer, ServerRound
 from fedcollm.config import Config
@@ -38,7 +40,17 @@ def fedcollm_round(
     broadcast = transmitted(slm_adapter, wire)  # 1
     updates = [client.update(broadcast, server_round) for client in clients]  # 2
     received = [replace(u, adapter=transmitted(u.adapter, wire)) for u in updates]
-    return server.server_update(received, server_round)  # 3 and 4; its theta is 5
+    return server.server_update(received, broadcast, server_round)  # 3 and 4; theta is 5
+
+
+def sampled_partitions(config: Config, server_round: int) -> list[int]:
+    """The round's clients: all K, or `federation.clients_per_round` of them drawn uniformly
+    without replacement, seeded by the round (the sampling the DP accountant assumes)."""
+    count, population = config.federation.clients_per_round, config.num_clients
+    if not count:
+        return list(range(population))
+    draw = random.Random(seeds.client_sample(config.seed, server_round))
+    return sorted(draw.sample(range(population), count))
 
 
 def in_process_clients(config: Config) -> list[Client]:
@@ -63,6 +75,8 @@ def reference_rounds(config: Config) -> Iterator[ServerRound]:
     clients = in_process_clients(config)
     slm_adapter = server.slm_adapter
     for server_round in range(1, config.rounds + 1):
-        result = fedcollm_round(server, clients, slm_adapter, server_round)
+        partitions = sampled_partitions(config, server_round)
+        server.privacy.spend_round(partitions)
+        result = fedcollm_round(server, [clients[k] for k in partitions], slm_adapter, server_round)
         slm_adapter = result.slm_adapter
         yield result

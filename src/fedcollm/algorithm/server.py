@@ -22,6 +22,14 @@ from fedcollm import seeds
 from fedcollm.algorithm.aggregation import client_weights, weighted_mean
 from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.distillation import MutualDistillation
+from fedcollm.algorithm.privacy import (
+    PrivacyAccountant,
+    add,
+    clip_update,
+    gaussian_noise,
+    noise_key,
+    noise_std,
+)
 from fedcollm.config import Config
 from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
 from fedcollm.data.alignment import AlignedExample, encode_aligned
@@ -52,6 +60,8 @@ class ServerRound:
     slm_adapter: Adapter
     losses: dict[str, float]
     seconds: dict[str, float] = field(default_factory=dict)
+    # What else the round measured (plain LoRA's aggregation error), for the metrics row.
+    measured: dict[str, float] = field(default_factory=dict)
 
 
 class CoTuningServer:
@@ -75,6 +85,7 @@ class CoTuningServer:
         self.llm_tokenizer = llm_tokenizer or tokenizer
         self.aux_data, self.split = list(aux_data), split
         self.distillation = MutualDistillation(llm, slm, config.distill, config.optim, vocabulary)
+        self.privacy = PrivacyAccountant(config)
 
     @classmethod
     def from_config(
@@ -118,18 +129,42 @@ class CoTuningServer:
     def slm_adapter(self) -> Adapter:
         return get_adapter(self.slm)
 
-    def aggregate(self, updates: Sequence[ClientUpdate]) -> Adapter:
-        """Step 3: the clients' adapters combined into one theta."""
+    def aggregate(
+        self, updates: Sequence[ClientUpdate], broadcast: Adapter, server_round: int
+    ) -> Adapter:
+        """Step 3: the clients' adapters combined into one theta. Under DP each update is
+        clipped again (a client that did not clip gains nothing) and the noise is added to
+        the sum: theta + (sum of clipped updates + N(0, (sigma C)^2)) / m."""
+        adapters = [u.adapter for u in updates]
+        privacy = self.config.privacy
+        if privacy.enabled:
+            adapters = [clip_update(a, broadcast, privacy.clip_norm)[0] for a in adapters]
         weights = client_weights([u.num_examples for u in updates], self.config.client.aggregation)
-        return weighted_mean([u.adapter for u in updates], weights)
+        aggregate = weighted_mean(adapters, weights)
+        if privacy.noise_multiplier:
+            key = noise_key(privacy, self.config.seed, server_round, "server")
+            noise = gaussian_noise(aggregate, noise_std(self.config), key)
+            aggregate = add(aggregate, noise, 1 / len(adapters))
+        return aggregate
 
     def server_update(
-        self, updates: Sequence[ClientUpdate], server_round: int, on_step: Callable | None = None
+        self,
+        updates: Sequence[ClientUpdate],
+        broadcast: Adapter,
+        server_round: int,
+        on_step: Callable | None = None,
     ) -> ServerRound:
-        """Steps 3-4; the returned `slm_adapter` (theta after distillation) is step 5's."""
+        """Steps 3-4 on the updates of the theta `broadcast`; the returned `slm_adapter`
+        (theta after distillation) is step 5's."""
         start = time.perf_counter()
-        aggregate = self.aggregate(updates)
-        return self.co_tune(aggregate, server_round, on_step, time.perf_counter() - start)
+        aggregate = self.aggregate(updates, broadcast, server_round)
+        result = self.co_tune(aggregate, server_round, on_step, time.perf_counter() - start)
+        if self.config.lora.variant == "lora":
+            result.measured["lora_aggregation_error"] = lora_aggregation_error(
+                [u.adapter for u in updates],
+                client_weights([u.num_examples for u in updates], self.config.client.aggregation),
+            )
+        return result
 
     def co_tune(
         self,
@@ -164,13 +199,32 @@ class CoTuningServer:
             "slm_adapter": get_adapter(self.slm),
             "llm_adapter": get_adapter(self.llm),
             "llm_optimizer": self.distillation.llm_optimizer.state_dict(),
+            "privacy": self.privacy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_adapter(self.slm, state["slm_adapter"])
         set_adapter(self.llm, state["llm_adapter"])
         self.distillation.llm_optimizer.load_state_dict(state["llm_optimizer"])
+        # A checkpoint from before DP existed spent no privacy.
+        self.privacy.load_state_dict(state.get("privacy", {"rounds": 0}))
 
     def save_adapters(self, out_dir: Path) -> None:
         save_adapter(self.slm, out_dir / "adapters" / "slm")
         save_adapter(self.llm, out_dir / "adapters" / "llm")
+
+
+def lora_aggregation_error(adapters: Sequence[Adapter], weights: Sequence[float]) -> float:
+    """||mean(B_k A_k) - mean(B_k) mean(A_k)|| / ||mean(B_k A_k)|| over all LoRA modules
+    (Frobenius): what averaging A and B apart costs plain LoRA. 0 for one client or for
+    FFA-LoRA's shared A. Without secure aggregation only: it needs every B_k and A_k."""
+    exact = approx = 0.0
+    for a_key in (k for k in adapters[0] if "lora_A" in k):
+        b_key = a_key.replace("lora_A", "lora_B")
+        products = [a[b_key].double() @ a[a_key].double() for a in adapters]
+        mean_product = sum(w * p for w, p in zip(weights, products, strict=True))
+        mean_b = sum(w * a[b_key].double() for w, a in zip(weights, adapters, strict=True))
+        mean_a = sum(w * a[a_key].double() for w, a in zip(weights, adapters, strict=True))
+        exact += float(mean_product.pow(2).sum())
+        approx += float((mean_product - mean_b @ mean_a).pow(2).sum())
+    return (approx / exact) ** 0.5 if exact > 0 else 0.0

@@ -154,6 +154,13 @@ def make_client_app(config: Config | None = None) -> ClientApp:
             return train(config_from_run_config(context.run_config, node_data), msg, context)
         return train(config, msg, context)
 
+    @app.query()
+    def _roll_call(msg: Message, context: Context) -> Message:
+        """The server's roll call (client sampling): which partition this node holds."""
+        partition = int(context.node_config["partition-id"])
+        content = RecordDict({"partition": MetricRecord({"partition-id": partition})})
+        return Message(content=content, reply_to=msg)
+
     return app
 
 

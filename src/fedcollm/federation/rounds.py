@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedcollm.algorithm.round import sampled_partitions
 from fedcollm.algorithm.server import CoTuningServer, ServerRound
 from fedcollm.data import Question, get_task
 from fedcollm.federation.screening import UpdateRejected
@@ -37,6 +38,9 @@ class ServerRounds:
         self.eval_questions, self.metrics = eval_questions, metrics
         self.checkpoints, self.first_round = checkpoints, first_round
         self.traffic = traffic  # counts message bytes per node: .take() -> (to, from)
+        # The last round to run: config.rounds, or fewer when privacy.max_epsilon stops it.
+        self.last_round = server.config.rounds
+        self.sampled: list[int] = []  # this round's partitions
         self.row: dict[str, Any] = {}
         self.started = self.created = time.perf_counter()
 
@@ -44,10 +48,16 @@ class ServerRounds:
         return flower_round + self.first_round
 
     def begin(self, flower_round: int, broadcast: Adapter) -> int:
-        """Step 1 is under way with theta as broadcast; returns the true round number."""
+        """Step 1 is under way with theta as broadcast to the partitions `self.sampled`
+        (which the round's DP cost counts); returns the true round number."""
         self.started = time.perf_counter()
+        server_round = self.true_round(flower_round)
+        self.sampled = sampled_partitions(self.config, server_round)
         self.row = {"broadcast_sha256": adapter_digest(broadcast)}
-        return self.true_round(flower_round)
+        if self.config.federation.clients_per_round:
+            self.row["sampled_partitions"] = self.sampled
+        self.server.privacy.spend_round(self.sampled)
+        return server_round
 
     def with_traffic(self, clients: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each client's row with the bytes of every message to and from its node this round
@@ -96,6 +106,7 @@ class ServerRounds:
             distilled_sha256=adapter_digest(result.slm_adapter),
             seconds={"clients": clients_seconds, **result.seconds},
             **result.losses,
+            **result.measured,
         )
         return result.slm_adapter
 
@@ -134,6 +145,8 @@ class ServerRounds:
             row.update({f"{role}_{k}": v for k, v in scores.summary().items() if k != "n"})
         if "llm" not in roles:
             row.update({k: v for k, v in self.metrics.rows[-1].items() if k.startswith("llm_")})
+        if self.config.privacy.enabled:
+            row.update(self.server.privacy.spent())
         seconds = row.setdefault("seconds", {})
         seconds["evaluation"] = time.perf_counter() - start
         seconds["round"] = time.perf_counter() - (self.started if server_round else start)

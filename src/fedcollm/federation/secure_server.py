@@ -38,9 +38,10 @@ def client_row(proxy, res) -> dict:
 class SecureFedCoLLM(LegacyFedAvg):
     """Steps 1-5 of Algorithm 1 where step 3 is SecAgg+: `aggregate_fit` gets the mean."""
 
-    def __init__(self, rounds: ServerRounds):
+    def __init__(self, rounds: ServerRounds, owners: dict[int, int] | None = None):
         quorum = rounds.config.federation.min_clients
         self.rounds, self.server, self.config = rounds, rounds.server, rounds.config
+        self.owners = owners or {}  # partition -> node, from the roll call (sampling)
         self.keys = rounds.server.slm_adapter
         super().__init__(
             fraction_fit=1.0,
@@ -57,6 +58,9 @@ class SecureFedCoLLM(LegacyFedAvg):
         server_round = self.rounds.begin(server_round, self.sent)
         evaluate_own = self.config.eval.clients and server_round == self.config.rounds
         instructions = super().configure_fit(server_round, parameters, client_manager)
+        if self.config.federation.clients_per_round:
+            chosen = {self.owners.get(p) for p in self.rounds.sampled}
+            instructions = [(p, fit) for p, fit in instructions if int(p.cid) in chosen]
         for _, fit in instructions:
             fit.config = {"server-round": server_round, "evaluate-own": evaluate_own}
         return instructions
@@ -109,16 +113,19 @@ def max_weight(config: Config, split: DataSplit) -> float:
     return float(config.federation.secagg_max_weight or max(len(p) for p in split.clients))
 
 
-def run_secure_rounds(grid: Grid, context: Context, rounds: ServerRounds) -> None:
-    """The remaining rounds with SecAgg+ (Flower's legacy workflow)."""
+def run_secure_rounds(
+    grid: Grid, context: Context, rounds: ServerRounds, owners: dict[int, int]
+) -> None:
+    """The remaining rounds with SecAgg+ (Flower's legacy workflow); `owners` (partition ->
+    node) says whom to ask when clients are sampled."""
     config, federation = rounds.config, rounds.config.federation
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(
-            num_rounds=config.rounds - rounds.first_round,
+            num_rounds=rounds.last_round - rounds.first_round,
             round_timeout=federation.round_timeout,
         ),
-        strategy=SecureFedCoLLM(rounds),
+        strategy=SecureFedCoLLM(rounds, owners),
     )
     workflow = SecAggPlusWorkflow(
         num_shares=1.0,  # every client shares its secrets with all others (small K)

@@ -24,6 +24,7 @@ from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
 from fedcollm.data import evaluation_questions, get_task
 from fedcollm.federation.rounds import ServerRounds
+from fedcollm.federation.sampling import roll_call
 from fedcollm.federation.screening import UpdateRejected, check_update
 from fedcollm.federation.secure_server import run_secure_rounds
 from fedcollm.federation.traffic import MeteredGrid
@@ -148,6 +149,9 @@ class FedCoLLM(FedAvg):
         server_round = self.rounds.begin(server_round, self.sent)
         config["evaluate-own"] = self.config.eval.clients and server_round == self.config.rounds
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.config.federation.clients_per_round:
+            chosen = {self.partition_nodes.get(p) for p in self.rounds.sampled}
+            messages = [m for m in messages if m.metadata.dst_node_id in chosen]
         self.sent_to = {m.metadata.dst_node_id for m in messages}
         return messages
 
@@ -201,7 +205,7 @@ class FedCoLLM(FedAvg):
             server_round,
             self.rounds.with_traffic(clients),
             len(updates),
-            lambda progress: self.server.server_update(updates, server_round, progress),
+            lambda progress: self.server.server_update(updates, self.sent, server_round, progress),
             dropped=dropped,
             rejected=rejected,
         )
@@ -215,17 +219,39 @@ class FedCoLLM(FedAvg):
         return row and MetricRecord(headline_scores(row))
 
 
-def run_rounds(grid: MeteredGrid, rounds: ServerRounds) -> None:
-    """The remaining rounds with plain aggregation: the server screens every update."""
+def run_rounds(grid: MeteredGrid, rounds: ServerRounds, owners: dict[int, int]) -> None:
+    """The remaining rounds with plain aggregation: the server screens every update.
+    `owners` (partition -> node, from the roll call) binds partitions to nodes up front."""
     config, strategy = rounds.config, FedCoLLM(rounds)
+    strategy.partition_nodes = dict(owners)
+    strategy.node_partitions = {node: p for p, node in owners.items()}
     theta = rounds.server.slm_adapter
     strategy.start(
         grid=grid,
         initial_arrays=adapter_to_record(theta, config.federation.adapter_dtype),
-        num_rounds=config.rounds - rounds.first_round,
+        num_rounds=rounds.last_round - rounds.first_round,
         timeout=config.federation.round_timeout,
         evaluate_fn=strategy.evaluate,
     )
+
+
+def privacy_budget_rounds(server: CoTuningServer, config: Config) -> int:
+    """The last round privacy.max_epsilon allows (config.rounds without a limit); says so
+    when the budget stops the run early."""
+    max_epsilon = config.privacy.max_epsilon
+    if not max_epsilon:
+        return config.rounds
+    last = server.privacy.rounds_within(max_epsilon, config.rounds)
+    if last < config.rounds:
+        print(
+            f"privacy budget: stopping after round {last} of {config.rounds}; round "
+            f"{last + 1} would take epsilon from {server.privacy.epsilon(last):.3g} to "
+            f"{server.privacy.epsilon(last + 1):.3g}, past privacy.max_epsilon = "
+            f"{max_epsilon:g} (delta {config.privacy.target_delta:g}). Everything so far is "
+            "saved; raise privacy.max_epsilon and --resume to go on",
+            flush=True,
+        )
+    return last
 
 
 def own_keys(config: Config) -> set[str]:
@@ -260,15 +286,18 @@ def run_server(
         metrics.write_all(checkpoint.rows)
         first_round = checkpoint.server_round
         print(f"resuming after round {first_round} of {config.rounds}", flush=True)
+    # The roll call goes before the meter: its bytes belong to no round.
+    owners = roll_call(grid, config) if config.federation.clients_per_round else {}
     grid = MeteredGrid(grid)
     rounds = ServerRounds(
         server, evaluation_questions(config), metrics, checkpoints, first_round, grid
     )
-    if first_round < config.rounds:
+    rounds.last_round = privacy_budget_rounds(server, config)
+    if first_round < rounds.last_round:
         if config.federation.secure_aggregation:
-            run_secure_rounds(grid, context, rounds)
+            run_secure_rounds(grid, context, rounds, owners)
         else:
-            run_rounds(grid, rounds)
+            run_rounds(grid, rounds, owners)
     server.save_adapters(out_dir)
     report = write_report(metrics.rows, config.to_dict(), out_dir)
     print("\n" + summary_table(metrics.rows), flush=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -62,9 +63,14 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        tuned = get_peft_model(model, config)
     except ValueError as err:
         raise ModelError(f"lora.target_modules: {err}") from None
+    if lora.variant == "ffa":  # A stays at its (seeded, shared) init: only B trains and travels
+        for name, param in tuned.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return tuned
 
 
 def tuned_model(spec: ModelConfig, lora: LoraConfig, seed: int):
@@ -82,13 +88,23 @@ def build_slm(config: Config):
 
 
 def build_llm(config: Config):
-    """The server's LLM with a fresh omega."""
-    return tuned_model(config.llm, config.lora, seeds.llm_weights(config.seed))
+    """The server's LLM with a fresh omega. omega never travels, so it keeps plain LoRA
+    (A and B trained) whatever `lora.variant` makes of theta."""
+    lora = dataclasses.replace(config.lora, variant="lora")
+    return tuned_model(config.llm, lora, seeds.llm_weights(config.seed))
+
+
+def frozen_a(model: PeftModel) -> bool:
+    """FFA-LoRA: every A is frozen, so theta is the B matrices alone."""
+    return not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
 
 
 def get_adapter(model: PeftModel) -> Adapter:
-    """A detached CPU copy of the adapter's weights, keyed as PEFT saves them."""
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    """A detached CPU copy of the adapter's trained weights, keyed as PEFT saves them (under
+    FFA-LoRA the B matrices only: the frozen A is the same on every party)."""
+    state = get_peft_model_state_dict(model)
+    skip = "lora_A" if frozen_a(model) else None
+    return {k: v.detach().cpu().clone() for k, v in state.items() if not skip or skip not in k}
 
 
 def set_adapter(model: PeftModel, adapter: Adapter) -> None:
@@ -103,7 +119,8 @@ def set_adapter(model: PeftModel, adapter: Adapter) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"adapter keys this model does not have: {unexpected[:3]}")
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    trained = ("lora_B",) if frozen_a(model) else ("lora_",)
+    missing = [k for k in getattr(result, "missing_keys", []) if any(t in k for t in trained)]
     if missing:
         raise ModelError(f"the adapter lacks {len(missing)} LoRA tensors, e.g. {missing[:2]}")
 

@@ -29,6 +29,8 @@ RESUMABLE_CHANGES = {
     "federation.round_timeout",
     "federation.client_cpus",
     "federation.client_gpus",
+    # A larger privacy budget continues the same accountant (its state is checkpointed).
+    "privacy.max_epsilon",
 }
 
 

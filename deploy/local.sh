@@ -9,7 +9,8 @@
 #                                 # the wrong CA are refused
 #
 # Env: WORK (default runs/deploy: certs, logs, Flower home, output), VENV (default .venv),
-# DATA (default ../shared/data), PORT (SuperLink; default a free port), RUN_TIMEOUT (s).
+# DATA (default ../shared/data), PORT (SuperLink; default a free port), RUN_TIMEOUT (s),
+# SET (more config overrides, ';'-separated: SET="federation.secure_aggregation=true").
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -111,7 +112,7 @@ done
 echo "$NODES SuperNodes online"
 
 # 6. The run: the app bundle is this directory; the run config picks the experiment.
-overrides="num_clients=$NODES;eval.limit=4;federation.min_clients=$NODES"
+overrides="num_clients=$NODES;eval.limit=4;federation.min_clients=$NODES${SET:+;$SET}"
 timeout "$RUN_TIMEOUT" flwr run "$ROOT" local --stream --run-config \
     "config=\"$ROOT/configs/tiny.toml\" out-dir=\"$OUT\" data-dir=\"$DATA\" set=\"$overrides\"" \
     > "$LOGS/run.log" 2>&1 || { echo "flwr run failed"; tail -30 "$LOGS/run.log"; exit 1; }

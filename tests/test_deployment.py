@@ -47,6 +47,25 @@ def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
     assert alive == [], f"processes left running: {alive}"
 
 
+def test_secure_aggregation_over_tls(tmp_path, data_dir):
+    """SecAgg+ with fedcollm's ChaCha20 masks between two SuperNodes over TLS."""
+    secure = "federation.secure_aggregation=true;rounds=1"
+    env = {**os.environ, "WORK": str(tmp_path), "DATA": str(data_dir), "SET": secure}
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "local.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["secure_aggregation"] and "skipped" not in rows[1]
+    assert sorted(c["partition"] for c in rows[1]["clients"]) == [0, 1]
+    assert rows[1]["distilled_sha256"] != rows[1]["broadcast_sha256"]
+
+
 def _running(pid: int) -> bool:
     try:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()

@@ -29,7 +29,12 @@ LAYERS = {
     "cli": 7,
 }
 # What a client process runs: it must not reach the server's bookkeeping.
-CLIENT_SIDE = ["federation/client_app.py", "federation/secure_client.py", "federation/wire.py"]
+CLIENT_SIDE = [
+    "federation/client_app.py",
+    "federation/secure_client.py",
+    "federation/masks.py",
+    "federation/wire.py",
+]
 SERVER_ONLY = [
     "fedcollm.algorithm.server",
     "fedcollm.algorithm.distillation",

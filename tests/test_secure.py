@@ -20,6 +20,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import ConfigError, load_config
+from fedcollm.federation import masks
 from fedcollm.federation.client_app import train
 from fedcollm.federation.secure_client import (
     check_within_clipping,
@@ -144,18 +145,57 @@ def _arrays(fit_res):
     return parameters_to_ndarrays(fit_res.parameters)
 
 
-@pytest.mark.slow
-def test_a_secure_round_completes_without_a_client_that_fails(tmp_path, data_dir):
-    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *SECURE])
+def _failing_app(config, partition: int) -> ClientApp:
+    """The ClientApp of `config` whose client `partition` fails while it trains: under
+    SecAgg+ that is after it shared its keys, so the server must rebuild its masks."""
     app = ClientApp(mods=[secure_when_asked])
 
     @app.train()
     def _train(msg, context):
-        if int(context.node_config["partition-id"]) == 1:
+        if int(context.node_config["partition-id"]) == partition:
             raise RuntimeError("disk full")
         return train(config, msg, context)
 
-    rows = simulate(config, tmp_path, client_app=app)
+    return app
+
+
+@pytest.mark.slow
+def test_a_secure_round_without_a_failed_client_is_the_mean_of_the_others(
+    tmp_path, data_dir, monkeypatch
+):
+    seen = _recording(monkeypatch)
+    drawn = []
+    uniform_integers = masks.uniform_integers
+
+    def counted(key, modulus, shapes):
+        drawn.append(len(shapes))
+        return uniform_integers(key, modulus, shapes)
+
+    monkeypatch.setattr(masks, "uniform_integers", counted)  # the server's draws
+    plain = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", "eval.limit=4"])
+    simulate(plain, tmp_path / "plain", client_app=_failing_app(plain, 1))
+    assert drawn == []
+    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *SECURE])
+    rows = simulate(config, tmp_path / "secure", client_app=_failing_app(config, 1))
     assert sorted(c["partition"] for c in rows[1]["clients"]) == [0, 2]
     assert rows[1]["dropped"] and "skipped" not in rows[1]
     assert rows[1]["distilled_sha256"] != rows[1]["broadcast_sha256"]
+    # Unmasking drew the two survivors' own masks and the failed client's two pairwise masks
+    # from ChaCha20; had the clients masked with anything else, nothing would cancel.
+    assert len(drawn) == 4
+    plain_aggregate, secure_aggregate = seen["aggregates"]
+    errors = [
+        (plain_aggregate[k] - secure_aggregate[k]).abs().max().item() for k in plain_aggregate
+    ]
+    assert 0 < max(errors) <= TOLERANCE  # the mean of 2, each off by at most one step
+
+
+@pytest.mark.slow
+def test_a_secure_run_resumes(tmp_path, data_dir):
+    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *SECURE])
+    simulate(config, tmp_path)
+    longer = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=2", *SECURE])
+    rows = simulate(longer, tmp_path, resume=True)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["secure_aggregation"] and "skipped" not in rows[2]
+    assert rows[2]["broadcast_sha256"] == rows[1]["distilled_sha256"]

@@ -1,5 +1,6 @@
-"""The client's half of secure aggregation: Flower's SecAgg+ mod masks what this node sends,
-after the node has checked its own update, since the server can no longer check it.
+"""The client's half of secure aggregation: Flower's SecAgg+ mod masks what this node sends
+(with ChaCha20 masks, `masks.py`), after the node has checked its own update, since the
+server can no longer check it.
 
 The server's half is `secure_server.py`; neither imports the other."""
 
@@ -17,6 +18,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from fedcollm.algorithm.aggregation import client_weight
 from fedcollm.config import Config
+from fedcollm.federation.masks import CLIENT_MODULE, replace_generator
 from fedcollm.federation.wire import adapter_from_parameters, parameters_from_adapter
 from fedcollm.models import Adapter
 
@@ -28,6 +30,7 @@ def asks_for_secure_aggregation(msg: Message) -> bool:
 def secure_when_asked(msg, context, call_next):
     """Client mod: SecAgg+ for the rounds the server runs securely, a pass-through otherwise."""
     if asks_for_secure_aggregation(msg):
+        replace_generator(CLIENT_MODULE)  # ChaCha20 masks, not a 32-bit Mersenne Twister
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 

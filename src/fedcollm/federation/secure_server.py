@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from fedcollm.config import Config
 from fedcollm.data import DataSplit
+from fedcollm.federation.masks import SERVER_MODULE, replace_generator
 from fedcollm.federation.rounds import ServerRounds
 from fedcollm.federation.screening import check_update
 from fedcollm.federation.wire import adapter_from_parameters, parameters_from_adapter
@@ -119,6 +120,7 @@ def run_secure_rounds(
     """The remaining rounds with SecAgg+ (Flower's legacy workflow); `owners` (partition ->
     node) says whom to ask when clients are sampled."""
     config, federation = rounds.config, rounds.config.federation
+    replace_generator(SERVER_MODULE)  # unmasking must draw the masks the clients drew
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(

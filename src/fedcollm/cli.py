@@ -113,6 +113,31 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The leakage audit (experiments/audit.py): a run with canaries in client 0's data, then
+    what each artefact gives away; audit.json and audit.md in --out."""
+    config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
+    from fedcollm.experiments.audit import AuditSettings, audit_table, run_audit
+    from fedcollm.preflight import check_data, check_models
+    from fedcollm.tracking.checkpoint import check_writable
+
+    if min(args.canaries, args.repeats, args.candidates) < 1:
+        raise ConfigError("--canaries, --repeats and --candidates: each must be 1 or more")
+    check_data(config)
+    out = Path(args.out or f"runs/audit-{Path(args.config).stem}")
+    check_writable(out)
+    _prepare_models(config)
+    check_models(config)
+    settings = AuditSettings(args.canaries, args.repeats, args.candidates)
+    results = run_audit(config, settings, progress=lambda m: print(m, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps({"config": config.to_dict(), **results}, indent=2))
+    table = audit_table(results)
+    (out / "audit.md").write_text(table + "\n")
+    print(f"\n{table}\n\naudit: {out / 'audit.json'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedcollm.experiments.tables import compare, write_experiment_report
 
@@ -296,6 +321,15 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     exp.set_defaults(func=cmd_experiment)
 
+    audit = sub.add_parser("audit", help="leakage audit: canary exposure, membership inference")
+    audit.add_argument("config")
+    audit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    audit.add_argument("--data-dir")
+    audit.add_argument("--out", help="where audit.json and audit.md go")
+    audit.add_argument("--canaries", type=int, default=5, help="secrets in client 0's data")
+    audit.add_argument("--repeats", type=int, default=10, help="copies of each secret")
+    audit.add_argument("--candidates", type=int, default=200, help="secrets ranked against")
+    audit.set_defaults(func=cmd_audit)
     rep = sub.add_parser("report", help="rebuild an experiment's report, or compare two")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="one directory, or two to compare")
     rep.add_argument("--metric", default="acc", help="acc, acc_norm, rougeL, target_loss...")

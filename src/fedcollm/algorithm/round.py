@@ -69,10 +69,15 @@ def in_process_clients(config: Config) -> list[Client]:
     ]
 
 
-def reference_rounds(config: Config) -> Iterator[ServerRound]:
-    """All T rounds in this process, every client answering: the run without Flower."""
-    server = CoTuningServer.from_config(config)
-    clients = in_process_clients(config)
+def reference_rounds(
+    config: Config,
+    server: CoTuningServer | None = None,
+    clients: Sequence[Client] | None = None,
+) -> Iterator[ServerRound]:
+    """All T rounds in this process, every sampled client answering: the run without
+    Flower (of the config's own server and clients unless given)."""
+    server = server or CoTuningServer.from_config(config)
+    clients = clients or in_process_clients(config)
     slm_adapter = server.slm_adapter
     for server_round in range(1, config.rounds + 1):
         partitions = sampled_partitions(config, server_round)

@@ -138,10 +138,11 @@ def target_losses(
     questions: Sequence[Question],
     batch_size: int = 16,
     max_length: int = 0,
+    total: bool = False,
 ) -> list[float]:
-    """Each reference answer's mean token loss after its prompt (teacher-forced), with the
-    pair cut from the left to `max_length` tokens as in training (0: the model's context
-    length, as for every evaluation)."""
+    """Each reference answer's mean token loss after its prompt (teacher-forced; its sum with
+    `total`, a negative log-likelihood), with the pair cut from the left to `max_length`
+    tokens as in training (0: the model's context length, as for every evaluation)."""
     max_length = max_length or context_length(model, tokenizer)
     examples = [encode_answer(tokenizer, q, max_length) for q in questions]
     pad = tokenizer.pad_token_id
@@ -154,5 +155,5 @@ def target_losses(
             nll = F.cross_entropy(logits.float(), targets, reduction="none").cpu()
             # answer_logits is row-major: each example's answer tokens in turn.
             for piece in torch.split(nll, [sum(e.answer_mask[1:]) for e in chunk]):
-                losses.append(piece.mean().item())
+                losses.append(piece.sum().item() if total else piece.mean().item())
     return losses

@@ -1,0 +1,183 @@
+"""A leakage audit: what an attacker holding each artefact of a run learns about one client's
+private data (client 0's).
+
+- Canary exposure (Carlini et al., "The Secret Sharer", USENIX Security 2019): `canaries`
+  random six-digit secrets in a fixed template are added to client 0's data, each
+  `repeats` times. After the run each secret's likelihood is ranked among `candidates`
+  six-digit numbers never inserted; exposure = log2(candidates + 1) - log2(rank). A model
+  that learnt nothing of a secret ranks it at random: about log2(e) = 1.44 bits on average;
+  the most a ranking can show is log2(candidates + 1).
+- Loss-based membership inference (Yeom et al. 2018): the AUC of telling client 0's training
+  rows from rows nobody trained on (unused training rows, else the evaluation split) by
+  their answer loss; 0.5 is chance.
+
+The artefacts: client 0's upload in its last round (what the server or a wire-tapper holds;
+under DP its clipped and, with secure aggregation, noised update), the global theta after
+the last round (every client holds it), and the server's LLM with omega. The run is the
+in-process reference of the Flower run (`algorithm.round.reference_rounds`), which gives
+the same adapters bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from fedcollm.algorithm.client import Client
+from fedcollm.algorithm.round import in_process_clients, reference_rounds
+from fedcollm.algorithm.server import CoTuningServer
+from fedcollm.config import Config, ConfigError
+from fedcollm.data import Question, encode_examples, evaluation_questions, training_split
+from fedcollm.evaluation import score
+from fedcollm.evaluation.generation import target_losses
+from fedcollm.models import Adapter, set_adapter
+
+TEMPLATE = "Question: What is the account number of {name}?\nAnswer:"
+NAMES = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Claude Shannon", "Emmy Noether"]
+NAMES += ["Kurt Goedel", "Hedy Lamarr", "John von Neumann", "Barbara Liskov", "Edsger Dijkstra"]
+SEED = 2019  # the canaries and candidates, apart from the run's seed
+
+
+@dataclass
+class AuditSettings:
+    canaries: int = 5
+    repeats: int = 10
+    candidates: int = 200
+
+
+def make_canaries(count: int, rng: random.Random) -> list[Question]:
+    if not 1 <= count <= len(NAMES):
+        raise ConfigError(f"--canaries: between 1 and {len(NAMES)}, got {count}")
+    secrets = rng.sample(range(100_000, 1_000_000), count)
+    return [
+        Question(f"canary-{i}", TEMPLATE.format(name=NAMES[i]), (str(s),), 0, str(s))
+        for i, s in enumerate(secrets)
+    ]
+
+
+def exposures(model, tokenizer, canaries: list[Question], candidates: int, rng) -> list[float]:
+    """Each canary's exposure among `candidates` secrets never inserted (drawn by `rng`)."""
+    inserted = {c.answer for c in canaries}
+    result = []
+    for canary in canaries:
+        others = []
+        while len(others) < candidates:
+            guess = str(rng.randrange(100_000, 1_000_000))
+            if guess not in inserted and guess not in others:
+                others.append(guess)
+        tries = [replace(canary, choices=(s,), answer=s) for s in [canary.answer, *others]]
+        nll = target_losses(model, tokenizer, tries, batch_size=32, total=True)
+        rank = 1 + sum(other < nll[0] for other in nll[1:])
+        result.append(math.log2(candidates + 1) - math.log2(rank))
+    return result
+
+
+def membership_auc(model, tokenizer, members: list[Question], others: list[Question]) -> float:
+    """P(a member's loss < a non-member's), ties counted half: the loss attack's AUC."""
+    member_loss = target_losses(model, tokenizer, members)
+    other_loss = target_losses(model, tokenizer, others)
+    wins = sum((m < o) + 0.5 * (m == o) for m in member_loss for o in other_loss)
+    return wins / (len(member_loss) * len(other_loss))
+
+
+class RecordingClient(Client):
+    """Client 0 with what it uploaded in its last round kept."""
+
+    upload: Adapter | None = None
+
+    def update(self, slm_adapter, server_round, on_step=None):
+        result = super().update(slm_adapter, server_round, on_step)
+        self.upload = {k: v.clone() for k, v in result.adapter.items()}
+        return result
+
+
+def held_out(config: Config, count: int, rng: random.Random) -> list[Question]:
+    """Rows no party trained on: unused training rows when there are enough, else the
+    evaluation split's."""
+    questions, split = training_split(config)
+    used = set(split.aux).union(*map(set, split.clients))
+    unused = [q for i, q in enumerate(questions) if i not in used]
+    pool = unused if len(unused) >= count else evaluation_questions(config)
+    return rng.sample(pool, min(count, len(pool)))
+
+
+def run_audit(
+    config: Config, settings: AuditSettings, progress: Callable[[str], None] = print
+) -> dict:
+    """Train with canaries in client 0's data, then measure every artefact."""
+    rng = random.Random(SEED)
+    canaries = make_canaries(settings.canaries, rng)
+    server = CoTuningServer.from_config(config, progress=progress)
+    clients = in_process_clients(config)
+    target = RecordingClient(**{k: getattr(clients[0], k) for k in Client.__dataclass_fields__})
+    inserted = encode_examples(canaries, range(len(canaries)), server.tokenizer, config)
+    target.client_data = target.client_data + inserted * settings.repeats
+    clients[0] = target
+    questions, split = training_split(config)
+    members = [questions[i] for i in split.clients[0]]
+    non_members = held_out(config, len(members), random.Random(SEED + 1))
+    eval_questions = evaluation_questions(config)
+    progress(
+        f"audit: {settings.canaries} canaries x {settings.repeats} in client 0's "
+        f"{len(members)} rows; membership against {len(non_members)} held-out rows"
+    )
+
+    def measure(name: str, model, tokenizer) -> dict:
+        progress(f"audit: measuring {name}")
+        draws = random.Random(SEED + 2)  # the same candidates for every artefact
+        exposure = exposures(model, tokenizer, canaries, settings.candidates, draws)
+        scores = score(model, tokenizer, config, eval_questions).summary()
+        return {
+            "exposure": sum(exposure) / len(exposure),
+            "exposure_per_canary": exposure,
+            "membership_auc": membership_auc(model, tokenizer, members, non_members),
+            "acc": scores["acc"],
+            "acc_stderr": scores["acc_stderr"],
+        }
+
+    artefacts = {
+        "base SLM": measure("the SLM before training", server.slm, server.tokenizer),
+        "base LLM": measure("the LLM before training", server.llm, server.llm_tokenizer),
+    }
+    theta = server.slm_adapter
+    for server_round, result in enumerate(reference_rounds(config, server, clients), 1):
+        theta = result.slm_adapter
+        progress(f"audit: round {server_round}/{config.rounds} trained")
+    if target.upload is not None:  # None when sampling never chose client 0
+        set_adapter(server.slm, target.upload)
+        artefacts["client 0's upload"] = measure("client 0's upload", server.slm, server.tokenizer)
+    set_adapter(server.slm, theta)
+    artefacts["global theta"] = measure("the global theta", server.slm, server.tokenizer)
+    artefacts["LLM with omega"] = measure("the LLM with omega", server.llm, server.llm_tokenizer)
+    privacy = server.privacy.spent() if config.privacy.enabled else {}
+    return {
+        "settings": vars(settings),
+        "privacy": {k: getattr(config.privacy, k) for k in ("clip_norm", "noise_multiplier")},
+        **privacy,
+        "chance_exposure": math.log2(math.e),
+        "max_exposure": math.log2(settings.candidates + 1),
+        "eval_questions": len(eval_questions),
+        "artefacts": artefacts,
+    }
+
+
+def audit_table(results: dict) -> str:
+    """The audit as a Markdown table, one row per artefact."""
+    epsilon = results.get("epsilon")
+    eps = "no DP" if epsilon is None else f"epsilon {epsilon:.3g} (delta {results['delta']:g})"
+    lines = [
+        f"clip {results['privacy']['clip_norm']:g}, noise multiplier "
+        f"{results['privacy']['noise_multiplier']:g}: {eps}; exposure chance "
+        f"{results['chance_exposure']:.2f}, max {results['max_exposure']:.2f} bits",
+        "",
+        "| artefact | canary exposure (bits) | membership AUC | acc |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, a in results["artefacts"].items():
+        lines.append(
+            f"| {name} | {a['exposure']:.2f} | {a['membership_auc']:.3f} | "
+            f"{a['acc']:.3f} (se {a['acc_stderr']:.3f}) |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""The leakage audit: its exposure is the Secret Sharer's, and a run with canaries shows them
+in the client's upload."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedcollm.experiments import audit
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
+
+
+def test_exposure_is_log2_candidates_minus_log2_rank(monkeypatch):
+    canaries = audit.make_canaries(2, random.Random(0))
+    # The first canary's secret is the likeliest of 8 (rank 1), the second the least (rank 8).
+    losses = iter([[0.1] + [1.0] * 7, [2.0] + [1.0] * 7])
+    monkeypatch.setattr(audit, "target_losses", lambda *a, **k: next(losses))
+    exposure = audit.exposures(None, None, canaries, 7, random.Random(1))
+    assert exposure == pytest.approx([3.0, 0.0])
+    assert all(c.answer.isdigit() and len(c.answer) == 6 for c in canaries)
+
+
+def test_membership_auc_counts_lower_member_losses_and_half_the_ties(monkeypatch):
+    losses = iter([[0.1, 0.5], [0.5, 0.9]])
+    monkeypatch.setattr(audit, "target_losses", lambda *a, **k: next(losses))
+    # Pairs (0.1, 0.5) win, (0.1, 0.9) win, (0.5, 0.5) tie, (0.5, 0.9) win: 3.5 of 4.
+    assert audit.membership_auc(None, None, [None] * 2, [None] * 2) == 0.875
+
+
+@pytest.mark.slow
+def test_an_audit_sees_the_canaries_in_the_clients_upload(tmp_path, data_dir):
+    out = tmp_path / "audit"
+    command = [sys.executable, "-m", "fedcollm.cli", "audit", str(TINY), "--out", str(out)]
+    command += ["--data-dir", str(data_dir), "--candidates", "50", "--repeats", "20"]
+    for setting in ("rounds=1", "client.max_steps=0", "client.lr=1e-2", "eval.limit=8"):
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "audit.json").read_text())
+    artefacts = results["artefacts"]
+    assert list(artefacts) == [
+        "base SLM",
+        "base LLM",
+        "client 0's upload",
+        "global theta",
+        "LLM with omega",
+    ]
+    assert results["max_exposure"] == pytest.approx(math.log2(51))
+    for a in artefacts.values():
+        assert all(0 <= e <= results["max_exposure"] for e in a["exposure_per_canary"])
+        assert 0 <= a["membership_auc"] <= 1
+    # Twenty copies of each secret at a high learning rate: the upload ranks them far
+    # above the untrained SLM, which ranks them at about chance.
+    assert artefacts["client 0's upload"]["exposure"] > artefacts["base SLM"]["exposure"] + 1
+    assert "| client 0's upload |" in (out / "audit.md").read_text()

@@ -47,7 +47,6 @@ def test_an_audit_sees_the_canaries_in_the_clients_upload(tmp_path, data_dir):
     artefacts = results["artefacts"]
     assert list(artefacts) == [
         "base SLM",
-        "base LLM",
         "client 0's upload",
         "global theta",
         "LLM with omega",

@@ -136,13 +136,15 @@ class PrivacyAccountant:
         for k in partitions:
             self.participation[k] += 1
 
-    def spent(self) -> dict[str, float]:
-        """The metrics row's privacy columns."""
-        return {
+    def spent(self) -> dict[str, float | None]:
+        """The metrics row's privacy columns; an infinite epsilon (clipping without noise)
+        is null, which JSON can hold."""
+        finite = {
             "epsilon": self.epsilon(),
             "epsilon_known_sample": self.epsilon_known_sample(),
-            "delta": self.privacy.target_delta,
         }
+        finite = {k: None if math.isinf(v) else v for k, v in finite.items()}
+        return {**finite, "delta": self.privacy.target_delta}
 
     def state_dict(self) -> dict:
         return {"rounds": self.rounds, "participation": list(self.participation)}

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fedcollm.algorithm.client import Client
+from fedcollm.algorithm.privacy import update_norm
 from fedcollm.algorithm.round import in_process_clients, reference_rounds
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config, ConfigError
@@ -86,10 +87,12 @@ class RecordingClient(Client):
     """Client 0 with what it uploaded in its last round kept."""
 
     upload: Adapter | None = None
+    upload_norm: float | None = None  # ||upload - theta||: what privacy.clip_norm bounds
 
     def update(self, slm_adapter, server_round, on_step=None):
         result = super().update(slm_adapter, server_round, on_step)
         self.upload = {k: v.clone() for k, v in result.adapter.items()}
+        self.upload_norm = update_norm(result.adapter, slm_adapter)
         return result
 
 
@@ -137,10 +140,9 @@ def run_audit(
             "acc_stderr": scores["acc_stderr"],
         }
 
-    artefacts = {
-        "base SLM": measure("the SLM before training", server.slm, server.tokenizer),
-        "base LLM": measure("the LLM before training", server.llm, server.llm_tokenizer),
-    }
+    # The untrained SLM is the control: it never saw a canary, so it ranks them at about
+    # chance. (The untrained LLM would be another such control, at four times the cost.)
+    artefacts = {"base SLM": measure("the SLM before training", server.slm, server.tokenizer)}
     theta = server.slm_adapter
     for server_round, result in enumerate(reference_rounds(config, server, clients), 1):
         theta = result.slm_adapter
@@ -159,6 +161,7 @@ def run_audit(
         "chance_exposure": math.log2(math.e),
         "max_exposure": math.log2(settings.candidates + 1),
         "eval_questions": len(eval_questions),
+        "upload_norm": target.upload_norm,
         "artefacts": artefacts,
     }
 

@@ -78,6 +78,9 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
     parts.append(
         f"LLM {metric} {_fmt(row[f'llm_{metric}'])} / SLM {metric} {_fmt(row[f'slm_{metric}'])}"
     )
+    if "epsilon" in row:
+        epsilon = "inf (no noise)" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
+        parts.append(f"epsilon {epsilon} at delta {row['delta']:g}")
     parts.append(f"{_fmt(row['seconds']['round'], '.1f')} s")
     return " | ".join(parts)
 

@@ -76,6 +76,9 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
         ("federation.client_cpus=4096", "federation.client_cpus: 4096 is more than the"),
         ('lora.target_modules=["nope"]', "lora.target_modules: nope not in llm.name 'tiny'"),
         ('eval.split="test"', "eval.split: "),
+        ("privacy.noise_multiplier=1.0", "privacy.noise_multiplier is set but privacy.clip_norm"),
+        ("federation.clients_per_round=5", "federation.clients_per_round: 5 is more than"),
+        ("privacy.clip_norm=-1.0", "privacy.clip_norm: must be 0 or more"),
         pytest.param("federation.client_gpus=1", "PyTorch sees no CUDA GPU", marks=NO_GPU),
         pytest.param('llm.device="cuda"', "llm.device: device 'cuda'", marks=NO_GPU),
     ],
@@ -86,6 +89,13 @@ def test_a_bad_value_stops_the_run_before_it_starts(
     line = refused(capsys, *run_args(data_dir, tmp_path / "out", setting))
     assert fragment in line
     assert not started and not (tmp_path / "out").exists()
+
+
+def test_a_bad_audit_stops_before_any_model_loads(capsys, tmp_path, data_dir):
+    args = ["audit", str(TINY), "--data-dir", str(data_dir), "--out", str(tmp_path / "a")]
+    assert "--canaries, --repeats and --candidates" in refused(capsys, *args, "--canaries", "0")
+    assert "--canaries: between 1 and 10" in refused(capsys, *args, "--canaries", "11")
+    assert not (tmp_path / "a").exists()
 
 
 def test_top_k_across_two_tokenizers_stops_the_run_before_it_starts(

@@ -117,12 +117,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """The leakage audit (experiments/audit.py): a run with canaries in client 0's data, then
     what each artefact gives away; audit.json and audit.md in --out."""
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
-    from fedcollm.experiments.audit import AuditSettings, audit_table, run_audit
+    from fedcollm.experiments.audit import NAMES, AuditSettings, audit_table, run_audit
     from fedcollm.preflight import check_data, check_models
     from fedcollm.tracking.checkpoint import check_writable
 
     if min(args.canaries, args.repeats, args.candidates) < 1:
         raise ConfigError("--canaries, --repeats and --candidates: each must be 1 or more")
+    if args.canaries > len(NAMES):
+        raise ConfigError(f"--canaries: between 1 and {len(NAMES)}, got {args.canaries}")
     check_data(config)
     out = Path(args.out or f"runs/audit-{Path(args.config).stem}")
     check_writable(out)

@@ -29,7 +29,7 @@ from fedcollm.algorithm.client import Client
 from fedcollm.algorithm.privacy import update_norm
 from fedcollm.algorithm.round import in_process_clients, reference_rounds
 from fedcollm.algorithm.server import CoTuningServer
-from fedcollm.config import Config, ConfigError
+from fedcollm.config import Config
 from fedcollm.data import Question, encode_examples, evaluation_questions, training_split
 from fedcollm.evaluation import score
 from fedcollm.evaluation.generation import target_losses
@@ -49,8 +49,6 @@ class AuditSettings:
 
 
 def make_canaries(count: int, rng: random.Random) -> list[Question]:
-    if not 1 <= count <= len(NAMES):
-        raise ConfigError(f"--canaries: between 1 and {len(NAMES)}, got {count}")
     secrets = rng.sample(range(100_000, 1_000_000), count)
     return [
         Question(f"canary-{i}", TEMPLATE.format(name=NAMES[i]), (str(s),), 0, str(s))

@@ -122,7 +122,8 @@ def run_audit(
     eval_questions = evaluation_questions(config)
     progress(
         f"audit: {settings.canaries} canaries x {settings.repeats} in client 0's "
-        f"{len(members)} rows; membership against {len(non_members)} held-out rows"
+        f"{len(members)} rows; membership against {len(non_members)} held-out rows; "
+        f"{config.rounds} rounds of {config.num_clients} clients in this process"
     )
 
     def measure(name: str, model, tokenizer) -> dict:
@@ -144,7 +145,8 @@ def run_audit(
     theta = server.slm_adapter
     for server_round, result in enumerate(reference_rounds(config, server, clients), 1):
         theta = result.slm_adapter
-        progress(f"audit: round {server_round}/{config.rounds} trained")
+        losses = " ".join(f"{k} {v:.3f}" for k, v in result.losses.items())
+        progress(f"audit: round {server_round}/{config.rounds} trained; distillation {losses}")
     if target.upload is not None:  # None when sampling never chose client 0
         set_adapter(server.slm, target.upload)
         artefacts["client 0's upload"] = measure("client 0's upload", server.slm, server.tokenizer)

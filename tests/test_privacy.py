@@ -254,3 +254,16 @@ def test_secure_aggregation_runs_on_the_sampled_clients_only(tmp_path, data_dir)
         assert row["sampled_partitions"] == expected
         assert sorted(c["partition"] for c in row["clients"]) == expected
     assert rows[1]["sampled_partitions"] != rows[2]["sampled_partitions"]
+
+
+def test_under_secure_aggregation_the_server_adds_no_noise_and_clips_nothing(data_dir):
+    """The clients' noise shares are the noise: the in-process reference of a secure round
+    must neither add the server's nor clip the noised updates (which would cut the noise)."""
+    overrides = [*DP, "federation.secure_aggregation=true", "federation.min_clients=2"]
+    server = CoTuningServer.from_config(
+        load_config(TINY, data_dir=str(data_dir), overrides=overrides)
+    )
+    broadcast = server.slm_adapter
+    far = [ClientUpdate({k: v + 1.0 for k, v in broadcast.items()}, 50, 1.0, 4) for _ in "ab"]
+    aggregate = server.aggregate(far, broadcast, 1)
+    assert all(torch.allclose(aggregate[k], broadcast[k] + 1.0) for k in broadcast)

@@ -132,16 +132,20 @@ class CoTuningServer:
     def aggregate(
         self, updates: Sequence[ClientUpdate], broadcast: Adapter, server_round: int
     ) -> Adapter:
-        """Step 3: the clients' adapters combined into one theta. Under DP each update is
-        clipped again (a client that did not clip gains nothing) and the noise is added to
-        the sum: theta + (sum of clipped updates + N(0, (sigma C)^2)) / m."""
+        """Step 3: the clients' adapters combined into one theta. Under DP without secure
+        aggregation each update is clipped again (a client that did not clip gains nothing)
+        and the noise is added to the sum: theta + (sum of clipped updates + N(0, (sigma
+        C)^2)) / m."""
         adapters = [u.adapter for u in updates]
         privacy = self.config.privacy
-        if privacy.enabled:
+        # Under secure aggregation (here: the in-process reference of it) the clients have
+        # clipped and added their noise shares; clipping again would cut the noise.
+        server_noise = privacy.enabled and not self.config.federation.secure_aggregation
+        if server_noise:
             adapters = [clip_update(a, broadcast, privacy.clip_norm)[0] for a in adapters]
         weights = client_weights([u.num_examples for u in updates], self.config.client.aggregation)
         aggregate = weighted_mean(adapters, weights)
-        if privacy.noise_multiplier:
+        if server_noise and privacy.noise_multiplier:
             key = noise_key(privacy, self.config.seed, server_round, "server")
             noise = gaussian_noise(aggregate, noise_std(self.config), key)
             aggregate = add(aggregate, noise, 1 / len(adapters))

@@ -19,7 +19,6 @@ import argparse
 import importlib
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -130,39 +129,20 @@ def _flower_generator(module_name: str, generator) -> None:
 
 
 def secure_round(ours: bool, args) -> list[dict]:
+    """benchmarks/secure_aggregation.py's secure run, with our masks or Flower's own."""
     from flwr.common.secure_aggregation import secaggplus_utils
+    from secure_aggregation import one_run, tiny_config
 
-    from fedcollm.federation.simulation import simulate
-
-    overrides = [
-        f"rounds={args.rounds}",
-        f"num_clients={args.clients}",
-        "eval.limit=4",
-        f"slm.tiny.hidden_size={args.hidden}",
-        f"slm.tiny.intermediate_size={2 * args.hidden}",
-        "federation.secure_aggregation=true",
-        "federation.min_clients=2",
-    ]
-    config = load_config(TINY, overrides=overrides, data_dir=args.data_dir)
     replace = secure_server.replace_generator
     if not ours:  # the server keeps Flower's generator too, or nothing would unmask
         secure_server.replace_generator = lambda name: _flower_generator(
             name, secaggplus_utils.pseudo_rand_gen
         )
     try:
-        with tempfile.TemporaryDirectory() as out:
-            app = None if ours else flower_masks_app(config)
-            rows = simulate(config, Path(out), client_app=app)
+        app = None if ours else flower_masks_app(tiny_config(True, args))
+        return one_run(True, args, client_app=app)
     finally:
         secure_server.replace_generator = replace
-    return [
-        {
-            "clients_seconds": row["seconds"]["clients"],
-            "up": statistics.median(c["wire_bytes_sent"] for c in row["clients"]),
-            "down": statistics.median(c["wire_bytes_received"] for c in row["clients"]),
-        }
-        for row in rows[2:]  # round 1 includes Ray's start-up
-    ]
 
 
 def masks_in_rounds(args) -> dict:

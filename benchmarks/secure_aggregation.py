@@ -25,7 +25,7 @@ from fedcollm.federation.simulation import simulate
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 
 
-def one_run(secure: bool, args) -> list[dict]:
+def tiny_config(secure: bool, args):
     overrides = [
         f"rounds={args.rounds}",
         f"num_clients={args.clients}",
@@ -35,9 +35,14 @@ def one_run(secure: bool, args) -> list[dict]:
         f"federation.secure_aggregation={str(secure).lower()}",
         "federation.min_clients=2",
     ]
-    config = load_config(TINY, overrides=overrides, data_dir=args.data_dir)
+    return load_config(TINY, overrides=overrides, data_dir=args.data_dir)
+
+
+def one_run(secure: bool, args, client_app=None) -> list[dict]:
+    """Rounds 2.. of one tiny run (round 1 carries Ray's start-up), `client_app` if given."""
+    config = tiny_config(secure, args)
     with tempfile.TemporaryDirectory() as out:
-        rows = simulate(config, Path(out))
+        rows = simulate(config, Path(out), client_app=client_app)
     return [
         {
             "clients_seconds": row["seconds"]["clients"],

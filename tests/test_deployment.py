@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 
 
-def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
-    env = {**os.environ, "WORK": str(tmp_path), "DATA": str(data_dir), "NEGATIVE": "1"}
+def deploy(tmp_path, data_dir, **env: str) -> str:
+    """deploy/local.sh with `env` added; its log, once it has succeeded."""
+    env = {**os.environ, "WORK": str(tmp_path), "DATA": str(data_dir), **env}
     result = subprocess.run(
         ["bash", str(ROOT / "deploy" / "local.sh")],
         env=env,
@@ -25,6 +26,11 @@ def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
+    return log
+
+
+def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
+    log = deploy(tmp_path, data_dir, NEGATIVE="1")
 
     # The server side reads the data directory the script was given, as the nodes do.
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -49,16 +55,7 @@ def test_two_supernodes_over_tls_and_refusals(tmp_path, data_dir):
 
 def test_secure_aggregation_over_tls(tmp_path, data_dir):
     """SecAgg+ with fedcollm's ChaCha20 masks between two SuperNodes over TLS."""
-    secure = "federation.secure_aggregation=true;rounds=1"
-    env = {**os.environ, "WORK": str(tmp_path), "DATA": str(data_dir), "SET": secure}
-    result = subprocess.run(
-        ["bash", str(ROOT / "deploy" / "local.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    deploy(tmp_path, data_dir, SET="federation.secure_aggregation=true;rounds=1")
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[1]["secure_aggregation"] and "skipped" not in rows[1]

@@ -59,3 +59,33 @@ def test_an_audit_sees_the_canaries_in_the_clients_upload(tmp_path, data_dir):
     # above the untrained SLM, which ranks them at about chance.
     assert artefacts["client 0's upload"]["exposure"] > artefacts["base SLM"]["exposure"] + 1
     assert "| client 0's upload |" in (out / "audit.md").read_text()
+
+
+def _fake_audit(directory: Path, noise: float, epsilon: float | None) -> None:
+    artefact = {"exposure": 2.0, "membership_auc": 0.6, "acc": 0.5, "acc_stderr": 0.05}
+    results = {
+        "privacy": {"clip_norm": 1.0 if noise else 0.0, "noise_multiplier": noise},
+        "epsilon": epsilon,
+        "chance_exposure": 1.44,
+        "max_exposure": 5.67,
+        "artefacts": {"base SLM": artefact, "global theta": {**artefact, "exposure": 4.0}},
+    }
+    directory.mkdir()
+    (directory / "audit.json").write_text(json.dumps(results))
+
+
+def test_audits_are_compared_side_by_side(tmp_path, capsys):
+    from fedcollm import cli
+
+    _fake_audit(tmp_path / "plain", 0.0, None)
+    _fake_audit(tmp_path / "dp", 2.0, 7.08)
+    out = tmp_path / "cmp"
+    args = ["audit", str(tmp_path / "plain"), "--compare", str(tmp_path / "dp"), "--out", str(out)]
+    assert cli.main(args) == 0
+    table = (out / "comparison.md").read_text()
+    assert "| no DP | global theta | 4.00 |" in table
+    assert "| sigma 2, epsilon 7.08 | base SLM | 2.00 | 0.600 |" in table
+    assert (out / "comparison.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert cli.main(["audit", str(tmp_path / "plain"), "--compare", str(tmp_path)]) == 2
+    assert "holds no audit.json" in capsys.readouterr().err

@@ -115,7 +115,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """The leakage audit (experiments/audit.py): a run with canaries in client 0's data, then
-    what each artefact gives away; audit.json and audit.md in --out."""
+    what each artefact gives away; audit.json and audit.md in --out. With --compare, the
+    audits in the given directories side by side (comparison.md, comparison.png)."""
+    if args.compare:
+        return _compare_audits(args)
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
     from fedcollm.experiments.audit import NAMES, AuditSettings, audit_table, run_audit
     from fedcollm.preflight import check_data, check_models
@@ -137,6 +140,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     table = audit_table(results)
     (out / "audit.md").write_text(table + "\n")
     print(f"\n{table}\n\naudit: {out / 'audit.json'}")
+    return 0
+
+
+def _compare_audits(args: argparse.Namespace) -> int:
+    from fedcollm.experiments.audit import comparison_table, plot_comparison
+
+    audits = []
+    for directory in [args.config, *args.compare]:
+        path = Path(directory) / "audit.json"
+        if not path.is_file():
+            raise ConfigError(f"--compare: {directory} holds no audit.json; run fedcollm audit")
+        audits.append(json.loads(path.read_text()))
+    out = Path(args.out or "runs/audit-comparison")
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(audits)
+    (out / "comparison.md").write_text(table + "\n")
+    plot_comparison(audits, out / "comparison.png")
+    print(f"{table}\n\n{out / 'comparison.md'}\n{out / 'comparison.png'}")
     return 0
 
 
@@ -324,7 +345,10 @@ def parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_experiment)
 
     audit = sub.add_parser("audit", help="leakage audit: canary exposure, membership inference")
-    audit.add_argument("config")
+    audit.add_argument("config", help="the run's TOML file (with --compare: an audit directory)")
+    audit.add_argument(
+        "--compare", nargs="+", metavar="DIR", help="more audit directories to set beside it"
+    )
     audit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     audit.add_argument("--data-dir")
     audit.add_argument("--out", help="where audit.json and audit.md go")

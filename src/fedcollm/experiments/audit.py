@@ -184,3 +184,62 @@ def audit_table(results: dict) -> str:
             f"{a['acc']:.3f} (se {a['acc_stderr']:.3f}) |"
         )
     return "\n".join(lines)
+
+
+def setting_label(results: dict) -> str:
+    """ "no DP", or the noise multiplier with its epsilon."""
+    noise = results["privacy"]["noise_multiplier"]
+    if not results["privacy"]["clip_norm"]:
+        return "no DP"
+    epsilon = results.get("epsilon")
+    return f"sigma {noise:g}, epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
+
+
+def comparison_table(audits: list[dict]) -> str:
+    """Several audits of one configuration (say without DP and at two noise levels), one
+    row per setting and artefact."""
+    lines = [
+        "| setting | artefact | canary exposure (bits) | membership AUC | acc |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for results in audits:
+        for name, a in results["artefacts"].items():
+            lines.append(
+                f"| {setting_label(results)} | {name} | {a['exposure']:.2f} | "
+                f"{a['membership_auc']:.3f} | {a['acc']:.3f} (se {a['acc_stderr']:.3f}) |"
+            )
+    return "\n".join(lines)
+
+
+def plot_comparison(audits: list[dict], path) -> None:
+    """Exposure, membership AUC and accuracy of each artefact, one bar per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(audits[0]["artefacts"])
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.8 / len(audits)
+    panels = (
+        ("exposure", "canary exposure (bits)", "chance_exposure", "max_exposure"),
+        ("membership_auc", "membership AUC", None, None),
+        ("acc", "accuracy", None, None),
+    )
+    for axis, (key, title, low, high) in zip(axes, panels, strict=True):
+        for i, results in enumerate(audits):
+            values = [results["artefacts"].get(n, {}).get(key, float("nan")) for n in names]
+            positions = [j + (i - (len(audits) - 1) / 2) * width for j in range(len(names))]
+            axis.bar(positions, values, width, label=setting_label(results))
+        if low:
+            axis.axhline(audits[0][low], color="grey", ls="--", lw=1, label="chance")
+            axis.axhline(audits[0][high], color="black", ls=":", lw=1, label="maximum")
+        if key == "membership_auc":
+            axis.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
+            axis.set_ylim(0.4, 1.0)
+        axis.set_xticks(range(len(names)), names, rotation=15)
+        axis.set_title(title)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

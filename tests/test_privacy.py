@@ -180,6 +180,7 @@ def test_a_dp_run_spends_its_budget_stops_there_and_resumes_with_a_larger_one(tm
         assert all(c["update_norm"] <= 0.5 + 1e-5 for c in row["clients"])  # clipped
         assert row["lora_aggregation_error"] > 0
     assert (tmp_path / "adapters" / "slm" / "adapter_model.safetensors").is_file()
+    assert f"client-level DP: epsilon {epsilons[2]:.3g}" in (tmp_path / "report.md").read_text()
     more = load_config(TINY, data_dir=str(data_dir), overrides=[*common, "privacy.max_epsilon=20"])
     resumed = simulate(more, tmp_path, resume=True)
     assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]

@@ -123,6 +123,12 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     )
     if last.get("llm_majority") is not None:
         lines.append(f"majority-class floor: {last['llm_majority']:.3f}")
+    if "epsilon" in last:
+        spent = "infinite (no noise)" if last["epsilon"] is None else f"{last['epsilon']:.3g}"
+        lines.append(
+            f"client-level DP: epsilon {spent} at delta {last['delta']:g} after round "
+            f"{last['round']} (docs/PRIVACY.md)"
+        )
     if "adapter_params" in last:
         lines.append(
             f"SLM adapter: {last['adapter_params']:,} parameters, "

@@ -84,7 +84,7 @@ def test_audits_are_compared_side_by_side(tmp_path, capsys):
     assert cli.main(args) == 0
     table = (out / "comparison.md").read_text()
     assert "| no DP | global theta | 4.00 |" in table
-    assert "| sigma 2, epsilon 7.08 | base SLM | 2.00 | 0.600 |" in table
+    assert "| clip 1, sigma 2 (epsilon 7.08) | base SLM | 2.00 | 0.600 |" in table
     assert (out / "comparison.png").stat().st_size > 10_000
     capsys.readouterr()
     assert cli.main(["audit", str(tmp_path / "plain"), "--compare", str(tmp_path)]) == 2

@@ -187,12 +187,13 @@ def audit_table(results: dict) -> str:
 
 
 def setting_label(results: dict) -> str:
-    """ "no DP", or the noise multiplier with its epsilon."""
-    noise = results["privacy"]["noise_multiplier"]
-    if not results["privacy"]["clip_norm"]:
+    """ "no DP", or the clipping bound, the noise multiplier and the epsilon they give."""
+    clip, noise = results["privacy"]["clip_norm"], results["privacy"]["noise_multiplier"]
+    if not clip:
         return "no DP"
-    epsilon = results.get("epsilon")
-    return f"sigma {noise:g}, epsilon {'inf' if epsilon is None else f'{epsilon:.3g}'}"
+    if not noise:
+        return f"clip {clip:g}, no noise (epsilon inf)"
+    return f"clip {clip:g}, sigma {noise:g} (epsilon {results['epsilon']:.3g})"
 
 
 def comparison_table(audits: list[dict]) -> str:
@@ -219,7 +220,7 @@ def plot_comparison(audits: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(audits[0]["artefacts"])
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     width = 0.8 / len(audits)
     panels = (
         ("exposure", "canary exposure (bits)", "chance_exposure", "max_exposure"),
@@ -239,7 +240,8 @@ def plot_comparison(audits: list[dict], path) -> None:
             axis.set_ylim(0.4, 1.0)
         axis.set_xticks(range(len(names)), names, rotation=15)
         axis.set_title(title)
-    axes[0].legend(fontsize=8)
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.9))
     figure.savefig(path, dpi=110)
     plt.close(figure)

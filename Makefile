@@ -54,6 +54,7 @@ bench: setup bench-agreement
 	$(BIN)/python benchmarks/distillation_step.py --memory --json runs/bench/distillation_memory.json
 	$(BIN)/python benchmarks/federation.py --data-dir $(DATA_DIR)
 	$(BIN)/python benchmarks/secure_aggregation.py --data-dir $(DATA_DIR)
+	$(BIN)/python benchmarks/privacy.py --data-dir $(DATA_DIR) --json runs/bench/privacy.json
 	$(BIN)/python benchmarks/generation.py --data-dir $(DATA_DIR) --json runs/bench/generation.json
 	$(BIN)/fedcollm models --fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 	$(BIN)/python benchmarks/demo_profile.py --json runs/bench/demo.json --plot runs/bench/demo.png

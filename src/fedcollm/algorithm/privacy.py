@@ -7,8 +7,8 @@ accountant.
 
 Without secure aggregation the server adds the noise. With it, the server must never see a
 sum without noise, so each client adds its share N(0, (sigma C)^2 / q) before masking, where
-q = federation.min_clients: any round that completes sums at least q shares, so a dropout
-leaves more noise, never less (docs/PRIVACY.md).
+q = federation.min_clients: any round that completes sums at least q shares, so no dropout
+takes the noise below (sigma C)^2 (docs/PRIVACY.md).
 
 The accountant composes the rounds with Rényi DP from Google's `dp-accounting`. Neighbouring
 data sets differ in one client's data replaced by anyone else's (K is public), so the clipped
@@ -126,10 +126,11 @@ class PrivacyAccountant:
     def rounds_within(self, max_epsilon: float, limit: int) -> int:
         """How many rounds in all (spent ones included, at most `limit`) keep epsilon within
         `max_epsilon`."""
-        rounds = self.rounds
-        while rounds < limit and self.epsilon(rounds + 1) <= max_epsilon:
-            rounds += 1
-        return rounds
+        low, high = self.rounds, limit  # epsilon grows with the rounds: bisect
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if self.epsilon(middle) <= max_epsilon else (low, middle - 1)
+        return low
 
     def spend_round(self, partitions: Sequence[int]) -> None:
         self.rounds += 1

@@ -30,7 +30,14 @@ from fedcollm.algorithm.privacy import update_norm
 from fedcollm.algorithm.round import in_process_clients, reference_rounds
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
-from fedcollm.data import Question, encode_examples, evaluation_questions, training_split
+from fedcollm.data import (
+    Question,
+    encode_examples,
+    evaluation_questions,
+    get_task,
+    training_split,
+)
+from fedcollm.data.encoding import as_prompted
 from fedcollm.evaluation import score
 from fedcollm.evaluation.generation import target_losses
 from fedcollm.models import Adapter, set_adapter
@@ -56,8 +63,11 @@ def make_canaries(count: int, rng: random.Random) -> list[Question]:
     ]
 
 
-def exposures(model, tokenizer, canaries: list[Question], candidates: int, rng) -> list[float]:
-    """Each canary's exposure among `candidates` secrets never inserted (drawn by `rng`)."""
+def exposures(
+    model, tokenizer, canaries: list[Question], candidates: int, rng, prompt_format="plain"
+) -> list[float]:
+    """Each canary's exposure among `candidates` secrets never inserted (drawn by `rng`),
+    each read as the clients trained on it (`data.prompt_format`)."""
     inserted = {c.answer for c in canaries}
     result = []
     for canary in canaries:
@@ -67,16 +77,19 @@ def exposures(model, tokenizer, canaries: list[Question], candidates: int, rng) 
             if guess not in inserted and guess not in others:
                 others.append(guess)
         tries = [replace(canary, choices=(s,), answer=s) for s in [canary.answer, *others]]
+        tries = as_prompted(tries, tokenizer, prompt_format)
         nll = target_losses(model, tokenizer, tries, batch_size=32, total=True)
         rank = 1 + sum(other < nll[0] for other in nll[1:])
         result.append(math.log2(candidates + 1) - math.log2(rank))
     return result
 
 
-def membership_auc(model, tokenizer, members: list[Question], others: list[Question]) -> float:
+def membership_auc(
+    model, tokenizer, members: list[Question], others: list[Question], prompt_format="plain"
+) -> float:
     """P(a member's loss < a non-member's), ties counted half: the loss attack's AUC."""
-    member_loss = target_losses(model, tokenizer, members)
-    other_loss = target_losses(model, tokenizer, others)
+    member_loss = target_losses(model, tokenizer, as_prompted(members, tokenizer, prompt_format))
+    other_loss = target_losses(model, tokenizer, as_prompted(others, tokenizer, prompt_format))
     wins = sum((m < o) + 0.5 * (m == o) for m in member_loss for o in other_loss)
     return wins / (len(member_loss) * len(other_loss))
 
@@ -126,17 +139,21 @@ def run_audit(
         f"{config.rounds} rounds of {config.num_clients} clients in this process"
     )
 
+    metric = get_task(config.task).metric_names[0]  # acc, or rougeL for generation
+    prompt_format = config.data.prompt_format
+
     def measure(name: str, model, tokenizer) -> dict:
         progress(f"audit: measuring {name}")
         draws = random.Random(SEED + 2)  # the same candidates for every artefact
-        exposure = exposures(model, tokenizer, canaries, settings.candidates, draws)
+        exposure = exposures(model, tokenizer, canaries, settings.candidates, draws, prompt_format)
         scores = score(model, tokenizer, config, eval_questions).summary()
+        auc = membership_auc(model, tokenizer, members, non_members, prompt_format)
         return {
             "exposure": sum(exposure) / len(exposure),
             "exposure_per_canary": exposure,
-            "membership_auc": membership_auc(model, tokenizer, members, non_members),
-            "acc": scores["acc"],
-            "acc_stderr": scores["acc_stderr"],
+            "membership_auc": auc,
+            metric: scores[metric],
+            f"{metric}_stderr": scores.get(f"{metric}_stderr"),
         }
 
     # The untrained SLM is the control: it never saw a canary, so it ranks them at about
@@ -160,6 +177,7 @@ def run_audit(
         **privacy,
         "chance_exposure": math.log2(math.e),
         "max_exposure": math.log2(settings.candidates + 1),
+        "metric": metric,
         "eval_questions": len(eval_questions),
         "upload_norm": target.upload_norm,
         "artefacts": artefacts,
@@ -175,15 +193,24 @@ def audit_table(results: dict) -> str:
         f"{results['privacy']['noise_multiplier']:g}: {eps}; exposure chance "
         f"{results['chance_exposure']:.2f}, max {results['max_exposure']:.2f} bits",
         "",
-        "| artefact | canary exposure (bits) | membership AUC | acc |",
+        f"| artefact | canary exposure (bits) | membership AUC | {_metric(results)} |",
         "| --- | ---: | ---: | ---: |",
     ]
     for name, a in results["artefacts"].items():
         lines.append(
-            f"| {name} | {a['exposure']:.2f} | {a['membership_auc']:.3f} | "
-            f"{a['acc']:.3f} (se {a['acc_stderr']:.3f}) |"
+            f"| {name} | {a['exposure']:.2f} | {a['membership_auc']:.3f} | {_score(results, a)} |"
         )
     return "\n".join(lines)
+
+
+def _metric(results: dict) -> str:
+    return results.get("metric", "acc")
+
+
+def _score(results: dict, artefact: dict) -> str:
+    metric = _metric(results)
+    stderr = artefact.get(f"{metric}_stderr")
+    return f"{artefact[metric]:.3f}" + (f" (se {stderr:.3f})" if stderr is not None else "")
 
 
 def setting_label(results: dict) -> str:
@@ -200,14 +227,14 @@ def comparison_table(audits: list[dict]) -> str:
     """Several audits of one configuration (say without DP and at two noise levels), one
     row per setting and artefact."""
     lines = [
-        "| setting | artefact | canary exposure (bits) | membership AUC | acc |",
+        f"| setting | artefact | canary exposure (bits) | membership AUC | {_metric(audits[0])} |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     for results in audits:
         for name, a in results["artefacts"].items():
             lines.append(
                 f"| {setting_label(results)} | {name} | {a['exposure']:.2f} | "
-                f"{a['membership_auc']:.3f} | {a['acc']:.3f} (se {a['acc_stderr']:.3f}) |"
+                f"{a['membership_auc']:.3f} | {_score(results, a)} |"
             )
     return "\n".join(lines)
 
@@ -225,7 +252,7 @@ def plot_comparison(audits: list[dict], path) -> None:
     panels = (
         ("exposure", "canary exposure (bits)", "chance_exposure", "max_exposure"),
         ("membership_auc", "membership AUC", None, None),
-        ("acc", "accuracy", None, None),
+        (_metric(audits[0]), _metric(audits[0]), None, None),
     )
     for axis, (key, title, low, high) in zip(axes, panels, strict=True):
         for i, results in enumerate(audits):

@@ -243,20 +243,6 @@ def test_ffa_lora_sends_only_b_and_keeps_a_at_its_init(tmp_path, data_dir):
             assert not torch.equal(saved[key], value)  # B trained
 
 
-@pytest.mark.slow
-def test_secure_aggregation_runs_on_the_sampled_clients_only(tmp_path, data_dir):
-    overrides = ["rounds=2", "eval.limit=4", "federation.clients_per_round=2"]
-    overrides += ["federation.secure_aggregation=true", "federation.min_clients=2"]
-    config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)
-    rows = simulate(config, tmp_path)
-    for row in rows[1:]:
-        assert row["secure_aggregation"] and "skipped" not in row
-        expected = sampled_partitions(config, row["round"])
-        assert row["sampled_partitions"] == expected
-        assert sorted(c["partition"] for c in row["clients"]) == expected
-    assert rows[1]["sampled_partitions"] != rows[2]["sampled_partitions"]
-
-
 def test_under_secure_aggregation_the_server_adds_no_noise_and_clips_nothing(data_dir):
     """The clients' noise shares are the noise: the in-process reference of a secure round
     must neither add the server's nor clip the noised updates (which would cut the noise)."""

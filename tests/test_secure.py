@@ -18,6 +18,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from fedcollm.algorithm.round import sampled_partitions
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import ConfigError, load_config
 from fedcollm.federation import masks
@@ -191,11 +192,17 @@ def test_a_secure_round_without_a_failed_client_is_the_mean_of_the_others(
 
 
 @pytest.mark.slow
-def test_a_secure_run_resumes(tmp_path, data_dir):
-    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *SECURE])
+def test_a_secure_run_on_sampled_clients_resumes(tmp_path, data_dir):
+    sampled = [*SECURE, "federation.clients_per_round=2"]
+    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1", *sampled])
     simulate(config, tmp_path)
-    longer = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=2", *SECURE])
+    longer = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=2", *sampled])
     rows = simulate(longer, tmp_path, resume=True)
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert rows[2]["secure_aggregation"] and "skipped" not in rows[2]
     assert rows[2]["broadcast_sha256"] == rows[1]["distilled_sha256"]
+    for row in rows[1:]:  # SecAgg+ ran among the sampled nodes only
+        assert row["secure_aggregation"] and "skipped" not in row
+        expected = sampled_partitions(longer, row["round"])
+        assert row["sampled_partitions"] == expected
+        assert sorted(c["partition"] for c in row["clients"]) == expected
+    assert rows[1]["sampled_partitions"] != rows[2]["sampled_partitions"]

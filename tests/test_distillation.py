@@ -226,3 +226,25 @@ def test_without_dropout_the_shared_forward_is_the_eval_teacher():
         assert torch.equal(
             _teachers_of_one_step(llm, slm, "alternating", teacher_forward)[0], expected
         )
+
+
+def _adapters_after_one_step(**settings) -> tuple[dict, dict]:
+    llm, slm = _pair()
+    cfg = DistillConfig(kd_steps=1, batch_size=4, slm_lr=1e-2, llm_lr=1e-2, **settings)
+    MutualDistillation(llm, slm, cfg, OptimConfig()).run(examples(), PAD, seed=0)
+    return get_adapter(llm), get_adapter(slm)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_way_distillation_removes_exactly_the_other_models_distance_term():
+    mutual_llm, mutual_slm = _adapters_after_one_step()
+    ce_llm, ce_slm = _adapters_after_one_step(kd_weight=0.0)
+    # llm_to_slm: theta's step is Algorithm 1's (it comes first), omega's is cross-entropy only.
+    llm, slm = _adapters_after_one_step(direction="llm_to_slm")
+    assert _same(slm, mutual_slm) and _same(llm, ce_llm) and not _same(llm, mutual_llm)
+    # slm_to_llm: theta learns from its cross-entropy only, omega from both terms.
+    llm, slm = _adapters_after_one_step(direction="slm_to_llm")
+    assert _same(slm, ce_slm) and not _same(slm, mutual_slm) and not _same(llm, ce_llm)

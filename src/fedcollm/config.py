@@ -113,6 +113,11 @@ class DistillConfig:
     llm_lr: float = 3e-5
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
+    # Who learns from whom: "mutual" (Algorithm 1: each model's loss is its cross-entropy plus
+    # kd_weight times its distance to the other); "llm_to_slm" (only the SLM has the distance
+    # term) or "slm_to_llm" (only the LLM has it). The other model still trains on D_a with its
+    # cross-entropy, so the ablation changes the direction of knowledge and nothing else.
+    direction: Literal["mutual", "llm_to_slm", "slm_to_llm"] = "mutual"
     # forward: KL(teacher || student); reverse: KL(student || teacher); symmetric: their mean.
     kd_direction: Literal["forward", "reverse", "symmetric"] = "forward"
     # alternating: Algorithm 1 (SLM step, then LLM step toward the updated SLM, per batch);

@@ -136,7 +136,12 @@ class MutualDistillation:
             teacher_rows = _aligned_rows(batch, "llm" if role == "slm" else "slm")
             student, teacher = student[student_rows.to(student.device)], teacher[teacher_rows]
         kd = self.distance[role](student, teacher)
-        return ce + self.cfg.kd_weight * kd, ce.item(), kd.item()
+        # One-way ablations (distill.direction): the other model keeps its cross-entropy only;
+        # its distance is still computed, for the metrics.
+        teacher_role = "llm" if role == "slm" else "slm"
+        learns = self.cfg.direction in ("mutual", f"{teacher_role}_to_{role}")
+        weight = self.cfg.kd_weight if learns else 0.0
+        return ce + weight * kd, ce.item(), kd.item()
 
     def _slm_step(self, optimizer, batch, slm_out, llm_teacher, losses: DistillLosses) -> None:
         slm_batch = _model_batch(batch, "slm")

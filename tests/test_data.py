@@ -8,6 +8,7 @@ import pytest
 import torch
 from tinymodels import mc
 
+from fedcollm.config import ConfigError, config_from_dict
 from fedcollm.data import (
     DataError,
     Example,
@@ -62,6 +63,21 @@ def test_iid_split_is_disjoint_and_covers_the_training_split(arc_train, num_clie
     sizes = [len(c) for c in split.clients]
     assert max(sizes) - min(sizes) <= 1
     assert all(p == sorted(p) for p in parts(split))
+
+
+def test_aux_fraction_sets_the_share_of_d_a_and_zero_is_the_papers(arc_train):
+    n = len(arc_train)
+    paper = split_training_data(arc_train, num_clients=4, seed=0)
+    assert split_training_data(arc_train, num_clients=4, seed=0, aux_fraction=0.0) == paper
+    assert len(paper.aux) == n // 5
+    for fraction in (0.05, 0.5):
+        split = split_training_data(arc_train, num_clients=4, seed=0, aux_fraction=fraction)
+        assert len(split.aux) == int(fraction * n)
+        assert_disjoint_cover(split, set(range(n)))
+    tiny = split_training_data(arc_train[:10], num_clients=4, seed=0, aux_fraction=0.99)
+    assert len(tiny.aux) == 6 and all(len(c) == 1 for c in tiny.clients)  # a row per client
+    with pytest.raises(ConfigError, match="data.aux_fraction: must be in"):
+        config_from_dict({"data": {"aux_fraction": 1.0}})
 
 
 def test_iid_split_is_random_not_contiguous(arc_train):

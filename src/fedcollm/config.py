@@ -65,6 +65,9 @@ class LoraConfig:
 class DataConfig:
     # 0 keeps the whole training split; N keeps a seeded sample of N rows.
     train_limit: int = 0
+    # The share of the (kept) training rows that is the server's D_a; 0: an equal part,
+    # 1/(K+1), as in the paper (one fifth with its K = 4). The clients share the rest.
+    aux_fraction: float = 0.0
     # "iid": the training split cut into K+1 equal parts (D_a, D_1..D_K), as in the paper.
     # "dirichlet": D_a as before, the rest spread over clients by Dirichlet(alpha) per group.
     # "by_field": D_a as before, each value of partition_field held by one client (natural
@@ -357,6 +360,11 @@ def _check_meaning(config: Config) -> None:
             raise ConfigError(
                 f'{role}.device: {device!r} is not a device; use "auto", "cpu", "cuda" or "cuda:N"'
             )
+    if not 0 <= config.data.aux_fraction < 1:
+        raise ConfigError(
+            f"data.aux_fraction: must be in [0, 1) (0: the paper's 1/(K+1)), got "
+            f"{config.data.aux_fraction}"
+        )
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {config.lora.dropout}")
     for key in ("optim.beta1", "optim.beta2"):

@@ -129,10 +129,12 @@ def split_training_data(
     by: str = "label",
     limit: int = 0,
     partition_field: str = "",
+    aux_fraction: float = 0.0,
 ) -> DataSplit:
     """Cut the training split into D_a (server) and D_1..D_K (clients), seeded and disjoint.
 
-    As in the paper, D_a gets an equal 1/(K+1) share at random; "iid" cuts the rest equally
+    As in the paper, D_a gets an equal 1/(K+1) share at random (or `aux_fraction` of the
+    rows, rounded down, at least one, and leaving a row per client); "iid" cuts the rest equally
     at random, "dirichlet" spreads it by answer position or by `partition_field` with
     Dirichlet(alpha), "by_field" gives each value of `partition_field` to one client.
     Repeated rows are left out first (the first of each is kept).
@@ -149,6 +151,8 @@ def split_training_data(
             "use fewer clients or a larger data.train_limit"
         )
     aux_size = len(order) // (num_clients + 1)
+    if aux_fraction:
+        aux_size = min(max(1, int(aux_fraction * len(order))), len(order) - num_clients)
     aux, rest = order[:aux_size], order[aux_size:]
     assignment: dict[str, int] = {}
     if partition == "iid":
@@ -183,5 +187,6 @@ def training_split(config: Config) -> tuple[list[Question], DataSplit]:
         by=config.data.dirichlet_by,
         limit=config.data.train_limit,
         partition_field=config.data.partition_field,
+        aux_fraction=config.data.aux_fraction,
     )
     return questions, split

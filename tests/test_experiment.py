@@ -11,7 +11,7 @@ import pytest
 
 from fedcollm.config import load_config
 from fedcollm.experiments import methods as experiment
-from fedcollm.experiments.methods import run_experiment
+from fedcollm.experiments.methods import method_config, run_experiment
 from fedcollm.experiments.tables import compare, mean_ci, table1, write_experiment_report
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -136,3 +136,24 @@ def test_compare_two_experiments(tmp_path):
         (run / "result.json").write_text(json.dumps(_result("fedcollm", 0, llm=acc)))
     text = compare(tmp_path / "a", tmp_path / "b")
     assert "| LLM | FedCoLLM | arc_easy | 50.0 (se 16.7) | 60.0 (se 16.3) | +10.0 |" in text
+
+
+def test_fedavg_aux_keeps_d_a_and_drops_only_the_distillation():
+    config = load_config(TINY)
+    run = method_config(config, "arc_easy", "fedavg-aux", 0)
+    assert run.distill.enabled and run.distill.kd_weight == 0.0
+    assert config.distill.kd_weight == 1.0  # the experiment's own config is untouched
+    results = [_result("fedavg-aux", 0, llm=0.5, global_=0.4, clients=[0.2, 0.4])]
+    text = table1(results)
+    assert "| SLM, global adapter | FedAvg + D_a (kd_weight 0) | 40.0" in text
+    assert "| LLM | FedAvg + D_a (kd_weight 0) | 50.0" in text
+
+
+@pytest.mark.slow
+def test_fedavg_aux_tunes_both_models_on_d_a(tmp_path, data_dir):
+    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1"])
+    (result,) = run_experiment(config, ["fedavg-aux"], [0], ["arc_easy"], tmp_path)
+    assert result["llm"] is not None  # the LLM trains on D_a's cross-entropy
+    row = result["history"][-1]
+    assert row["aggregate_sha256"] != row["distilled_sha256"]  # theta, too
+    assert result["config"]["distill"]["kd_weight"] == 0.0

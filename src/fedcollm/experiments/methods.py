@@ -5,13 +5,18 @@
 | zero-shot   | nothing                                 | LLM, SLM                         |
 | standalone  | each client's SLM adapter on its D_k    | each client's SLM                |
 | fedavg      | FedCoLLM with distillation off          | global SLM, each client's SLM    |
+| fedavg-aux  | FedAvg, then both models tuned on D_a   | LLM, global SLM, each client's SLM |
+|             | (FedCoLLM with kd_weight = 0)           |                                  |
 | centralized | the LLM adapter on D_a and all D_k      | LLM (an upper bound)             |
 | fedcollm    | Algorithm 1                             | LLM, global SLM, each client's SLM |
 
 Standalone and centralized are the clients' SFT loop on other data; fedavg and fedcollm are
-the same Flower run. The budget is the same in optimiser passes: T rounds of E local epochs
-(or T x max_steps steps) for a standalone client; the same epochs over the union of all data
-for the centralised LLM (or the total steps FedCoLLM spends: T x (K x max_steps + R)).
+the same Flower run. fedavg-aux separates distillation from data: FedCoLLM's SLM also trains
+on D_a (about a fifth more supervised rows), which FedAvg never sees; with kd_weight = 0 it
+keeps those rows and loses only the distance terms. The budget is the same in optimiser
+passes: T rounds of E local epochs (or T x max_steps steps) for a standalone client; the
+same epochs over the union of all data for the centralised LLM (or the total steps FedCoLLM
+spends: T x (K x max_steps + R)).
 Each (task, method, seed) leaves `runs/<task>/<method>/seed<seed>/result.json`; a re-run on
 the same directory skips what is there.
 """
@@ -34,7 +39,7 @@ from fedcollm.evaluation import score
 from fedcollm.models import build_llm, build_slm, get_adapter, set_adapter
 from fedcollm.tracking.metrics import worth_reporting
 
-METHODS = ("zero-shot", "standalone", "fedavg", "centralized", "fedcollm")
+METHODS = ("zero-shot", "standalone", "fedavg", "fedavg-aux", "centralized", "fedcollm")
 
 
 def _score(model, tokenizer, config: Config) -> dict[str, float]:
@@ -152,6 +157,7 @@ RUNNERS = {
     "zero-shot": zero_shot,
     "standalone": standalone,
     "fedavg": federated,
+    "fedavg-aux": federated,
     "centralized": centralized,
     "fedcollm": federated,
 }
@@ -163,6 +169,8 @@ def method_config(config: Config, task: str, method: str, seed: int) -> Config:
     run.eval.clients = True
     if method == "fedavg":
         run.distill.enabled = False
+    if method == "fedavg-aux":  # D_a's cross-entropy for both models, no distillation
+        run.distill.enabled, run.distill.kd_weight = True, 0.0
     return run
 
 

@@ -38,12 +38,15 @@ T975 = {
 TABLE1_ROWS = [
     ("LLM", "Zero-shot", "zero-shot", "llm"),
     ("LLM", "Centralized", "centralized", "llm"),
+    ("LLM", "FedAvg + D_a (kd_weight 0)", "fedavg-aux", "llm"),
     ("LLM", "FedCoLLM", "fedcollm", "llm"),
     ("SLM, clients' own adapters", "Zero-shot", "zero-shot", "slm_clients"),
     ("SLM, clients' own adapters", "Standalone", "standalone", "slm_clients"),
     ("SLM, clients' own adapters", "FedAvg", "fedavg", "slm_clients"),
+    ("SLM, clients' own adapters", "FedAvg + D_a (kd_weight 0)", "fedavg-aux", "slm_clients"),
     ("SLM, clients' own adapters", "FedCoLLM", "fedcollm", "slm_clients"),
     ("SLM, global adapter", "FedAvg", "fedavg", "slm_global"),
+    ("SLM, global adapter", "FedAvg + D_a (kd_weight 0)", "fedavg-aux", "slm_global"),
     ("SLM, global adapter", "FedCoLLM", "fedcollm", "slm_global"),
 ]
 

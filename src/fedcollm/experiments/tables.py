@@ -224,6 +224,8 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
             ("fedcollm", "llm", "o-"),
             ("fedcollm", "slm", "s-"),
             ("fedavg", "slm", "s--"),
+            ("fedavg-aux", "slm", "s:"),
+            ("fedavg-aux", "llm", "o:"),
         ):
             runs = [
                 r["history"]

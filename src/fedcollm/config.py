@@ -57,7 +57,7 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=list)
     # "lora": A and B trained, theta holds both. "ffa" (FFA-LoRA, Sun et al. 2024): A frozen
     # at the shared seeded init, only B trained and sent; the mean of the clients' B A is
-    # then exactly (mean of B) A, secure aggregation and DP included, and half the bytes go.
+    # then exactly (mean of B) A, secure aggregation and DP included; half of theta or less goes.
     variant: Literal["lora", "ffa"] = "lora"
 
 

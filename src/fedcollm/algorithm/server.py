@@ -129,6 +129,9 @@ class CoTuningServer:
     def slm_adapter(self) -> Adapter:
         return get_adapter(self.slm)
 
+    def _weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        return client_weights([u.num_examples for u in updates], self.config.client.aggregation)
+
     def aggregate(
         self, updates: Sequence[ClientUpdate], broadcast: Adapter, server_round: int
     ) -> Adapter:
@@ -143,8 +146,7 @@ class CoTuningServer:
         server_noise = privacy.enabled and not self.config.federation.secure_aggregation
         if server_noise:
             adapters = [clip_update(a, broadcast, privacy.clip_norm)[0] for a in adapters]
-        weights = client_weights([u.num_examples for u in updates], self.config.client.aggregation)
-        aggregate = weighted_mean(adapters, weights)
+        aggregate = weighted_mean(adapters, self._weights(updates))
         if server_noise and privacy.noise_multiplier:
             key = noise_key(privacy, self.config.seed, server_round, "server")
             noise = gaussian_noise(aggregate, noise_std(self.config), key)
@@ -165,8 +167,7 @@ class CoTuningServer:
         result = self.co_tune(aggregate, server_round, on_step, time.perf_counter() - start)
         if self.config.lora.variant == "lora":
             result.measured["lora_aggregation_error"] = lora_aggregation_error(
-                [u.adapter for u in updates],
-                client_weights([u.num_examples for u in updates], self.config.client.aggregation),
+                [u.adapter for u in updates], self._weights(updates)
             )
         return result
 

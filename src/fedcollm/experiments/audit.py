@@ -107,10 +107,11 @@ class RecordingClient(Client):
         return result
 
 
-def held_out(config: Config, count: int, rng: random.Random) -> list[Question]:
-    """Rows no party trained on: unused training rows when there are enough, else the
-    evaluation split's."""
-    questions, split = training_split(config)
+def held_out(
+    config: Config, questions: list[Question], split, count: int, rng: random.Random
+) -> list[Question]:
+    """Rows no party trained on: unused training rows of `split` when there are enough,
+    else the evaluation split's."""
     used = set(split.aux).union(*map(set, split.clients))
     unused = [q for i, q in enumerate(questions) if i not in used]
     pool = unused if len(unused) >= count else evaluation_questions(config)
@@ -131,7 +132,7 @@ def run_audit(
     clients[0] = target
     questions, split = training_split(config)
     members = [questions[i] for i in split.clients[0]]
-    non_members = held_out(config, len(members), random.Random(SEED + 1))
+    non_members = held_out(config, questions, split, len(members), random.Random(SEED + 1))
     eval_questions = evaluation_questions(config)
     progress(
         f"audit: {settings.canaries} canaries x {settings.repeats} in client 0's "

@@ -152,6 +152,14 @@ class EvalConfig:
     max_length: int = 0
     # Each client also scores its own adapter after its last local update (final round).
     clients: bool = False
+    # Score the LLM and the global SLM on rounds 0, N, 2N... and always the last; 0: the
+    # last round only (a study that needs the final scores alone saves most of its time).
+    every: int = 1
+
+    def due(self, server_round: int, rounds: int) -> bool:
+        """Whether the LLM and the global SLM are scored after this round."""
+        last = server_round == rounds
+        return last or (self.every > 0 and server_round % self.every == 0)
 
 
 @dataclass
@@ -263,6 +271,7 @@ _NON_NEGATIVE = {
     "distill.top_k",
     "eval.limit",
     "eval.max_length",
+    "eval.every",
     "distill.kd_weight",
     "optim.weight_decay",
     "optim.max_grad_norm",

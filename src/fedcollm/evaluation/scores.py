@@ -1,7 +1,9 @@
 """A task's metrics on a model: multiple choice by log-likelihood (and FlowerTune's parsed
 generations), generation by its text and its reference's loss. Every metric is a mean over
 questions, with the standard error lm-eval reports (sample standard deviation over sqrt(n));
-multiple choice also reports the majority-class floor beside it."""
+multiple choice also reports the majority-class floor beside it. Scores keep what each
+question got (its id, the answer given, each metric's value, and each choice's
+log-likelihood), so that two models can be compared on the same questions."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,10 +27,15 @@ from fedcollm.evaluation.multiple_choice import accuracy, choice_loglikelihoods
 
 @dataclass
 class Scores:
-    """Per-question values of each metric (headline first), and the majority floor."""
+    """Per-question values of each metric (headline first), and the majority floor; with
+    each question's id, the answer given (a choice's index, or the generated text) and, for
+    multiple choice, every choice's summed log-likelihood."""
 
     values: dict[str, list[float]]
     majority: float | None = None
+    ids: list[str] = field(default_factory=list)
+    answers: list[Any] = field(default_factory=list)
+    choice_loglikelihoods: list[list[float]] | None = None
 
     @property
     def n(self) -> int:
@@ -50,13 +58,28 @@ class Scores:
             out["majority"] = self.majority
         return out
 
+    def predictions(self) -> dict[str, list]:
+        """Per question, as columns: `id`, `answer`, each metric's value and (multiple
+        choice) `choice_loglikelihoods`. What a paired test between two models needs."""
+        columns: dict[str, list] = {"id": self.ids, "answer": self.answers, **self.values}
+        if self.choice_loglikelihoods is not None:
+            columns["choice_loglikelihoods"] = [
+                [round(ll, 4) for ll in lls] for lls in self.choice_loglikelihoods
+            ]
+        return columns
+
 
 def majority_share(questions: Sequence[Question]) -> float:
-    """The accuracy of always giving the most common correct answer."""
-    return Counter(q.answer for q in questions).most_common(1)[0][1] / len(questions)
+    """The accuracy of always giving the most common correct choice: by position, which for
+    fixed choices (yes/no) is the class and for ARC's varying ones is all a constant
+    answer can be (always "the first")."""
+    return Counter(q.gold for q in questions).most_common(1)[0][1] / len(questions)
 
 
-def _flowertune(model, tokenizer, task: Task, questions, metric, batch_size) -> list[float]:
+def _flowertune(
+    model, tokenizer, task: Task, questions, metric, batch_size
+) -> tuple[list[str], list[float]]:
+    """FlowerTune's metric: the generations, and whether each parses to the answer."""
     options = metric.options
     prompt = Template(f"metric_list.{metric.name}.prompt", options.get("prompt"))
     prompts = [
@@ -67,7 +90,7 @@ def _flowertune(model, tokenizer, task: Task, questions, metric, batch_size) -> 
     outputs = generate(
         model, tokenizer, prompts, ["###"], options.get("max_gen_toks", 16), batch_size
     )
-    return [
+    return outputs, [
         flowertune.correct(metric.name, o, q.answer)
         for o, q in zip(outputs, questions, strict=True)
     ]
@@ -84,21 +107,23 @@ def evaluate_task(
     if not questions:
         raise ValueError("no questions to evaluate")
     names = task.metric_names
+    ids = [q.id for q in questions]
     values: dict[str, list[float]] = {}
     if not task.generative:
         lls = choice_loglikelihoods(model, tokenizer, questions, batch_size, max_length)
         result = accuracy(questions, lls)
         picks = {"acc": result.predictions, "acc_norm": result.predictions_norm}
+        answers: list[Any] = result.predictions
         for metric in task.spec.metrics:
             if metric.name in picks:
                 values[metric.name] = [
                     float(p == q.gold) for p, q in zip(picks[metric.name], questions, strict=True)
                 ]
-            else:
-                values[metric.name] = _flowertune(
+            else:  # the answer given is then the generation that the metric parses
+                answers, values[metric.name] = _flowertune(
                     model, tokenizer, task, questions, metric, batch_size
                 )
-        return Scores(values, majority=majority_share(questions))
+        return Scores(values, majority_share(questions), ids, answers, lls)
     spec = task.spec
     if {"exact_match", "rougeL"} & set(names):
         prompts = [q.context for q in questions]
@@ -116,7 +141,8 @@ def evaluate_task(
                 rouge_l(o, q.answer) for o, q in zip(outputs, questions, strict=True)
             ]
     values["target_loss"] = target_losses(model, tokenizer, questions, batch_size, max_length)
-    return Scores({name: values[name] for name in names})
+    answers = outputs if {"exact_match", "rougeL"} & set(names) else [None] * len(questions)
+    return Scores({name: values[name] for name in names}, None, ids, answers)
 
 
 def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Scores:

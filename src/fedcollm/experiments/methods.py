@@ -17,8 +17,9 @@ keeps those rows and loses only the distance terms. The budget is the same in op
 passes: T rounds of E local epochs (or T x max_steps steps) for a standalone client; the
 same epochs over the union of all data for the centralised LLM (or the total steps FedCoLLM
 spends: T x (K x max_steps + R)).
-Each (task, method, seed) leaves `runs/<task>/<method>/seed<seed>/result.json`; a re-run on
-the same directory skips what is there.
+Each (task, method, seed) leaves `runs/<task>/<method>/seed<seed>/result.json`, with every
+scored model's per-question predictions beside its scores; a re-run on the same directory
+skips what is there.
 """
 
 from __future__ import annotations
@@ -35,15 +36,32 @@ from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config
 from fedcollm.data import encode_examples, evaluation_questions, get_task, training_split
 from fedcollm.data.taskfile import METRICS
-from fedcollm.evaluation import score
+from fedcollm.evaluation import Scores, score
 from fedcollm.models import build_llm, build_slm, get_adapter, set_adapter
 from fedcollm.tracking.metrics import worth_reporting
 
 METHODS = ("zero-shot", "standalone", "fedavg", "fedavg-aux", "centralized", "fedcollm")
 
 
-def _score(model, tokenizer, config: Config) -> dict[str, float]:
-    return score(model, tokenizer, config, evaluation_questions(config)).summary()
+def _score(model, tokenizer, config: Config) -> Scores:
+    return score(model, tokenizer, config, evaluation_questions(config))
+
+
+def _result(
+    llm: Scores | None, slm_global: Scores | None, slm_clients: list[Scores] | None
+) -> dict[str, Any]:
+    """A result's scores, and per question what each scored model answered."""
+    result: dict[str, Any] = {
+        "llm": llm and llm.summary(),
+        "slm_global": slm_global and slm_global.summary(),
+        "slm_clients": slm_clients and [s.summary() for s in slm_clients],
+    }
+    result["predictions"] = {
+        "llm": llm and llm.predictions(),
+        "slm_global": slm_global and slm_global.predictions(),
+        "slm_clients": slm_clients and [s.predictions() for s in slm_clients],
+    }
+    return result
 
 
 def _sft(
@@ -73,7 +91,7 @@ def zero_shot(config: Config, _out: Path) -> dict[str, Any]:
     del llm
     slm, tokenizer = build_slm(config)
     slm_score = _score(slm, tokenizer, config)
-    return {"llm": llm_score, "slm_global": slm_score, "slm_clients": [slm_score]}
+    return _result(llm_score, slm_score, [slm_score])
 
 
 def standalone(config: Config, _out: Path) -> dict[str, Any]:
@@ -95,7 +113,7 @@ def standalone(config: Config, _out: Path) -> dict[str, Any]:
             label=f"client {k}",
         )
         scores.append(_score(slm, tokenizer, config))
-    return {"llm": None, "slm_global": None, "slm_clients": scores}
+    return _result(None, None, scores)
 
 
 def centralized(config: Config, _out: Path) -> dict[str, Any]:
@@ -117,17 +135,20 @@ def centralized(config: Config, _out: Path) -> dict[str, Any]:
         seed=seeds.centralized(config.seed),
         label="LLM",
     )
-    return {"llm": _score(llm, tokenizer, config), "slm_global": None, "slm_clients": None}
+    return _result(_score(llm, tokenizer, config), None, None)
 
 
 def federated(config: Config, out: Path) -> dict[str, Any]:
     from fedcollm.federation.simulation import simulate
     from fedcollm.tracking.checkpoint import latest_round
+    from fedcollm.tracking.metrics import read_predictions
 
     # A run that was interrupted goes on from its last complete round.
     rows = simulate(config, out, resume=latest_round(out / "checkpoint") is not None)
     last = rows[-1]
     trained_llm = config.distill.enabled
+    answered = read_predictions(out, last["round"])
+    clients = answered.get("clients", {})
     return {
         "llm": _row_score(last, "llm") if trained_llm else None,
         "slm_global": _row_score(last, "slm"),
@@ -138,6 +159,11 @@ def federated(config: Config, out: Path) -> dict[str, Any]:
             }
             for c in last["clients"]
         ],
+        "predictions": {
+            "llm": answered.get("llm") if trained_llm else None,
+            "slm_global": answered.get("slm"),
+            "slm_clients": [clients.get(str(c["partition"])) for c in last["clients"]],
+        },
         "history": rows,
     }
 

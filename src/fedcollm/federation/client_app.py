@@ -99,10 +99,12 @@ def tune(
     own = {}
     if instructions.get("evaluate-own"):
         # The client's own adapter after its last local update, scored where it lives.
-        scores = score(client.slm, tokenizer, config, evaluation_questions(config)).summary()
-        own = {f"own_{k}": v for k, v in scores.items() if k not in ("n", "majority")}
+        scores = score(client.slm, tokenizer, config, evaluation_questions(config))
+        own = {f"own_{k}": v for k, v in scores.summary().items() if k not in ("n", "majority")}
         # Which adapter that score is of: the server can compare it with what arrives.
         receipt["scored_sha256"] = adapter_digest(get_adapter(client.slm))
+        # Per question, what it answered (public evaluation questions, no training data).
+        receipt["own_predictions"] = json.dumps(scores.predictions())
     metrics = {
         **own,
         "num-examples": update.num_examples,

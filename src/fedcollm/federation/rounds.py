@@ -21,7 +21,12 @@ from fedcollm.federation.screening import UpdateRejected
 from fedcollm.federation.wire import WireError
 from fedcollm.models import Adapter, adapter_digest, adapter_numel
 from fedcollm.tracking.checkpoint import save_checkpoint
-from fedcollm.tracking.metrics import MetricsLog, progress_line, worth_reporting
+from fedcollm.tracking.metrics import (
+    MetricsLog,
+    progress_line,
+    worth_reporting,
+    write_predictions,
+)
 
 
 class ServerRounds:
@@ -42,6 +47,8 @@ class ServerRounds:
         self.last_round = server.config.rounds
         self.sampled: list[int] = []  # this round's partitions
         self.row: dict[str, Any] = {}
+        # Per question, what each client's own adapter answered (final round), by partition.
+        self.client_predictions: dict[str, Any] = {}
         self.started = self.created = time.perf_counter()
 
     def true_round(self, flower_round: int) -> int:
@@ -86,6 +93,9 @@ class ServerRounds:
         `contributors` sent and distils. Returns the theta to broadcast next, or None when
         the round is skipped (too few contributors, or an unusable aggregate)."""
         clients_seconds = time.perf_counter() - self.started
+        for client in clients:  # the metrics row keeps scores; predictions go to their file
+            if "own_predictions" in client:
+                self.client_predictions[str(client["partition"])] = client.pop("own_predictions")
         self.row.update(clients=clients, **row)
         quorum = self.config.federation.min_clients
         if contributors < quorum:
@@ -141,9 +151,15 @@ class ServerRounds:
         }
         # Without distillation (FedAvg) the LLM never changes: score it once.
         roles = ["llm", "slm"] if server_round == 0 or self.config.distill.enabled else ["slm"]
+        if not self.config.eval.due(server_round, self.last_round):
+            roles = []  # the row keeps the round's training and traffic, no scores
+        predictions: dict[str, Any] = {}
         for role, scores in self.server.evaluate(self.eval_questions, roles).items():
             row.update({f"{role}_{k}": v for k, v in scores.summary().items() if k != "n"})
-        if "llm" not in roles:
+            predictions[role] = scores.predictions()
+        if self.client_predictions:
+            predictions["clients"], self.client_predictions = self.client_predictions, {}
+        if "llm" not in roles and "slm" in roles:
             row.update({k: v for k, v in self.metrics.rows[-1].items() if k.startswith("llm_")})
         if self.config.privacy.enabled:
             row.update(self.server.privacy.spent())
@@ -159,6 +175,8 @@ class ServerRounds:
         )
         # The checkpoint first: a kill between the two then leaves a round that --resume
         # repeats, never a recorded round without its state.
+        if predictions:
+            write_predictions(self.metrics.path.parent, server_round, predictions)
         save_checkpoint(self.checkpoints, server_round, self.server, [*self.metrics.rows, row])
         self.metrics.write(row)
         print(progress_line(row, self.config.rounds), flush=True)

@@ -11,6 +11,8 @@ against; the client's half is `secure_client.py`.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from flwr.app import Context
 from flwr.server import ServerConfig
@@ -33,6 +35,8 @@ def client_row(proxy, res) -> dict:
     """A client's plaintext metrics, named as in the rounds with plain aggregation."""
     metrics = dict(res.metrics)
     row = {"node": int(proxy.cid), "num_examples": metrics.pop("num-examples", None)}
+    if "own_predictions" in metrics:
+        row["own_predictions"] = json.loads(str(metrics.pop("own_predictions")))
     return {**row, **metrics}
 
 

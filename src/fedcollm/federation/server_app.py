@@ -88,6 +88,8 @@ def read_update(
         row["received_sha256"] = str(receipt["received_sha256"])
         if "scored_sha256" in receipt:
             row["scored_sha256"] = str(receipt["scored_sha256"])
+        if "own_predictions" in receipt:
+            row["own_predictions"] = json.loads(str(receipt["own_predictions"]))
     except (KeyError, TypeError, ValueError) as err:
         raise UpdateRejected(f"metrics incomplete or malformed ({err!r})") from None
     if not 0 <= row["partition"] < config.num_clients:

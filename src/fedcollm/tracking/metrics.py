@@ -1,4 +1,5 @@
-"""metrics.jsonl (one object per round, round 0 = zero-shot), progress lines, the summary."""
+"""metrics.jsonl (one object per round, round 0 = zero-shot), the per-question predictions
+of each round's evaluation (predictions/round_N.json), progress lines, the summary."""
 
 from __future__ import annotations
 
@@ -29,6 +30,25 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def predictions_path(out_dir: Path, server_round: int) -> Path:
+    return out_dir / "predictions" / f"round_{server_round}.json"
+
+
+def write_predictions(out_dir: Path, server_round: int, predictions: dict[str, Any]) -> None:
+    """A round's per-question predictions by role (`llm`, `slm`, `clients` by partition)."""
+    path = predictions_path(out_dir, server_round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(predictions))
+    partial.rename(path)
+
+
+def read_predictions(out_dir: Path, server_round: int) -> dict[str, Any]:
+    """What `write_predictions` wrote for the round; {} for a run that kept none."""
+    path = predictions_path(out_dir, server_round)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -62,7 +82,8 @@ def row_metrics(row: dict[str, Any]) -> list[str]:
 def headline_scores(row: dict[str, Any]) -> dict[str, float]:
     """The LLM's and the global SLM's headline metric, for Flower's own evaluation record."""
     metric = row_metrics(row)[0]
-    return {f"llm_{metric}": row[f"llm_{metric}"], f"slm_{metric}": row[f"slm_{metric}"]}
+    keys = (f"llm_{metric}", f"slm_{metric}")
+    return {key: row[key] for key in keys if row.get(key) is not None}  # none: not scored
 
 
 def progress_line(row: dict[str, Any], rounds: int) -> str:
@@ -76,7 +97,8 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
             )
     metric = row_metrics(row)[0]
     parts.append(
-        f"LLM {metric} {_fmt(row[f'llm_{metric}'])} / SLM {metric} {_fmt(row[f'slm_{metric}'])}"
+        f"LLM {metric} {_fmt(row.get(f'llm_{metric}'))} / "
+        f"SLM {metric} {_fmt(row.get(f'slm_{metric}'))}"
     )
     if "epsilon" in row:
         epsilon = "inf (no noise)" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
@@ -88,7 +110,7 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
 def _with_stderr(row: dict[str, Any], key: str) -> str:
     """A metric and its standard error, "0.467±0.065" (rows of older runs lack the latter)."""
     stderr = row.get(f"{key}_stderr")
-    return _fmt(row[key]) + (f"±{stderr:.3f}" if stderr is not None else "")
+    return _fmt(row.get(key)) + (f"±{stderr:.3f}" if stderr is not None else "")
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:

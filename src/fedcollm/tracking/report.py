@@ -16,6 +16,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get(f"slm_{row_metrics(r)[0]}") is not None]  # scored ones
     rounds = [r["round"] for r in rows]
     first, second = row_metrics(rows[-1])[:2]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -30,10 +31,11 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
         key = f"{role}_{metric}"
         # ± one standard error, where the rows have it (rows of older runs do not); each
         # series a little to the side, so that the bars do not hide each other.
-        errors = [r.get(f"{key}_stderr") for r in rows]
+        scored = [r for r in rows if key in r]  # FedAvg's LLM is scored at round 0 only
+        errors = [r.get(f"{key}_stderr") for r in scored]
         (loss_ax if metric in LOSSES else ax).errorbar(
-            [r + 0.03 * (k - 1.5) for r in rounds],
-            [r[key] for r in rows],
+            [r["round"] + 0.03 * (k - 1.5) for r in scored],
+            [r[key] for r in scored],
             yerr=errors if None not in errors else None,
             fmt=style,
             color=colour,

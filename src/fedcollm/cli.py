@@ -94,21 +94,39 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             )
     if args.seeds < 1:
         raise ConfigError("--seeds: must be 1 or more")
+    from fedcollm.experiments import sweep
     from fedcollm.experiments.methods import run_experiment
     from fedcollm.experiments.tables import write_experiment_report
     from fedcollm.preflight import check_data, check_models
     from fedcollm.tracking.checkpoint import check_writable
 
-    for task in tasks:  # every task's data is read before the first run starts
-        overrides = [*args.set, f"task={task!r}"]
-        check_data(check_run(load_config(args.config, overrides=overrides, data_dir=args.data_dir)))
+    grid = sweep.parse_sweeps(args.sweep)
+    points = sweep.grid_points(grid) if grid else [{}]
+    configs = []  # every point's config and every task's data are read before a run starts
+    for point in points:
+        extra = [*args.set, *sweep.overrides(point)]
+        configs.append(check_run(load_config(args.config, overrides=extra, data_dir=args.data_dir)))
+        for task in tasks:
+            with_task = [*extra, f"task={task!r}"]
+            check_data(
+                check_run(load_config(args.config, overrides=with_task, data_dir=args.data_dir))
+            )
     out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
     check_writable(out)
-    _prepare_models(config)
-    check_models(config)
+    for point_config in configs:
+        _prepare_models(point_config)
+        check_models(point_config)
     seeds = [config.seed + i for i in range(args.seeds)]
-    run_experiment(config, methods, seeds, tasks, out)
-    print(f"\nreport: {write_experiment_report(out)}")
+    if not grid:
+        run_experiment(config, methods, seeds, tasks, out)
+        print(f"\nreport: {write_experiment_report(out)}")
+        print((out / "report.md").read_text())
+        return 0
+    sweep.write_grid(out, grid)
+    for number, (point, point_config) in enumerate(zip(points, configs, strict=True), start=1):
+        print(f"sweep point {number}/{len(points)}: {sweep.point_label(point)}", flush=True)
+        run_experiment(point_config, methods, seeds, tasks, sweep.point_dir(out, point))
+    print(f"\nreport: {sweep.write_sweep_report(out)}")
     print((out / "report.md").read_text())
     return 0
 
@@ -162,8 +180,12 @@ def _compare_audits(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fedcollm.experiments.sweep import read_grid, write_sweep_report
     from fedcollm.experiments.tables import compare, write_experiment_report
 
+    if len(args.dirs) == 1 and read_grid(Path(args.dirs[0])) is not None:
+        print(write_sweep_report(Path(args.dirs[0])).read_text())
+        return 0
     for directory in args.dirs:
         if not (Path(directory) / "runs").is_dir():
             raise ConfigError(f"{directory}: not an experiment directory (it has no runs/)")
@@ -342,6 +364,13 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")
     exp.add_argument("--out", help="experiment directory; a re-run resumes there")
     exp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    exp.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="run the experiment at each value (several --sweep: their Cartesian grid)",
+    )
     exp.set_defaults(func=cmd_experiment)
 
     audit = sub.add_parser("audit", help="leakage audit: canary exposure, membership inference")

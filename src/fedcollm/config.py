@@ -238,6 +238,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # Per-round metrics also to "tensorboard" (<out>/tensorboard) and/or "mlflow"
+    # (<out>/mlflow.db, or MLFLOW_TRACKING_URI); the extra `pip install fedcollm[tracking]`.
+    tracking: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -406,6 +409,27 @@ def _check_meaning(config: Config) -> None:
     if config.federation.secure_aggregation:
         _check_secure_aggregation(config)
     _check_privacy(config)
+    _check_tracking(config)
+
+
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # name -> the package it needs
+
+
+def _check_tracking(config: Config) -> None:
+    import importlib.util
+
+    for name in config.tracking:
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"tracking: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}"
+            )
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(
+                f"tracking: {name!r} needs the {TRACKERS[name]} package; install it with "
+                "pip install 'fedcollm[tracking]', or drop it from tracking"
+            )
+    if len(set(config.tracking)) < len(config.tracking):
+        raise ConfigError(f"tracking: a tracker is named twice in {config.tracking}")
 
 
 def _check_privacy(config: Config) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.evaluation.multiple_choice import stderr
+from fedcollm.experiments.claims import significance_section
 from fedcollm.experiments.methods import load_results
+from fedcollm.experiments.significance import RESAMPLES
 from fedcollm.tracking.metrics import LOSSES, human_bytes, row_metrics
 
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
@@ -284,6 +286,15 @@ scored (lm-eval's *_stderr). A task with one metric shows "-" in the other's tab
 {table2(results)}
 
 ![accuracy per round](accuracy_per_round.png)
+
+## Significance
+
+Paired on the same questions and seeds: the mean difference with a bootstrap 95% interval
+that resamples questions and seeds together ({RESAMPLES} resamples), an exact McNemar test
+per seed on the (client k, client k, question) pairs, and the smallest difference this design
+detects at 80% power (2.80 standard errors of the difference).
+
+{significance_section(results, out)}
 """
     path = out / "report.md"
     path.write_text(text)

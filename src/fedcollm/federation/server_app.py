@@ -283,7 +283,12 @@ def run_server(
     split_record = {"partition": config.data.partition, "field": config.data.partition_field}
     split_record.update(server.split.summary())
     (out_dir / "partition.json").write_text(json.dumps(split_record, indent=2))
-    metrics, first_round = MetricsLog(out_dir), 0
+    trackers = None
+    if config.tracking:
+        from fedcollm.tracking.trackers import Trackers
+
+        trackers = Trackers(config.tracking, out_dir, str(out_dir), config.to_dict())
+    metrics, first_round = MetricsLog(out_dir, trackers), 0
     if checkpoint:
         metrics.write_all(checkpoint.rows)
         first_round = checkpoint.server_round
@@ -300,6 +305,7 @@ def run_server(
             run_secure_rounds(grid, context, rounds, owners)
         else:
             run_rounds(grid, rounds, owners)
+    metrics.close()
     server.save_adapters(out_dir)
     report = write_report(metrics.rows, config.to_dict(), out_dir)
     print("\n" + summary_table(metrics.rows), flush=True)

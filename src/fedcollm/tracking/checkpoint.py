@@ -31,6 +31,9 @@ RESUMABLE_CHANGES = {
     "federation.client_gpus",
     # A larger privacy budget continues the same accountant (its state is checkpointed).
     "privacy.max_epsilon",
+    # What is recorded, not what is computed.
+    "eval.every",
+    "tracking",
 }
 
 

@@ -12,20 +12,28 @@ from typing import Any
 class MetricsLog:
     """Appends one JSON object per round to `out_dir/metrics.jsonl` as soon as it is known."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, trackers=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         self.path.write_text("")
         self.rows: list[dict[str, Any]] = []
+        self.trackers = trackers  # TensorBoard, MLflow (tracking/trackers.py), if asked for
 
     def write_all(self, rows: list[dict[str, Any]]) -> None:
+        """A resumed run's earlier rows: into the file again, not to the trackers again."""
         for row in rows:
-            self.write(row)
+            self.write(row, track=False)
 
-    def write(self, row: dict[str, Any]) -> None:
+    def write(self, row: dict[str, Any], track: bool = True) -> None:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        if track and self.trackers is not None:
+            self.trackers.log(row)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -414,3 +414,38 @@ def test_an_experiment_reads_every_tasks_data_before_its_first_run(capsys, tmp_p
     )
     assert "validation.jsonl:1: doc_to_target fails on this row (ValueError: 'Z' is not" in line
     assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize(
+    ("sweep", "says"),
+    [
+        (["lora.r"], "--sweep 'lora.r': expected KEY=V1,V2,..."),
+        (["lora.r=4,4"], "--sweep lora.r: a value is repeated"),
+        (["lora.r=4", "lora.r=8"], "--sweep lora.r: swept twice"),
+        (["lora.r=4,0"], "lora.r: must be greater than 0, got 0"),
+        (["lora.rank=4,8"], "unknown key 'lora.rank'"),
+    ],
+)
+def test_a_bad_sweep_is_refused_before_any_point_runs(
+    capsys, tmp_path, data_dir, monkeypatch, sweep, says
+):
+    from fedcollm.experiments import methods
+
+    monkeypatch.setattr(methods, "run_experiment", lambda *a, **k: pytest.fail("it started"))
+    args = ["experiment", str(TINY), "--data-dir", str(data_dir), "--out", str(tmp_path / "x")]
+    line = refused(capsys, *args, *[a for s in sweep for a in ("--sweep", s)])
+    assert says in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_unknown_or_missing_tracker_is_refused(capsys, tmp_path, data_dir, monkeypatch):
+    import importlib.util
+
+    line = refused(capsys, *run_args(data_dir, tmp_path / "a", 'tracking=["wandb"]'))
+    assert "tracking: 'wandb' is not a tracker; choose from tensorboard, mlflow" in line
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
+    line = refused(capsys, *run_args(data_dir, tmp_path / "b", 'tracking=["mlflow"]'))
+    assert "needs the mlflow package; install it with pip install 'fedcollm[tracking]'" in line

@@ -157,3 +157,42 @@ def test_fedavg_aux_tunes_both_models_on_d_a(tmp_path, data_dir):
     row = result["history"][-1]
     assert row["aggregate_sha256"] != row["distilled_sha256"]  # theta, too
     assert result["config"]["distill"]["kd_weight"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_grid_and_reports_each_value_with_paired_verdicts(tmp_path, data_dir):
+    """The issue's done-when command, one round: two kd_weight values x two methods x two
+    seeds, then a re-run that keeps everything."""
+    from fedcollm import cli
+
+    args = [
+        "experiment", str(TINY), "--methods", "fedavg,fedcollm", "--seeds", "2",
+        "--sweep", "distill.kd_weight=0,1", "--data-dir", str(data_dir), "--out", str(tmp_path),
+        "--set", "rounds=1",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    points = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert points == ["distill.kd_weight=0", "distill.kd_weight=1"]
+    results = [r for p in points for r in experiment.load_results(tmp_path / "sweep" / p)]
+    assert len(results) == 8
+    assert {r["config"]["distill"]["kd_weight"] for r in results} == {0.0, 1.0}
+    for r in results:  # per-question predictions in every result, for every scored model
+        clients = r["predictions"]["slm_clients"]
+        assert len(clients) == 3 and all(len(c["id"]) == c["acc"].__len__() > 0 for c in clients)
+        assert r["predictions"]["slm_global"]["id"] == clients[0]["id"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| model | method | distill.kd_weight = 0.0 | distill.kd_weight = 1.0 |" in report
+    assert "| SLM, global adapter | FedCoLLM |" in report
+    assert (tmp_path / "sweep_arc_easy_distill.kd_weight.png").stat().st_size > 10_000
+    for point in points:
+        assert f"## {point}" in report
+        assert (tmp_path / f"{point}_significance_arc_easy.png").is_file()
+    assert report.count("| clients' SLMs: FedCoLLM - FedAvg | acc | 2 x 40 |") == 2
+    assert report.count("seed 0: ") >= 2 and report.count("seed 1: ") >= 2  # McNemar per seed
+    for claim in ("gain over Standalone", "97-99% of Centralized", "about 0.24% of the SLM"):
+        assert report.count(claim) == 2  # a verdict line per claim at each point
+    # The tiny SLM has 71k parameters: its adapter is 8.7% of it, far from 0.24%.
+    assert "0.24% of the SLM**: contradicted for this SLM and LoRA" in report
+    # A second run keeps every result and rebuilds the same report.
+    assert cli.main(args) == 0
+    assert (tmp_path / "report.md").read_text() == report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ from safetensors.torch import load_file
 from fedcollm import seeds
 from fedcollm.algorithm.round import reference_rounds
 from fedcollm.config import load_config
+from fedcollm.data import evaluation_questions
 from fedcollm.federation.simulation import simulate
 from fedcollm.federation.wire import record_to_adapter
 from fedcollm.models import adapter_digest, load_model
-from fedcollm.tracking.metrics import read_metrics
+from fedcollm.tracking.metrics import read_metrics, read_predictions
 
 pytestmark = pytest.mark.slow
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -41,7 +43,8 @@ def tiny_run(tmp_path_factory, data_dir):
 
     InMemoryGrid.push_messages, InMemoryGrid.pull_messages = recording_push, recording_pull
     try:
-        config = load_config(TINY, data_dir=str(data_dir), overrides=["eval.clients=true"])
+        overrides = ["eval.clients=true", 'tracking=["tensorboard", "mlflow"]']
+        config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)
         out = tmp_path_factory.mktemp("tiny")
         simulate(config, out)
     finally:
@@ -139,11 +142,12 @@ def test_replies_hold_only_what_docs_messages_lists(tiny_run):
         "own_acc_norm",
         "own_acc_norm_stderr",
     }
+    receipt = {"received_sha256", "scored_sha256", "own_predictions"}
     for reply in pulled:
         assert set(dict(reply.content.items())) == {"arrays", "metrics", "receipt"}
         assert set(reply.content["metrics"]) <= documented
         assert "received_sha256" in reply.content["receipt"]
-        assert set(reply.content["receipt"]) <= {"received_sha256", "scored_sha256"}
+        assert set(reply.content["receipt"]) <= receipt
         arrays = record_to_adapter(reply.content["arrays"])
         assert sum(t.numel() for t in arrays.values()) == rows[-1]["adapter_params"]
 
@@ -186,3 +190,69 @@ def test_the_flower_run_adds_nothing_to_the_algorithm(tiny_run):
     for row, result in zip(rows[1:], results, strict=True):
         assert adapter_digest(result.aggregate) == row["aggregate_sha256"]
         assert adapter_digest(result.slm_adapter) == row["distilled_sha256"]
+
+
+def test_each_scored_model_keeps_what_it_answered_per_question(tiny_run, data_dir):
+    config, out, rows, _, _ = tiny_run
+    questions = evaluation_questions(config)
+    last = read_predictions(out, config.rounds)
+    assert set(last) == {"llm", "slm", "clients"}
+    for role in ("llm", "slm"):
+        answered = last[role]
+        assert answered["id"] == [q.id for q in questions]
+        # The answer is the choice of highest log-likelihood; acc says whether it is gold.
+        for q, answer, lls, acc in zip(
+            questions,
+            answered["answer"],
+            answered["choice_loglikelihoods"],
+            answered["acc"],
+            strict=True,
+        ):
+            assert answer == max(range(len(lls)), key=lls.__getitem__)
+            assert acc == float(answer == q.gold)
+        assert statistics.fmean(answered["acc"]) == pytest.approx(rows[-1][f"{role}_acc"])
+    # Every client's own adapter, by partition, as its own score says.
+    own = {c["partition"]: c["own_acc"] for c in rows[-1]["clients"]}
+    assert sorted(last["clients"]) == [str(k) for k in range(config.num_clients)]
+    for partition, answered in last["clients"].items():
+        assert statistics.fmean(answered["acc"]) == pytest.approx(own[int(partition)])
+    assert "own_predictions" not in rows[-1]["clients"][0]  # the metrics row stays small
+
+
+def test_every_round_reaches_tensorboard_and_mlflow(tiny_run):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, out, rows, _, _ = tiny_run
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    series = {
+        "slm_acc": [(r["round"], r["slm_acc"]) for r in rows],
+        "client_train_loss": [(r["round"], r["client_train_loss"]) for r in rows[1:]],
+        "client_0/train_loss": [(r["round"], r["clients"][0]["train_loss"]) for r in rows[1:]],
+        "seconds/distillation": [(r["round"], r["seconds"]["distillation"]) for r in rows[1:]],
+    }
+    for key, expected in series.items():
+        events = board.Scalars(key)
+        assert [e.step for e in events] == [step for step, _ in expected]
+        assert [e.value for e in events] == pytest.approx([v for _, v in expected], rel=1e-6)
+    marker = json.loads((out / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=marker["tracking_uri"])
+    history = client.get_metric_history(marker["run_id"], "slm_acc")
+    assert [(m.step, m.value) for m in history] == [(r["round"], r["slm_acc"]) for r in rows]
+    run = client.get_run(marker["run_id"])
+    assert run.data.params["rounds"] == str(config.rounds) and run.info.status == "FINISHED"
+
+
+def test_evaluation_every_n_rounds_and_always_the_last(tmp_path, data_dir):
+    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=3", "eval.every=2"])
+    rows = simulate(config, tmp_path)
+    assert [r["round"] for r in rows if "slm_acc" in r] == [0, 2, 3]
+    assert "slm_acc" not in rows[1] and rows[1]["client_train_loss"] > 0  # trained, unscored
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
+        "round_0.json",
+        "round_2.json",
+        "round_3.json",
+    ]
+    # The plot and the summary skip the unscored round rather than fail on it.
+    assert (tmp_path / "accuracy.png").stat().st_size > 0

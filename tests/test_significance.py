@@ -194,3 +194,18 @@ def test_the_section_plots_every_comparison(tmp_path):
     assert "| clients' SLMs: FedCoLLM - Standalone | acc | 3 x 200 |" in text
     assert (tmp_path / "significance_arc_easy.png").stat().st_size > 10_000
     assert "not tested (needs the centralized and fedcollm methods)" in text
+
+
+def test_one_zero_shot_run_stands_for_every_seed():
+    rng = random.Random(4)
+    untrained = _answers(300, 0.4, rng)
+    results = [_result("zero-shot", 0, llm=untrained)]
+    results += [_result("fedcollm", s, llm=_flip(untrained, 0.3, rng)) for s in range(3)]
+    c = compare_methods(results, "arc_easy", "llm", "fedcollm", "zero-shot", "acc")
+    assert c.seeds == [0, 1, 2] and len(c.mcnemar) == 3
+    assert all(losses == 0 for _, _, losses, _ in c.mcnemar)
+    # A trained baseline is not stretched over seeds it did not run.
+    results.append(_result("centralized", 0, llm=untrained))
+    assert compare_methods(results, "arc_easy", "llm", "fedcollm", "centralized", "acc").seeds == [
+        0
+    ]

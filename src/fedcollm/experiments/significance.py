@@ -93,6 +93,10 @@ def _model_values(result: dict[str, Any], role: str, metric: str) -> list[dict[s
     return [dict(zip(m["id"], m[metric], strict=True)) for m in models]
 
 
+# Methods that train nothing: their one run stands for every seed.
+UNTRAINED = {"zero-shot"}
+
+
 def _runs(results, task: str, method: str) -> dict[int, dict[str, Any]]:
     return {r["seed"]: r for r in results if (r["task"], r["method"]) == (task, method)}
 
@@ -102,6 +106,8 @@ def compare_methods(
 ) -> Comparison | None:
     """`method` against `baseline` on `role`, paired where every seed kept predictions."""
     ours, theirs = _runs(results, task, method), _runs(results, task, baseline)
+    if baseline in UNTRAINED and theirs:
+        theirs = {seed: next(iter(theirs.values())) for seed in ours}
     seeds = sorted(set(ours) & set(theirs))
     if not seeds:
         return None

@@ -211,7 +211,8 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy per round (mean over seeds) of the LLM and the global SLM, per task."""
+    """Accuracy per round of the LLM and the global SLM per task: the mean over seeds with
+    its 95% interval (Student t; no bar with one seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,6 +223,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=110, squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
+        rounds: list[int] = []
         for method, role, style in (
             ("fedcollm", "llm", "o-"),
             ("fedcollm", "slm", "s-"),
@@ -236,14 +238,27 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
             ]
             if not runs:
                 continue
-            rounds = [row["round"] for row in runs[0]]
             metric = row_metrics(runs[0][-1])[0]
-            means = [
-                statistics.fmean(h[i][f"{role}_{metric}"] for h in runs) for i in range(len(rounds))
+            key = f"{role}_{metric}"
+            # Rounds scored in every seed (eval.every can leave rounds unscored).
+            scored = [
+                row["round"]
+                for row in runs[0]
+                if all(any(r["round"] == row["round"] and key in r for r in h) for h in runs)
             ]
-            ax.plot(
-                rounds, means, style, label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}"
+            cells = [
+                mean_ci([next(r[key] for r in h if r["round"] == n) for h in runs]) for n in scored
+            ]
+            halves = [half for _, half in cells]
+            ax.errorbar(
+                scored,
+                [mean for mean, _ in cells],
+                yerr=None if any(math.isnan(h) for h in halves) else halves,
+                fmt=style,
+                capsize=3,
+                label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}",
             )
+            rounds = sorted({*rounds, *scored})
         ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel=metric, xticks=rounds)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -195,14 +195,13 @@ def _unpaired(role, method, baseline, metric, seeds, ours, theirs) -> Comparison
     diff = mean_a - mean_b
     ratio = mean_a / mean_b if mean_b else math.nan
     se_ratio = abs(ratio) * math.hypot(se_a / mean_a, se_b / mean_b) if mean_a else math.nan
-    n = (ours[seeds[0]].get(role) or {}).get("n") if role != "slm_clients" else None
     return Comparison(
         role,
         method,
         baseline,
         metric,
         seeds,
-        int(n or _questions(ours[seeds[0]], role)),
+        _questions(ours[seeds[0]], role),
         mean_a,
         mean_b,
         (diff - 1.96 * se, diff + 1.96 * se),

@@ -292,3 +292,30 @@ def test_builtin_task_is_deterministic_and_in_arc_format():
     # Answers are spread over the four positions, so position alone cannot score.
     positions = [q.gold for q in validation]
     assert all(positions.count(i) > len(positions) / 8 for i in range(4))
+
+
+def test_a_random_evaluation_sample_is_one_fixed_draw_shared_by_every_seed(data_dir):
+    """TFNS's validation file opens with bullish tweets: the first 100 are 63% label 1, a
+    draw of 100 is near the split's 20%; the draw is the same for any run seed."""
+    from fedcollm.config import load_config
+    from fedcollm.data import evaluation_questions
+
+    def questions(*sets: str):
+        config = load_config(
+            Path(__file__).parents[1] / "configs" / "tiny.toml",
+            data_dir=str(data_dir),
+            overrides=["task=tfns", "eval.limit=100", *sets],
+        )
+        return evaluation_questions(config)
+
+    every = load_questions("tfns", "validation", data_dir)
+    first = questions()
+    drawn = questions("eval.sample=random")
+    assert [q.id for q in first] == [q.id for q in every[:100]]
+    assert [q.id for q in drawn] == [q.id for q in questions("eval.sample=random", "seed=7")]
+    assert len({q.id for q in drawn}) == 100 and drawn != every[:100]
+    order = {q.id: i for i, q in enumerate(every)}
+    assert [order[q.id] for q in drawn] == sorted(order[q.id] for q in drawn)
+    bullish = {q.id for q in every if q.doc["label"] == 1}
+    assert sum(q.id in bullish for q in first) == 63
+    assert 10 <= sum(q.id in bullish for q in drawn) <= 30

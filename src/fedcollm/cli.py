@@ -221,7 +221,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag}: must be {least} or more, got {value}")
     spec, seed, name = _evaluated_model(args)
     from fedcollm.data import get_task
-    from fedcollm.data.tasks import split_questions
+    from fedcollm.data.tasks import split_questions, take
     from fedcollm.evaluation import evaluate_task
     from fedcollm.models import load_model
     from fedcollm.models.lora import load_saved_adapter
@@ -233,8 +233,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # Default: the split the task scores on (validation, else test).
     split = args.split or ("validation" if "validation" in task.spec.splits else "test")
     questions = split_questions(task, split, args.data_dir)  # bad rows stop before the model
-    if args.limit:
-        questions = questions[: args.limit]
+    questions = take(questions, args.limit, args.sample)
     model, tokenizer = load_model(spec, seed=seed)
     if args.adapter:
         model = load_saved_adapter(model, Path(args.adapter))
@@ -346,7 +345,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["", "train", "validation", "test"],
         help="the task's split to score (default: validation, else test)",
     )
-    ev.add_argument("--limit", type=int, default=0, help="first N questions only")
+    ev.add_argument("--limit", type=int, default=0, help="N questions only (see --sample)")
+    ev.add_argument(
+        "--sample",
+        default="first",
+        choices=["first", "random"],
+        help="with --limit: the first N (lm-eval's --limit) or a fixed random draw of N",
+    )
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument(
         "--max-length", type=int, default=0, help="tokens per (prompt, choice); 0: the model's"

@@ -146,6 +146,10 @@ class EvalConfig:
     split: Literal["validation", "test"] = "validation"
     # 0: every question of the split.
     limit: int = 0
+    # Which `limit` questions: "first" (lm-eval's --limit) or "random", one fixed draw of the
+    # split that every seed and method shares (a file sorted by label makes "first" a skewed
+    # sample: TFNS's first 100 validation tweets are 63% bullish, the split 20%).
+    sample: Literal["first", "random"] = "first"
     batch_size: int = 16
     # Tokens of each (prompt, choice) pair, cut from the left as lm-eval cuts them; 0: the
     # model's context length, lm-eval's default (no prompt of the four tasks is cut then).

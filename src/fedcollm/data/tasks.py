@@ -9,6 +9,7 @@ loss on the continuation of the correct answer only.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from fedcollm.data.templates import BadRow, Template, choices, target, text
 TASK_FILES = Path(__file__).parent / "task_files"
 TASKS: dict[str, Path] = {p.stem: p for p in sorted(TASK_FILES.glob("*.yaml"))}
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
+EVAL_SAMPLE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,19 @@ def load_questions(task_name: str, role: str, data_dir: str | Path | None) -> li
     return split_questions(get_task(task_name), role, data_dir)
 
 
+def take(questions: list[Question], limit: int, sample: str = "first") -> list[Question]:
+    """`limit` of the questions (0: all): the first ones, or a random draw in file order.
+    The draw's seed is fixed, not the run's: every seed and method scores the same
+    questions, so their answers pair up."""
+    if not limit or limit >= len(questions):
+        return questions
+    if sample == "first":
+        return questions[:limit]
+    drawn = sorted(random.Random(EVAL_SAMPLE_SEED).sample(range(len(questions)), limit))
+    return [questions[i] for i in drawn]
+
+
 def evaluation_questions(config: Config) -> list[Question]:
     """The questions a run is scored on: the config's evaluation split, up to its limit."""
     questions = load_questions(config.task, config.eval.split, config.data_dir)
-    return questions[: config.eval.limit] if config.eval.limit else questions
+    return take(questions, config.eval.limit, config.eval.sample)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -74,12 +75,19 @@ def _record_budgets(monkeypatch):
     return seen
 
 
-def test_baselines_get_the_federated_budget_and_runs_resume(tmp_path, data_dir, monkeypatch):
+def test_baselines_get_the_federated_budget_and_runs_resume(
+    tmp_path, data_dir, monkeypatch, capsys
+):
     config = load_config(TINY, data_dir=str(data_dir))
     seen = _record_budgets(monkeypatch)
     results = run_experiment(
         config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"], tmp_path
     )
+    # Scoring says when it starts and what it found: a real model takes minutes.
+    printed = capsys.readouterr().out
+    assert printed.count("LLM: scoring 40 questions") == 2  # zero-shot and centralized
+    assert "client 2: scoring 40 questions" in printed
+    assert re.search(r"  SLM: acc 0\.\d{3} \(\d+ s\)", printed)
     assert {r["method"] for r in results} == {"zero-shot", "standalone", "centralized"}
     standalone = [s for s in seen if s["lr"] == config.client.lr]
     assert len(standalone) == config.num_clients

@@ -43,8 +43,16 @@ from fedcollm.tracking.metrics import worth_reporting
 METHODS = ("zero-shot", "standalone", "fedavg", "fedavg-aux", "centralized", "fedcollm")
 
 
-def _score(model, tokenizer, config: Config) -> Scores:
-    return score(model, tokenizer, config, evaluation_questions(config))
+def _score(model, tokenizer, config: Config, label: str) -> Scores:
+    """The model's scores, with a line before and after: scoring a 1.5B model takes minutes."""
+    questions = evaluation_questions(config)
+    print(f"  {label}: scoring {len(questions)} questions", flush=True)
+    start = time.perf_counter()
+    scores = score(model, tokenizer, config, questions)
+    headline = next(iter(scores.values))
+    took = time.perf_counter() - start
+    print(f"  {label}: {headline} {scores.mean(headline):.3f} ({took:.0f} s)", flush=True)
+    return scores
 
 
 def _result(
@@ -87,10 +95,10 @@ def _sft(
 
 def zero_shot(config: Config, _out: Path) -> dict[str, Any]:
     llm, tokenizer = build_llm(config)
-    llm_score = _score(llm, tokenizer, config)
+    llm_score = _score(llm, tokenizer, config, "LLM")
     del llm
     slm, tokenizer = build_slm(config)
-    slm_score = _score(slm, tokenizer, config)
+    slm_score = _score(slm, tokenizer, config, "SLM")
     return _result(llm_score, slm_score, [slm_score])
 
 
@@ -112,7 +120,7 @@ def standalone(config: Config, _out: Path) -> dict[str, Any]:
             seed=seeds.standalone_client(config.seed, k),
             label=f"client {k}",
         )
-        scores.append(_score(slm, tokenizer, config))
+        scores.append(_score(slm, tokenizer, config, f"client {k}"))
     return _result(None, None, scores)
 
 
@@ -135,7 +143,7 @@ def centralized(config: Config, _out: Path) -> dict[str, Any]:
         seed=seeds.centralized(config.seed),
         label="LLM",
     )
-    return _result(_score(llm, tokenizer, config), None, None)
+    return _result(_score(llm, tokenizer, config, "LLM"), None, None)
 
 
 def federated(config: Config, out: Path) -> dict[str, Any]:

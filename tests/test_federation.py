@@ -256,3 +256,25 @@ def test_evaluation_every_n_rounds_and_always_the_last(tmp_path, data_dir):
     ]
     # The plot and the summary skip the unscored round rather than fail on it.
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("task", "metrics"),
+    [
+        ("tfns", ("acc", "acc_norm", "flowertune_finance", "majority")),
+        ("code_alpaca", ("rougeL", "target_loss", "exact_match")),
+    ],
+)
+def test_a_domain_task_runs_through_fedcollm_run(tmp_path, data_dir, task, metrics):
+    """`fedcollm run configs/tiny.toml --set task=...` on a finance and an instruction task:
+    both models scored on the task's metrics, the distillation's losses finite."""
+    from fedcollm import cli
+
+    sets = [f"task={task}", "rounds=1", "eval.limit=6", "client.max_steps=2"]
+    args = ["run", str(TINY), "--data-dir", str(data_dir), "--out", str(tmp_path / "run")]
+    assert cli.main(args + [a for s in sets for a in ("--set", s)]) == 0
+    last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["task"] == task and last["eval_questions"] == 6
+    for role in ("llm", "slm"):
+        assert all(math.isfinite(last[f"{role}_{m}"]) for m in metrics)
+    assert all(math.isfinite(last[f"distill_{m}_kd"]) for m in ("slm", "llm"))

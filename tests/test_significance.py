@@ -30,20 +30,20 @@ def _scores(correct: list[float]) -> dict:
     return {"acc": p, "acc_stderr": math.sqrt(p * (1 - p) / (len(correct) - 1)), "n": len(correct)}
 
 
-def _result(method, seed, *, llm=None, clients=None, predictions=True):
+def _result(method, seed, *, llm=None, clients=None, global_slm=None, predictions=True):
     result = {
         "task": "arc_easy",
         "metrics": ["acc", "acc_norm"],
         "method": method,
         "seed": seed,
         "llm": llm and _scores(llm),
-        "slm_global": None,
+        "slm_global": global_slm and _scores(global_slm),
         "slm_clients": clients and [_scores(c) for c in clients],
     }
     if predictions:
         result["predictions"] = {
             "llm": llm and _predictions(llm),
-            "slm_global": None,
+            "slm_global": global_slm and _predictions(global_slm),
             "slm_clients": clients and [_predictions(c) for c in clients],
         }
     return result
@@ -209,3 +209,19 @@ def test_one_zero_shot_run_stands_for_every_seed():
     assert compare_methods(results, "arc_easy", "llm", "fedcollm", "centralized", "acc").seeds == [
         0
     ]
+
+
+def test_the_distilled_global_adapter_is_compared_with_fedavgs_average(tmp_path):
+    rng = random.Random(5)
+    results = []
+    for seed in range(2):
+        average = _answers(200, 0.5, rng)
+        results += [
+            _result("fedavg", seed, global_slm=average),
+            _result("fedcollm", seed, global_slm=_flip(average, 0.3, rng)),
+        ]
+    text = significance_section(results, tmp_path)
+    (row,) = [line for line in text.splitlines() if "global SLM: FedCoLLM - FedAvg" in line]
+    assert "| acc | 2 x 200 |" in row
+    c = compare_methods(results, "arc_easy", "slm_global", "fedcollm", "fedavg", "acc")
+    assert c.paired and c.diff_ci[0] > 0

@@ -33,11 +33,14 @@ METHOD_NAMES = {
     "centralized": "Centralized",
     "fedcollm": "FedCoLLM",
 }
-# The pairs that carry the paper's claims: (role, method, baseline).
+# The pairs that carry the paper's claims, and the global adapter: (role, method, baseline).
 PAIRS = [
     ("slm_clients", "fedcollm", "standalone"),
     ("slm_clients", "fedcollm", "fedavg"),
     ("slm_clients", "fedcollm", "fedavg-aux"),
+    # What the distillation does to the theta the server broadcasts: the distilled global
+    # adapter against FedAvg's plain average.
+    ("slm_global", "fedcollm", "fedavg"),
     ("llm", "fedcollm", "centralized"),
     ("llm", "fedcollm", "zero-shot"),
 ]

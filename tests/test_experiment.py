@@ -204,3 +204,22 @@ def test_a_sweep_runs_its_grid_and_reports_each_value_with_paired_verdicts(tmp_p
     # A second run keeps every result and rebuilds the same report.
     assert cli.main(args) == 0
     assert (tmp_path / "report.md").read_text() == report
+
+
+def test_the_per_round_plot_cuts_intervals_at_the_metrics_range_and_starts_at_zero_shot():
+    from fedcollm.experiments.tables import _error_bars, _zero_shot
+
+    # Two seeds' t-interval of a share near 1 would reach past 100%; a loss's past 0.
+    assert _error_bars([(0.9, 0.3), (0.2, math.nan)], "acc") == [
+        [0.3, 0.0],
+        [pytest.approx(0.1), 0.0],
+    ]
+    assert _error_bars([(0.2, 0.5)], "target_loss") == [[0.2], [0.5]]
+    assert _error_bars([(0.5, math.nan)], "acc") is None
+    results = [
+        {"task": "tfns", "method": "zero-shot", "llm": {"acc": 0.34}, "slm_global": {"acc": 0.19}},
+        {"task": "tfns", "method": "fedavg", "llm": None, "slm_global": {"acc": 0.6}},
+    ]
+    assert _zero_shot(results, "tfns", "llm", "acc") == 0.34
+    assert _zero_shot(results, "tfns", "slm", "acc") == 0.19
+    assert _zero_shot(results, "medmcqa", "slm", "acc") is None

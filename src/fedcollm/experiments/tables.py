@@ -249,22 +249,50 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
             cells = [
                 mean_ci([next(r[key] for r in h if r["round"] == n) for h in runs]) for n in scored
             ]
-            halves = [half for _, half in cells]
+            untrained = _zero_shot(results, task, role, metric)
+            if scored and scored[0] != 0 and untrained is not None:
+                # eval.every = 0 scores no round 0: the zero-shot method's score is its start.
+                scored, cells = [0, *scored], [(untrained, math.nan), *cells]
             ax.errorbar(
                 scored,
                 [mean for mean, _ in cells],
-                yerr=None if any(math.isnan(h) for h in halves) else halves,
+                yerr=_error_bars(cells, metric),
                 fmt=style,
                 capsize=3,
                 label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}",
             )
             rounds = sorted({*rounds, *scored})
+        floor = majority_floors(results).get(task)
+        if floor is not None and metric not in LOSSES:
+            ax.axhline(floor, color="grey", linestyle=":", label="majority-class floor")
         ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel=metric, xticks=rounds)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _zero_shot(results: list[dict[str, Any]], task: str, role: str, metric: str) -> float | None:
+    """The zero-shot method's score of the role's model (the same for every seed)."""
+    for r in results:
+        scores = r.get("llm" if role == "llm" else "slm_global")
+        if (r["task"], r["method"]) == (task, "zero-shot") and scores and metric in scores:
+            return scores[metric]
+    return None
+
+
+def _error_bars(cells: list[tuple[float, float]], metric: str):
+    """The 95% intervals as error bars, cut at the metric's range (a share lies in [0, 1],
+    a loss above 0): two seeds' t-interval easily reaches past both ends. A point without an
+    interval (one seed, zero-shot) has none."""
+    top = math.inf if metric in LOSSES else 1.0
+    below, above = [], []
+    for mean, half in cells:
+        half = 0.0 if math.isnan(half) else half
+        below.append(min(half, mean))
+        above.append(min(half, top - mean))
+    return None if not any(below + above) else [below, above]
 
 
 def write_experiment_report(out: Path) -> Path:

@@ -222,6 +222,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=110, squeeze=False)
+    floors = majority_floors(results)
     for ax, task in zip(axes[0], tasks, strict=True):
         rounds: list[int] = []
         for method, role, style in (
@@ -262,7 +263,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
                 label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}",
             )
             rounds = sorted({*rounds, *scored})
-        floor = majority_floors(results).get(task)
+        floor = floors.get(task)
         if floor is not None and metric not in LOSSES:
             ax.axhline(floor, color="grey", linestyle=":", label="majority-class floor")
         ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel=metric, xticks=rounds)

@@ -211,17 +211,25 @@ def test_one_zero_shot_run_stands_for_every_seed():
     ]
 
 
-def test_the_distilled_global_adapter_is_compared_with_fedavgs_average(tmp_path):
+def test_the_distilled_global_adapter_is_compared_with_fedavgs_average_and_fedavg_aux(tmp_path):
     rng = random.Random(5)
     results = []
     for seed in range(2):
         average = _answers(200, 0.5, rng)
         results += [
             _result("fedavg", seed, global_slm=average),
-            _result("fedcollm", seed, global_slm=_flip(average, 0.3, rng)),
+            _result("fedcollm", seed, global_slm=_flip(average, 0.3, rng), llm=average),
         ]
     text = significance_section(results, tmp_path)
-    (row,) = [line for line in text.splitlines() if "global SLM: FedCoLLM - FedAvg" in line]
+    (row,) = [line for line in text.splitlines() if "global SLM: FedCoLLM - FedAvg |" in line]
     assert "| acc | 2 x 200 |" in row
+    assert "FedAvg + D_a" not in text  # no fedavg-aux run: no row
     c = compare_methods(results, "arc_easy", "slm_global", "fedcollm", "fedavg", "acc")
     assert c.paired and c.diff_ci[0] > 0
+    # FedAvg + D_a (the same D_a steps without the KL) isolates the distillation, for the
+    # adapter the server broadcasts and for the LLM; one seed of it pairs on that seed.
+    results.append(_result("fedavg-aux", 0, global_slm=average, llm=_flip(average, 0.3, rng)))
+    lines = significance_section(results, tmp_path).splitlines()
+    for name in ("global SLM: FedCoLLM - FedAvg + D_a", "LLM: FedCoLLM - FedAvg + D_a"):
+        (row,) = [line for line in lines if name in line]
+        assert "| acc | 1 x 200 |" in row

@@ -39,10 +39,13 @@ PAIRS = [
     ("slm_clients", "fedcollm", "fedavg"),
     ("slm_clients", "fedcollm", "fedavg-aux"),
     # What the distillation does to the theta the server broadcasts: the distilled global
-    # adapter against FedAvg's plain average.
+    # adapter against FedAvg's plain average, and against FedAvg + D_a (the same D_a rows
+    # and steps without the KL), which leaves the distillation alone.
     ("slm_global", "fedcollm", "fedavg"),
+    ("slm_global", "fedcollm", "fedavg-aux"),
     ("llm", "fedcollm", "centralized"),
     ("llm", "fedcollm", "zero-shot"),
+    ("llm", "fedcollm", "fedavg-aux"),
 ]
 
 

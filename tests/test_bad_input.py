@@ -20,6 +20,7 @@ from fedcollm.config import Config, ConfigError, load_config
 from fedcollm.federation import simulation
 from fedcollm.models import build_slm, save_adapter
 from fedcollm.tracking.checkpoint import save_checkpoint
+from fedcollm.tracking.run_dir import prepare_run
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 ARC = {
@@ -449,3 +450,51 @@ def test_an_unknown_or_missing_tracker_is_refused(capsys, tmp_path, data_dir, mo
     )
     line = refused(capsys, *run_args(data_dir, tmp_path / "b", 'tracking=["mlflow"]'))
     assert "needs the mlflow package; install it with pip install 'fedcollm[tracking]'" in line
+
+
+def test_validation_data_edited_is_noticed_on_resume(capsys, tmp_path, data_dir, started):
+    data = tmp_path / "data"
+    (data / "arc_easy").mkdir(parents=True)
+    for split in ("train", "validation"):
+        (data / "arc_easy" / f"{split}.jsonl").write_bytes(
+            (data_dir / "arc_easy" / f"{split}.jsonl").read_bytes()
+        )
+    config = load_config(TINY, data_dir=str(data))
+    out = tmp_path / "run"
+    start = prepare_run(config, out, resume=False)
+    server = CoTuningServer.from_config(config)
+    save_checkpoint(out / "checkpoint", 1, server, [], start.evaluation_fingerprint)
+    start.abandon()
+    assert cli.main([*run_args(data, out), "--resume"]) == 0  # the same questions: resumed
+    validation = data / "arc_easy" / "validation.jsonl"
+    lines = validation.read_text().splitlines()
+    lines[3] = lines[3].replace('"question": "', '"question": "Edited: ', 1)
+    validation.write_text("\n".join(lines) + "\n")
+    line = refused(capsys, *run_args(data, out), "--resume")
+    assert "the evaluation questions differ from those the checkpointed run" in line
+    assert len(started) == 1
+
+
+def test_a_second_run_into_a_held_output_directory_is_refused(capsys, tmp_path, data_dir, started):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from fedcollm.tracking.run_dir import hold; "
+            f"hold(Path({str(out)!r})); print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = refused(capsys, *run_args(data_dir, out))
+        assert "another fedcollm process is writing there now" in line and not started
+        experiment = ["experiment", str(TINY), "--data-dir", str(data_dir), "--out", str(out)]
+        assert "another fedcollm process" in refused(capsys, *experiment)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli.main(run_args(data_dir, out)) == 0 and len(started) == 1  # free again

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcollm.config import load_config
+from fedcollm.config import ConfigError, load_config
 from fedcollm.experiments import methods as experiment
 from fedcollm.experiments.methods import method_config, run_experiment
 from fedcollm.experiments.tables import compare, mean_ci, table1, write_experiment_report
@@ -104,6 +104,10 @@ def test_baselines_get_the_federated_budget_and_runs_resume(
         config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"], tmp_path
     )
     assert again == results
+    # ...but never under another config: old and new results would mix silently.
+    other = load_config(TINY, data_dir=str(data_dir), overrides=["client.lr=0.05"])
+    with pytest.raises(ConfigError, match=r"seed0 was run with another config \(client.lr differ"):
+        run_experiment(other, ["zero-shot", "standalone"], [0], ["arc_easy"], tmp_path)
     report = write_experiment_report(tmp_path)
     assert "| LLM | Centralized |" in report.read_text()
     # One line per client model and metric (acc, acc_norm).
@@ -223,3 +227,18 @@ def test_the_per_round_plot_cuts_intervals_at_the_metrics_range_and_starts_at_ze
     assert _zero_shot(results, "tfns", "llm", "acc") == 0.34
     assert _zero_shot(results, "tfns", "slm", "acc") == 0.19
     assert _zero_shot(results, "medmcqa", "slm", "acc") is None
+
+
+def test_a_swept_seed_moves_every_runs_seed(tmp_path, data_dir):
+    from fedcollm import cli
+
+    args = [
+        "experiment", str(TINY), "--methods", "zero-shot", "--seeds", "2",
+        "--sweep", "seed=0,5", "--data-dir", str(data_dir), "--out", str(tmp_path),
+        "--set", "eval.limit=4",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    for point, seeds in (("seed=0", [0, 1]), ("seed=5", [5, 6])):
+        results = experiment.load_results(tmp_path / "sweep" / point)
+        assert sorted(r["seed"] for r in results) == seeds
+        assert sorted(r["config"]["seed"] for r in results) == seeds

@@ -168,7 +168,13 @@ def test_plain_lora_loses_in_averaging_and_a_shared_a_loses_nothing():
 
 @pytest.mark.slow
 def test_a_dp_run_spends_its_budget_stops_there_and_resumes_with_a_larger_one(tmp_path, data_dir):
-    common = ["rounds=4", "eval.limit=4", *DP, "federation.clients_per_round=2"]
+    common = [
+        "rounds=4",
+        "eval.limit=4",
+        *DP,
+        "federation.clients_per_round=2",
+        "eval.clients=true",
+    ]
     config = load_config(TINY, data_dir=str(data_dir), overrides=[*common, "privacy.max_epsilon=8"])
     rows = simulate(config, tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]  # round 3 would pass epsilon 8
@@ -181,11 +187,15 @@ def test_a_dp_run_spends_its_budget_stops_there_and_resumes_with_a_larger_one(tm
         assert row["lora_aggregation_error"] > 0
     assert (tmp_path / "adapters" / "slm" / "adapter_model.safetensors").is_file()
     assert f"client-level DP: epsilon {epsilons[2]:.3g}" in (tmp_path / "report.md").read_text()
+    # The budget's last round is the run's last: its clients score their own adapters.
+    assert [sorted(c) for c in rows[1]["clients"] if "own_acc" in c] == []
+    assert len(rows[2]["clients"]) == 2 and all("own_acc" in c for c in rows[2]["clients"])
     more = load_config(TINY, data_dir=str(data_dir), overrides=[*common, "privacy.max_epsilon=20"])
     resumed = simulate(more, tmp_path, resume=True)
     assert [r["round"] for r in resumed] == [0, 1, 2, 3, 4]
     assert resumed[2]["epsilon"] < resumed[3]["epsilon"] < resumed[4]["epsilon"] <= 20
     assert resumed[3]["epsilon"] == pytest.approx(PrivacyAccountant(more).epsilon(3))
+    assert all("own_acc" in c for c in resumed[4]["clients"])
 
 
 @pytest.mark.slow

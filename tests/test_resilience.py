@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from fedcollm.config import load_config
 from fedcollm.federation.client_app import train
+from fedcollm.federation.rounds import ServerRounds
 from fedcollm.federation.simulation import simulate
 from fedcollm.models import adapter_digest
 from fedcollm.tracking.checkpoint import load_checkpoint
@@ -153,6 +154,29 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_
         assert a["slm_acc"] == b["slm_acc"] and a.get("distilled_sha256") == b.get(
             "distilled_sha256"
         )
+
+
+def test_a_run_stopped_after_round_0_resumes_without_writing_round_0_twice(
+    tmp_path, data_dir, monkeypatch
+):
+    config = load_config(TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=1"])
+    evaluate = ServerRounds.evaluate
+
+    def stopping_after_round_0(self, flower_round, slm_adapter):
+        row = evaluate(self, flower_round, slm_adapter)
+        if row and row["round"] == 0:
+            raise RuntimeError("stopped after round 0")
+        return row
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ServerRounds, "evaluate", stopping_after_round_0)
+        with pytest.raises(RuntimeError, match="stopped after round 0"):
+            simulate(config, tmp_path)
+    assert (tmp_path / "checkpoint" / "latest").read_text().strip() == "0"
+    rows = simulate(config, tmp_path, resume=True)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+    assert [r["round"] for r in load_checkpoint(tmp_path / "checkpoint", config).rows] == [0, 1]
 
 
 @pytest.mark.parametrize(

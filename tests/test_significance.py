@@ -233,3 +233,16 @@ def test_the_distilled_global_adapter_is_compared_with_fedavgs_average_and_fedav
     for name in ("global SLM: FedCoLLM - FedAvg + D_a", "LLM: FedCoLLM - FedAvg + D_a"):
         (row,) = [line for line in lines if name in line]
         assert "| acc | 1 x 200 |" in row
+
+
+def test_questions_that_share_an_id_pair_by_position_not_as_one():
+    # A task file whose 20 validation rows all carry the id "x": the baseline gets all 20
+    # right, FedCoLLM 18. Keyed by id alone they were one question, and -100 points.
+    theirs, ours = [1.0] * 20, [1.0] * 18 + [0.0] * 2
+    results = [_result("centralized", 0, llm=theirs), _result("fedcollm", 0, llm=ours)]
+    for result in results:
+        result["predictions"]["llm"]["id"] = ["x"] * 20
+    c = compare_methods(results, "arc_easy", "llm", "fedcollm", "centralized", "acc")
+    assert c.questions == 20
+    assert c.diff == pytest.approx(-0.10)
+    assert c.mcnemar == [(0, 0, 2, 0.5)]

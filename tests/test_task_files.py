@@ -394,3 +394,44 @@ def test_a_run_checkpointed_before_a_key_existed_still_resumes():
     current = Config()
     current.data.prompt_format = "chat"
     assert _differences(saved, current.to_dict(), defaults) == ["data.prompt_format"]
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "/tmp/absolute", "a/b", "..", ""])
+def test_a_task_name_is_a_name_never_a_path(tmp_path, name):
+    path = write_task(tmp_path, MULTIPLE_CHOICE.replace("task: ward_quiz", f"task: '{name}'"))
+    with pytest.raises(DataError, match=r"task: .* is not a task name"):
+        get_task(str(path))
+
+
+def test_two_task_files_of_one_name_are_refused_in_one_experiment(tmp_path, capsys):
+    from fedcollm import cli
+
+    first = write_task(tmp_path, MULTIPLE_CHOICE, name="first.yaml")
+    second = write_task(tmp_path, MULTIPLE_CHOICE, name="second.yaml")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    argv = ["experiment", str(config), "--tasks", f"{first},{second}", "--out", str(tmp_path / "x")]
+    assert cli.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "are both named 'ward_quiz'" in line and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("spec", ["ABSOLUTE.evil.process", "..evil.process", "sub..evil.process"])
+def test_function_helpers_load_only_from_the_task_files_folder(tmp_path, spec):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    ran = tmp_path / "ran"
+    (outside / "evil.py").write_text(
+        f"open({str(ran)!r}, 'w').close()\ndef process(rows):\n    return rows\n"
+    )
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    spec = spec.replace("ABSOLUTE", "." + str(outside).strip("/").replace("/", "."))
+    text = MULTIPLE_CHOICE.replace("output_type:", f"process_docs: !function {spec}\noutput_type:")
+    path = write_task(folder, text)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedcollm.cli", "tasks", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "process_docs: !function" in line and str(path) in line
+    assert not ran.exists()

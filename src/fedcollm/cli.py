@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fedcollm.config import ConfigError, ModelConfig, load_config
+from fedcollm.config import Config, ConfigError, ModelConfig, load_config
 from fedcollm.data import TASKS, DataError
 from fedcollm.federation.processes import RunInterrupted
 from fedcollm.models import ModelError
@@ -28,6 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedcollm.federation.simulation import simulate  # heavy: only for a valid config
     from fedcollm.preflight import check_data, check_models
     from fedcollm.tracking import checkpoint as ckpt
+    from fedcollm.tracking.run_dir import prepare_run
 
     split = check_data(config)
     if split.duplicates:
@@ -40,21 +41,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     resume = args.resume
     if args.continue_run:
         resume = ckpt.latest_round(out_dir / "checkpoint") is not None
-    ckpt.check_out_dir(out_dir, resume)
-    ckpt.check_writable(out_dir)
-    if resume:
-        checkpoint = ckpt.load_checkpoint(out_dir / "checkpoint", config)
-        ckpt.check_same_data(checkpoint, split)
-        if args.continue_run and _finished(out_dir, checkpoint, config):
-            return 0
-    _prepare_models(config)
-    check_models(config)
+    start = prepare_run(config, out_dir, resume, split)
+    if args.continue_run and resume and _finished(out_dir, start.checkpoint, config):
+        return 0
+    try:
+        _prepare_models(config)
+        check_models(config)
+    except USER_ERRORS:
+        start.abandon()
+        raise
     print(
         f"fedcollm run: {config.num_clients} clients, {config.rounds} rounds, "
         f"task {config.task}, output in {out_dir}",
         flush=True,
     )
-    simulate(config, out_dir, verbose=args.verbose, resume=resume)
+    simulate(config, out_dir, verbose=args.verbose, resume=resume, start=start)
     return 0
 
 
@@ -94,11 +95,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             )
     if args.seeds < 1:
         raise ConfigError("--seeds: must be 1 or more")
+    _check_task_names(tasks)
     from fedcollm.experiments import sweep
     from fedcollm.experiments.methods import run_experiment
     from fedcollm.experiments.tables import write_experiment_report
     from fedcollm.preflight import check_data, check_models
-    from fedcollm.tracking.checkpoint import check_writable
+    from fedcollm.tracking.run_dir import check_writable, hold
 
     grid = sweep.parse_sweeps(args.sweep)
     points = sweep.grid_points(grid) if grid else [{}]
@@ -113,22 +115,46 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             )
     out = Path(args.out or f"runs/experiment-{Path(args.config).stem}")
     check_writable(out)
+    hold(out)  # one experiment at a time in a directory
     for point_config in configs:
         _prepare_models(point_config)
         check_models(point_config)
-    seeds = [config.seed + i for i in range(args.seeds)]
+
+    def seeds(base: Config) -> list[int]:  # a swept `seed` moves every run's seed
+        return [base.seed + i for i in range(args.seeds)]
+
     if not grid:
-        run_experiment(config, methods, seeds, tasks, out)
+        run_experiment(config, methods, seeds(config), tasks, out)
         print(f"\nreport: {write_experiment_report(out)}")
         print((out / "report.md").read_text())
         return 0
     sweep.write_grid(out, grid)
     for number, (point, point_config) in enumerate(zip(points, configs, strict=True), start=1):
         print(f"sweep point {number}/{len(points)}: {sweep.point_label(point)}", flush=True)
-        run_experiment(point_config, methods, seeds, tasks, sweep.point_dir(out, point))
+        run_experiment(
+            point_config, methods, seeds(point_config), tasks, sweep.point_dir(out, point)
+        )
     print(f"\nreport: {sweep.write_sweep_report(out)}")
     print((out / "report.md").read_text())
     return 0
+
+
+def _check_task_names(tasks: list[str]) -> None:
+    """Each task of an experiment has a name of its own: results live under it."""
+    from fedcollm.data import get_task
+
+    named: dict[str, str] = {}
+    for task in tasks:
+        try:
+            name = get_task(task).name
+        except DataError as err:
+            raise ConfigError(f"--tasks: {err}") from None
+        if name in named:
+            raise ConfigError(
+                f"--tasks: {named[name]} and {task} are both named {name!r}, and results live "
+                "under the task's name; give one of them another `task:` name"
+            )
+        named[name] = task
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -140,7 +166,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
     from fedcollm.experiments.audit import NAMES, AuditSettings, audit_table, run_audit
     from fedcollm.preflight import check_data, check_models
-    from fedcollm.tracking.checkpoint import check_writable
+    from fedcollm.tracking.run_dir import check_writable
 
     if min(args.canaries, args.repeats, args.candidates) < 1:
         raise ConfigError("--canaries, --repeats and --candidates: each must be 1 or more")

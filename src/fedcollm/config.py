@@ -160,9 +160,9 @@ class EvalConfig:
     # last round only (a study that needs the final scores alone saves most of its time).
     every: int = 1
 
-    def due(self, server_round: int, rounds: int) -> bool:
-        """Whether the LLM and the global SLM are scored after this round."""
-        last = server_round == rounds
+    def due(self, server_round: int, last: bool) -> bool:
+        """Whether the LLM and the global SLM are scored after this round (`last`: the
+        run's last round, which is always scored)."""
         return last or (self.every > 0 and server_round % self.every == 0)
 
 
@@ -248,6 +248,22 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def differences(saved: dict[str, Any], config: Config) -> list[str]:
+    """The dotted keys in which `config` differs from a config saved by `to_dict`. A key the
+    saved config lacks was added to fedcollm after it was saved, and ran as its default
+    does now: it differs only if set otherwise."""
+
+    def walk(a: dict[str, Any], b: dict[str, Any], defaults: dict[str, Any], prefix: str):
+        for key in sorted(set(a) | set(b)):
+            old, new = a.get(key, defaults.get(key)), b.get(key)
+            if isinstance(old, dict) and isinstance(new, dict):
+                yield from walk(old, new, defaults.get(key) or {}, f"{prefix}{key}.")
+            elif old != new:
+                yield prefix + key
+
+    return list(walk(saved, config.to_dict(), Config().to_dict(), ""))
 
 
 # Positive integers and fractions that would make a run meaningless if zero or negative.

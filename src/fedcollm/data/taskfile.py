@@ -12,6 +12,7 @@ the reference the tests compare against.
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,9 +144,23 @@ _Loader.add_constructor("!function", _function_tag)
 
 
 def _resolve_function(value: _Function, folder: Path, key: str, path: Path) -> Callable:
+    """The function `!function module.name` names, from `module.py` in the task file's own
+    folder (or a folder below it: `sub.module.name`). A task file's helpers are code that
+    runs as the user; nothing outside the task's folder is ever loaded."""
     module_name, _, name = value.spec.rpartition(".")
-    module_file = folder / f"{module_name.replace('.', '/')}.py"
-    if not module_name or not module_file.is_file():
+    parts = module_name.split(".")
+    if not all(part.isidentifier() for part in parts) or not name.isidentifier():
+        raise DataError(
+            f"{path}: {key}: !function {value.spec!r} is not module.function; name a module "
+            "in the task file's folder, e.g. !function utils.process_docs"
+        )
+    module_file = folder.joinpath(*parts).with_suffix(".py")
+    if not module_file.resolve().is_relative_to(folder.resolve()):
+        raise DataError(
+            f"{path}: {key}: !function {value.spec} leads outside the task file's folder; "
+            "put the module beside the task file"
+        )
+    if not module_file.is_file():
         raise DataError(
             f"{path}: {key}: !function {value.spec} needs {module_file}; put the module beside "
             "the task file"
@@ -249,6 +264,20 @@ def _generation(values: dict[str, Any], output_type: str, path: Path) -> tuple[t
     return tuple(until), max_gen_toks
 
 
+# A task's name names its results' directory (runs/<task>/...): a name, never a path.
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+
+
+def _task_name(value: Any, path: Path) -> str:
+    name = str(value if value is not None else path.stem)
+    if not TASK_NAME.fullmatch(name) or set(name) == {"."}:
+        raise DataError(
+            f"{path}: task: {name!r} is not a task name; use letters, digits, '_', '-', '.' "
+            "and '+' only (it names the task's results directory)"
+        )
+    return name
+
+
 def read_task_file(path: str | Path) -> TaskFile:
     """The task file at `path`, its keys checked against lm-eval's; DataError names the key."""
     path = Path(path).expanduser().resolve()
@@ -284,7 +313,7 @@ def read_task_file(path: str | Path) -> TaskFile:
     until, max_gen_toks = _generation(values, output_type, path)
     delimiter = values.get("target_delimiter", " ")
     return TaskFile(
-        name=str(values.get("task") or path.stem),
+        name=_task_name(values.get("task"), path),
         path=path,
         output_type=output_type,
         dataset_path=str(values.get("dataset_path") or ""),

@@ -33,7 +33,7 @@ from typing import Any
 from fedcollm import seeds
 from fedcollm.algorithm.distillation import distillation_steps
 from fedcollm.algorithm.training import fine_tune
-from fedcollm.config import Config
+from fedcollm.config import Config, ConfigError, differences
 from fedcollm.data import encode_examples, evaluation_questions, get_task, training_split
 from fedcollm.data.taskfile import METRICS
 from fedcollm.evaluation import Scores, score
@@ -213,11 +213,41 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "runs" / get_task(task).name / method / f"seed{seed}"
 
 
+# Config keys that change how a run is carried out or recorded, not what it computes.
+UNSCORED_KEYS = {
+    "federation.round_timeout",
+    "federation.client_cpus",
+    "federation.client_gpus",
+    "eval.every",
+    "tracking",
+}
+
+
+def check_kept(done: Path, run: Config) -> None:
+    """A result kept from an earlier invocation must be of this run's config: a re-run with
+    other settings never mixes old results with new ones."""
+    try:
+        kept = json.loads(done.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{done} is damaged; delete it to run that method again") from None
+    changed = [k for k in differences(kept, run) if k not in UNSCORED_KEYS]
+    if changed:
+        raise ConfigError(
+            f"{done.parent} was run with another config ({', '.join(changed)} differ); choose "
+            f"another --out, or delete {done.parent} to run it with this one"
+        )
+
+
 def run_experiment(
     config: Config, methods: list[str], seeds: list[int], tasks: list[str], out: Path
 ) -> list[dict[str, Any]]:
-    """Run what is missing under `out`, then return every result there."""
+    """Run what is missing under `out`, then return every result there. Every result kept
+    there is checked against this config before anything runs."""
     plan = [(t, s, m) for t in tasks for s in seeds for m in methods]
+    for task, seed, method in plan:
+        done = run_dir(out, task, method, seed) / "result.json"
+        if done.is_file():
+            check_kept(done, method_config(config, task, method, seed))
     for number, (task, seed, method) in enumerate(plan, start=1):
         directory = run_dir(out, task, method, seed)
         done = directory / "result.json"

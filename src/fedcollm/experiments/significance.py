@@ -96,7 +96,19 @@ def _model_values(result: dict[str, Any], role: str, metric: str) -> list[dict[s
     models = predictions if role == "slm_clients" else [predictions]
     if any(m is None or metric not in m for m in models):
         return []
-    return [dict(zip(m["id"], m[metric], strict=True)) for m in models]
+    return [dict(zip(question_keys(m["id"]), m[metric], strict=True)) for m in models]
+
+
+def question_keys(ids: list[str]) -> list[tuple[str, int]]:
+    """Each question's id with how often it came before: a task whose rows share ids (a
+    file with repeated ids) still pairs question by question, by position among its
+    namesakes in the fixed question list, instead of collapsing them into one."""
+    seen: dict[str, int] = {}
+    keys = []
+    for question in ids:
+        keys.append((question, seen.get(question, 0)))
+        seen[question] = seen.get(question, 0) + 1
+    return keys
 
 
 # Methods that train nothing: their one run stands for every seed.

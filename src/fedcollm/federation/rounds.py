@@ -17,6 +17,7 @@ from typing import Any
 from fedcollm.algorithm.round import sampled_partitions
 from fedcollm.algorithm.server import CoTuningServer, ServerRound
 from fedcollm.data import Question, get_task
+from fedcollm.data.split import questions_digest
 from fedcollm.federation.screening import UpdateRejected
 from fedcollm.federation.wire import WireError
 from fedcollm.models import Adapter, adapter_digest, adapter_numel
@@ -36,12 +37,17 @@ class ServerRounds:
         eval_questions: list[Question],
         metrics: MetricsLog,
         checkpoints: Path,
-        first_round: int = 0,
+        resumed_after: int | None = None,
         traffic=None,
     ):
         self.server, self.config = server, server.config
         self.eval_questions, self.metrics = eval_questions, metrics
-        self.checkpoints, self.first_round = checkpoints, first_round
+        self.eval_fingerprint = questions_digest(eval_questions)  # checked on --resume
+        self.checkpoints = checkpoints
+        # The checkpointed round a resumed run goes on from (None: a fresh run). Round 0 is a
+        # round like any other: `if resumed_after` would score and record it twice.
+        self.resumed_after = resumed_after
+        self.first_round = resumed_after or 0
         self.traffic = traffic  # counts message bytes per node: .take() -> (to, from)
         # The last round to run: config.rounds, or fewer when privacy.max_epsilon stops it.
         self.last_round = server.config.rounds
@@ -53,6 +59,11 @@ class ServerRounds:
 
     def true_round(self, flower_round: int) -> int:
         return flower_round + self.first_round
+
+    def is_last(self, server_round: int) -> bool:
+        """The one place that says whether a round is the run's last: `config.rounds`, or the
+        last one the privacy budget allows."""
+        return server_round == self.last_round
 
     def begin(self, flower_round: int, broadcast: Adapter) -> int:
         """Step 1 is under way with theta as broadcast to the partitions `self.sampled`
@@ -135,7 +146,7 @@ class ServerRounds:
         """Central evaluation of the LLM and the global SLM; writes the round's checkpoint,
         then its metrics row. None for the round a resumed run starts after."""
         server_round = self.true_round(flower_round)
-        if self.first_round and server_round == self.first_round:
+        if server_round == self.resumed_after:
             return None  # evaluated before the interruption
         start = time.perf_counter()
         row = {
@@ -151,7 +162,7 @@ class ServerRounds:
         }
         # Without distillation (FedAvg) the LLM never changes: score it once.
         roles = ["llm", "slm"] if server_round == 0 or self.config.distill.enabled else ["slm"]
-        if not self.config.eval.due(server_round, self.last_round):
+        if not self.config.eval.due(server_round, self.is_last(server_round)):
             roles = []  # the row keeps the round's training and traffic, no scores
         predictions: dict[str, Any] = {}
         for role, scores in self.server.evaluate(self.eval_questions, roles).items():
@@ -177,7 +188,8 @@ class ServerRounds:
         # repeats, never a recorded round without its state.
         if predictions:
             write_predictions(self.metrics.path.parent, server_round, predictions)
-        save_checkpoint(self.checkpoints, server_round, self.server, [*self.metrics.rows, row])
+        rows = [*self.metrics.rows, row]
+        save_checkpoint(self.checkpoints, server_round, self.server, rows, self.eval_fingerprint)
         self.metrics.write(row)
         print(progress_line(row, self.config.rounds), flush=True)
         self.row = {}

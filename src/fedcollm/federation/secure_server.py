@@ -61,7 +61,7 @@ class SecureFedCoLLM(LegacyFedAvg):
         """Step 1: broadcast theta with the round number (clients seed from it)."""
         self.sent = adapter_from_parameters(parameters, self.keys)
         server_round = self.rounds.begin(server_round, self.sent)
-        evaluate_own = self.config.eval.clients and server_round == self.config.rounds
+        evaluate_own = self.config.eval.clients and self.rounds.is_last(server_round)
         instructions = super().configure_fit(server_round, parameters, client_manager)
         if self.config.federation.clients_per_round:
             chosen = {self.owners.get(p) for p in self.rounds.sampled}

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
-from fedcollm.data import evaluation_questions, get_task
+from fedcollm.data import get_task
 from fedcollm.federation.rounds import ServerRounds
 from fedcollm.federation.sampling import roll_call
 from fedcollm.federation.screening import UpdateRejected, check_update
@@ -36,14 +36,10 @@ from fedcollm.federation.wire import (
 )
 from fedcollm.models import DTYPES, Adapter, adapter_digest
 from fedcollm.preflight import check_run
-from fedcollm.tracking.checkpoint import (
-    check_out_dir,
-    check_writable,
-    load_checkpoint,
-    restore,
-)
+from fedcollm.tracking.checkpoint import restore
 from fedcollm.tracking.metrics import MetricsLog, headline_scores, summary_table
 from fedcollm.tracking.report import write_report
+from fedcollm.tracking.run_dir import RunStart, prepare_run
 
 
 def _partition(reply: Message) -> int:
@@ -149,7 +145,7 @@ class FedCoLLM(FedAvg):
         """Step 1: broadcast theta, which after round 1 is the previous distilled adapter."""
         self.sent = record_to_adapter(arrays)
         server_round = self.rounds.begin(server_round, self.sent)
-        config["evaluate-own"] = self.config.eval.clients and server_round == self.config.rounds
+        config["evaluate-own"] = self.config.eval.clients and self.rounds.is_last(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.config.federation.clients_per_round:
             chosen = {self.partition_nodes.get(p) for p in self.rounds.sampled}
@@ -263,16 +259,20 @@ def own_keys(config: Config) -> set[str]:
 
 
 def run_server(
-    grid: Grid, context: Context, config: Config, out_dir: Path, resume: bool = False
+    grid: Grid,
+    context: Context,
+    config: Config,
+    out_dir: Path,
+    resume: bool = False,
+    start: RunStart | None = None,
 ) -> list[dict[str, Any]]:
     """The whole server side of one run, or of its rest after `resume`; returns the rows.
 
     Everything that can refuse the run (the output directory, the checkpoint, the config
-    and the data against it) is checked before anything is written to `out_dir`."""
-    checkpoints = out_dir / "checkpoint"
-    check_out_dir(out_dir, resume)
-    check_writable(out_dir)
-    checkpoint = load_checkpoint(checkpoints, config) if resume else None
+    and the data against it) is checked before anything is written to `out_dir`, by
+    `prepare_run` here unless the caller did (`start`)."""
+    start = start or prepare_run(config, out_dir, resume)
+    checkpoints, checkpoint = out_dir / "checkpoint", start.checkpoint
     print(f"loading the server LLM ({config.llm.name}) and SLM ({config.slm.name})", flush=True)
     server = CoTuningServer.from_config(config, progress=lambda m: print(m, flush=True))
     if checkpoint:
@@ -288,19 +288,17 @@ def run_server(
         from fedcollm.tracking.trackers import Trackers
 
         trackers = Trackers(config.tracking, out_dir, str(out_dir), config.to_dict())
-    metrics, first_round = MetricsLog(out_dir, trackers), 0
+    metrics, resumed_after = MetricsLog(out_dir, trackers), None
     if checkpoint:
         metrics.write_all(checkpoint.rows)
-        first_round = checkpoint.server_round
-        print(f"resuming after round {first_round} of {config.rounds}", flush=True)
+        resumed_after = checkpoint.server_round
+        print(f"resuming after round {resumed_after} of {config.rounds}", flush=True)
     # The roll call goes before the meter: its bytes belong to no round.
     owners = roll_call(grid, config) if config.federation.clients_per_round else {}
     grid = MeteredGrid(grid)
-    rounds = ServerRounds(
-        server, evaluation_questions(config), metrics, checkpoints, first_round, grid
-    )
+    rounds = ServerRounds(server, start.eval_questions, metrics, checkpoints, resumed_after, grid)
     rounds.last_round = privacy_budget_rounds(server, config)
-    if first_round < rounds.last_round:
+    if rounds.first_round < rounds.last_round:
         if config.federation.secure_aggregation:
             run_secure_rounds(grid, context, rounds, owners)
         else:

@@ -17,9 +17,11 @@ def simulate(
     verbose: bool = False,
     resume: bool = False,
     client_app: Any = None,
+    start: Any = None,
 ) -> list[dict[str, Any]]:
     """Run the ServerApp and K ClientApps (the given `client_app` in tests); returns the
-    metrics rows and re-raises server errors. `resume` continues from out_dir's checkpoint."""
+    metrics rows and re-raises server errors. `resume` continues from out_dir's checkpoint;
+    `start`: what `tracking.run_dir.prepare_run` found, if the caller ran it already."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every client's progress line, not a sample
@@ -40,7 +42,7 @@ def simulate(
     def main(grid, context) -> None:
         # Flower only logs what escapes a ServerApp; keep it to hand it to the caller.
         try:
-            outcome["rows"] = run_server(grid, context, config, out_dir, resume)
+            outcome["rows"] = run_server(grid, context, config, out_dir, resume, start)
         except Exception as err:  # noqa: BLE001
             outcome["error"] = err
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fedcollm.algorithm.server import CoTuningServer
-from fedcollm.config import Config, ConfigError
+from fedcollm.config import Config, ConfigError, differences
 from fedcollm.data import DataSplit
 
 # Keys that may change between the interrupted run and its resumption.
@@ -63,9 +63,14 @@ def _split_dict(split: DataSplit) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    directory: Path, server_round: int, server: CoTuningServer, rows: list[dict[str, Any]]
+    directory: Path,
+    server_round: int,
+    server: CoTuningServer,
+    rows: list[dict[str, Any]],
+    evaluation_fingerprint: str = "",
 ) -> Path:
-    """Write the state after `server_round` (its evaluation included); keeps only the latest."""
+    """Write the state after `server_round` (its evaluation included); keeps only the latest.
+    `evaluation_fingerprint`: the digest of the questions the rows were scored on."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "round": server_round,
@@ -75,6 +80,7 @@ def save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "split": _split_dict(server.split),
+        "evaluation": evaluation_fingerprint,
         "rows": rows,
     }
     path = directory / f"round-{server_round}.pt"
@@ -114,54 +120,6 @@ def latest_round(directory: Path) -> int | None:
     return int(text)
 
 
-def check_writable(out_dir: Path) -> None:
-    """`out_dir` can be created and written to: said now, not after the models load. What
-    the probe creates it removes again, so a refused run leaves nothing behind."""
-    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-        for directory in created:  # deepest first
-            directory.rmdir()
-    except OSError as err:
-        raise CheckpointError(
-            f"--out {out_dir}: cannot write there ({err.strerror or err}); choose another --out"
-        ) from None
-
-
-def check_out_dir(out_dir: Path, resume: bool) -> int | None:
-    """Never start over a run that left a checkpoint, nor resume one that left none;
-    returns the checkpointed round."""
-    server_round = latest_round(out_dir / "checkpoint")
-    if resume and server_round is None:
-        raise CheckpointError(
-            f"--resume: {out_dir} holds no checkpoint; run without --resume to start afresh"
-        )
-    if not resume and server_round is not None:
-        raise CheckpointError(
-            f"{out_dir} holds a checkpoint of an earlier run (round {server_round}); pass "
-            "--resume to continue it, or choose another --out"
-        )
-    return server_round
-
-
-def _differences(
-    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any], prefix: str = ""
-) -> list[str]:
-    """The keys whose values differ. A key the saved config lacks was added to fedcollm
-    after that run, which ran as its default does now: it differs only if set otherwise."""
-    keys = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, defaults.get(key)), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differences(a, b, defaults.get(key) or {}, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(prefix + key)
-    return keys
-
-
 STATE_KEYS = {"round", "config", "server", "torch_rng", "cuda_rng", "split", "rows"}
 
 
@@ -182,11 +140,7 @@ def load_checkpoint(directory: Path, config: Config) -> Checkpoint:
         raise CheckpointError(
             f"{path} is not a checkpoint of this version of fedcollm; {_start_afresh(directory)}"
         )
-    changed = [
-        k
-        for k in _differences(state["config"], config.to_dict(), Config().to_dict())
-        if k not in RESUMABLE_CHANGES
-    ]
+    changed = [k for k in differences(state["config"], config) if k not in RESUMABLE_CHANGES]
     if changed:
         raise ConfigError(
             f"--resume: the config differs from the checkpointed run in {', '.join(changed)}; "
@@ -201,6 +155,19 @@ def check_same_data(checkpoint: Checkpoint, split: DataSplit) -> None:
         raise ConfigError(
             "--resume: the training data differ from the checkpointed run's (the data files "
             "changed); restore them, or start afresh with another --out"
+        )
+
+
+def check_same_evaluation(checkpoint: Checkpoint, fingerprint: str) -> None:
+    """The evaluation questions must be those the checkpointed rows were scored on: one
+    metrics.jsonl never mixes scores against two versions of the answers. (A checkpoint
+    that recorded none predates this check.)"""
+    saved = checkpoint.state.get("evaluation")
+    if saved and saved != fingerprint:
+        raise ConfigError(
+            "--resume: the evaluation questions differ from those the checkpointed run was "
+            "scored on (the validation data changed); restore them, or start afresh with "
+            "another --out"
         )
 
 

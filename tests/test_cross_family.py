@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tinymodels import PAIRS, nudge_lora_b
 
-from fedcollm.algorithm.cross_vocabulary import FLOOR, carried_over, mapped_kd_loss, uld_loss
-from fedcollm.algorithm.distillation import MutualDistillation, kd_loss, teacher_logits
+from fedcollm.algorithm.distances import FLOOR, carried_over, kd_loss, mapped_distance, uld
+from fedcollm.algorithm.distillation import MutualDistillation, teacher_logits
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config, DistillConfig, ModelConfig, OptimConfig, TinyModel, load_config
 from fedcollm.data import encode_pair
@@ -28,6 +28,16 @@ from fedcollm.federation.simulation import simulate
 from fedcollm.models import add_lora, answer_logits, byte_tokenizer, tiny_llama
 from fedcollm.models.loading import piece_tokenizer
 from fedcollm.models.vocabulary import byte_lengths, token_bytes, vocabulary_map
+
+
+def mapped_kd_loss(student, teacher, teacher_to_student, temperature, direction):
+    cfg = DistillConfig(kd_temperature=temperature, kd_direction=direction)
+    return mapped_distance(cfg, teacher_to_student)(student, teacher).mean()
+
+
+def uld_loss(student, teacher):
+    return uld(student, teacher).mean()
+
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 BYTES, PIECES = byte_tokenizer(), piece_tokenizer()
@@ -198,7 +208,7 @@ def test_both_directions_give_the_student_gradient_and_the_teacher_none(distance
             logits, _ = answer_logits(student, getattr(b, role))
             taught = teacher_logits(teacher, getattr(b, other))
             rows, teacher_rows = getattr(b, f"{role}_rows"), getattr(b, f"{other}_rows")
-            loss = run.distance[role](logits[rows], taught[teacher_rows])
+            loss = run.distance[role](logits[rows], taught[teacher_rows]).mean()
             assert torch.isfinite(loss) and loss.item() > 0, (role, start)
             loss.backward()
             grads = [p.grad for n, p in student.named_parameters() if p.requires_grad]
@@ -227,7 +237,7 @@ def test_the_server_takes_todays_path_when_the_tokenizers_are_one(data_dir):
     assert not isinstance(same.aux_data[0], AlignedExample)
     student, teacher = torch.randn(3, 40), torch.randn(3, 40)
     assert torch.equal(
-        same.distillation.distance["slm"](student, teacher), kd_loss(student, teacher)
+        same.distillation.distance["slm"](student, teacher).mean(), kd_loss(student, teacher)
     )
     overrides.append('llm.tiny.tokenizer="pieces"')
     cross = CoTuningServer.from_config(

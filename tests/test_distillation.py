@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from tinymodels import PAD, batch, examples, nudge_lora_b, tiny_lora_model
 
-from fedcollm.algorithm.distillation import MutualDistillation, kd_loss, teacher_logits
+from fedcollm.algorithm.distances import kd_loss
+from fedcollm.algorithm.distillation import MutualDistillation, teacher_logits
 from fedcollm.config import Config, DistillConfig, LoraConfig, OptimConfig
 from fedcollm.data import cycle_batches
 from fedcollm.models import answer_logits, get_adapter

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from fedcollm.config import ConfigError, load_config
 from fedcollm.experiments import methods as experiment
 from fedcollm.experiments.methods import method_config, run_experiment
 from fedcollm.experiments.tables import compare, mean_ci, table1, write_experiment_report
+from fedcollm.registry import METHODS
 
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 
@@ -99,7 +101,8 @@ def test_baselines_get_the_federated_budget_and_runs_resume(
     assert central["max_steps"] == config.rounds * steps
 
     # A re-run on the same directory keeps what is there and runs nothing.
-    monkeypatch.setattr(experiment, "RUNNERS", {m: None for m in experiment.METHODS})
+    for method in METHODS.values():  # nothing may run again
+        monkeypatch.setitem(METHODS._members, method.name, replace(method, run=None))
     again = run_experiment(
         config, ["zero-shot", "standalone", "centralized"], [0], ["arc_easy"], tmp_path
     )

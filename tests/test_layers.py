@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).parents[1] / "src" / "fedcollm"
 LAYERS = {
     "config": 0,
     "seeds": 0,
+    "registry": 0,
     "keystream": 0,
     "models": 1,
     "data": 1,
@@ -84,6 +85,36 @@ def test_no_module_imports_a_layer_above_its_own(path):
         parts = name.split(".")
         if parts[0] == "fedcollm" and len(parts) > 1:
             assert LAYERS[parts[1]] <= own, f"{path.name} ({own}) imports {name}"
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(
+        ".__init__"
+    )
+
+
+def test_no_import_circle_inside_the_package():
+    """Every import counts, lazy ones inside functions too: a circle is a circle of ideas
+    even where Python tolerates it."""
+    graph = {
+        _module_name(p): {n for n in _imports(p) if n.startswith("fedcollm.")} for p in _modules()
+    }
+    graph = {m: {n for n in names if n in graph and n != m} for m, names in graph.items()}
+    circles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for name in sorted(graph[module]):
+            if name in path:
+                circles.append(path[path.index(name) :] + [name])
+            elif name not in done:
+                visit(name, [*path, name])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert not circles, " ; ".join(" -> ".join(c) for c in circles)
 
 
 def test_only_the_federation_folder_imports_flower():

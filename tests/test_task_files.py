@@ -384,16 +384,14 @@ def test_scores_report_lm_evals_stderr_and_the_majority_floor():
 
 
 def test_a_run_checkpointed_before_a_key_existed_still_resumes():
-    from fedcollm.config import Config
-    from fedcollm.tracking.checkpoint import _differences
+    from fedcollm.config import Config, differences
 
-    defaults = Config().to_dict()
     saved = Config().to_dict()
     del saved["data"]["prompt_format"], saved["data"]["partition_field"]  # an older run
-    assert _differences(saved, Config().to_dict(), defaults) == []
+    assert differences(saved, Config()) == []
     current = Config()
     current.data.prompt_format = "chat"
-    assert _differences(saved, current.to_dict(), defaults) == ["data.prompt_format"]
+    assert differences(saved, current) == ["data.prompt_format"]
 
 
 @pytest.mark.parametrize("name", ["../../../escaped", "/tmp/absolute", "a/b", "..", ""])

@@ -83,10 +83,11 @@ def _prepare_models(config) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from fedcollm.experiments.methods import METHODS
+    from fedcollm.registry import METHODS
 
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    chosen = args.methods or ",".join(m.name for m in METHODS.values() if m.default)
+    methods = [m.strip() for m in chosen.split(",") if m.strip()]
     tasks = [t.strip() for t in (args.tasks or config.task).split(",") if t.strip()]
     for method in methods:
         if method not in METHODS:
@@ -389,7 +390,11 @@ def parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("experiment", help="the paper's comparison: every method, every seed")
     exp.add_argument("config", help="TOML experiment file (models, split, budget)")
-    exp.add_argument("--methods", default="zero-shot,standalone,fedavg,centralized,fedcollm")
+    exp.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated (default: zero-shot,standalone,fedavg,centralized,fedcollm)",
+    )
     exp.add_argument("--seeds", type=int, default=3, help="seeds seed, seed+1, ...")
     exp.add_argument("--tasks", help="comma-separated tasks (default: the config's task)")
     exp.add_argument("--data-dir", help="directory holding <task>/<split>.jsonl")

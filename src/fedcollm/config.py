@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedcollm.registry import AGGREGATIONS, CROSS_VOCABULARY, DISTANCES
 from fedcollm.seeds import MAX_SEED
 
 
@@ -102,8 +103,9 @@ class ClientConfig:
     max_steps: int = 0
     batch_size: int = 4
     lr: float = 3e-4
-    # The paper averages with 1/K; "num_examples" weights by client data size (FedAvg).
-    aggregation: Literal["uniform", "num_examples"] = "uniform"
+    # The paper averages with 1/K; "num_examples" weights by client data size (FedAvg). More
+    # rules: register one (algorithm/aggregation.py).
+    aggregation: str = field(default="uniform", metadata={"registry": AGGREGATIONS})
 
 
 @dataclass
@@ -122,7 +124,8 @@ class DistillConfig:
     # cross-entropy, so the ablation changes the direction of knowledge and nothing else.
     direction: Literal["mutual", "llm_to_slm", "slm_to_llm"] = "mutual"
     # forward: KL(teacher || student); reverse: KL(student || teacher); symmetric: their mean.
-    kd_direction: Literal["forward", "reverse", "symmetric"] = "forward"
+    # More distances: register one (algorithm/distances.py).
+    kd_direction: str = field(default="forward", metadata={"registry": DISTANCES})
     # alternating: Algorithm 1 (SLM step, then LLM step toward the updated SLM, per batch);
     # simultaneous: per batch, both step toward the other's logits from before the step (one
     # SLM forward fewer); sequential: all SLM steps, then all LLM steps toward the final SLM.
@@ -138,7 +141,7 @@ class DistillConfig:
     # positions where both start a token): "map" carries the teacher's distribution onto the
     # student's vocabulary through a token map, then the KL above; "uld" is Universal Logit
     # Distillation (sorted probabilities, no map). One tokenizer: ignored, the KL as ever.
-    cross_tokenizer: Literal["map", "uld"] = "map"
+    cross_tokenizer: str = field(default="map", metadata={"registry": CROSS_VOCABULARY})
 
 
 @dataclass
@@ -359,6 +362,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
             kwargs[name] = _build(tp, value, key + ".")
+        elif "registry" in fields[name].metadata:  # a name of a registered member
+            registry = fields[name].metadata["registry"]
+            if not isinstance(value, str) or value not in registry:
+                raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {registry}")
+            kwargs[name] = value
         else:
             kwargs[name] = _convert(key, value, tp)
     return cls(**kwargs)
@@ -479,6 +487,12 @@ def _check_privacy(config: Config) -> None:
 
 def _check_secure_aggregation(config: Config) -> None:
     federation = config.federation
+    if not AGGREGATIONS[config.client.aggregation].secure:
+        raise ConfigError(
+            f"client.aggregation: {config.client.aggregation!r} is not a weighted mean of the "
+            "clients' uploads, which is all SecAgg+ computes; choose another rule, or set "
+            "federation.secure_aggregation = false"
+        )
     if federation.adapter_dtype != "float32":
         raise ConfigError(
             "federation.adapter_dtype: SecAgg+ quantises float32 values (float16 overflows "

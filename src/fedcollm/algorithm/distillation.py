@@ -1,11 +1,11 @@
 """Mutual knowledge distillation between the server LLM and the SLM on D_a (step 4).
 
-Each model's loss is its answer-token cross-entropy plus kd_weight * KL toward the other
-model's next-token distribution at the same answer positions. The KL runs over the full
-vocabulary in one vectorised pass over all answer positions of the batch; the teacher side
-carries no gradient. When the two tokenizers differ, D_a holds both tokenizations
-(`AlignedExample`), each model's cross-entropy covers its own answer tokens, and the
-distance (`cross_vocabulary`) compares only the aligned positions' rows.
+Each model's loss is its answer-token cross-entropy plus kd_weight times its distance
+(`distances.py`: the KL by default) toward the other model's next-token distribution at the
+same answer positions, in one vectorised pass over all answer positions of the batch; the
+teacher side carries no gradient. When the two tokenizers differ, D_a holds both
+tokenizations (`AlignedExample`), each model's cross-entropy covers its own answer tokens,
+and the distance compares only the aligned positions' rows.
 """
 
 from __future__ import annotations
@@ -16,44 +16,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fedcollm.algorithm.cross_vocabulary import Distance, cross_vocabulary_distance
+from fedcollm.algorithm.distances import Distance, distances, position_mean
 from fedcollm.algorithm.training import make_optimizer, optimizer_step
 from fedcollm.config import DistillConfig, OptimConfig
 from fedcollm.data import Batch, Example, collate, cycle_batches
 from fedcollm.data.alignment import AlignedBatch, AlignedExample, collate_aligned
 from fedcollm.models import answer_logits, eval_mode, has_dropout
 from fedcollm.models.vocabulary import VocabularyMap
-
-
-def kd_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    temperature: float = 1.0,
-    direction: str = "forward",
-    top_k: int = 0,
-) -> torch.Tensor:
-    """KL between next-token distributions, mean over positions, scaled by T^2.
-
-    student, teacher: (N, V) logits at the same N answer positions; only `student` should
-    carry gradient. forward = KL(teacher || student), reverse = KL(student || teacher),
-    symmetric = their mean. If the vocabularies differ in size (padded embedding matrices),
-    the shared leading tokens are compared. top_k > 0 keeps the teacher's k most likely
-    tokens and renormalises both distributions over them.
-    """
-    teacher = teacher.to(student.device)  # the two models may sit on different devices
-    vocab = min(student.shape[-1], teacher.shape[-1])
-    student, teacher = student[:, :vocab].float(), teacher[:, :vocab].float()
-    if top_k:
-        keep = teacher.topk(top_k, dim=-1).indices
-        student, teacher = student.gather(-1, keep), teacher.gather(-1, keep)
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    log_p = F.log_softmax(teacher / temperature, dim=-1)
-    forward = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-    reverse = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
-    kl = {"forward": forward, "reverse": reverse, "symmetric": (forward + reverse) / 2}
-    if direction not in kl:
-        raise ValueError(f"kd_direction must be one of {sorted(kl)}, got {direction!r}")
-    return kl[direction] * temperature**2
 
 
 @dataclass
@@ -115,27 +84,26 @@ class MutualDistillation:
         self._with_dropout = {m for m in (llm, slm) if has_dropout(m)}
         self.llm_optimizer = make_optimizer(llm.parameters(), cfg.llm_lr, optim)
         self._make_slm_optimizer = lambda: make_optimizer(slm.parameters(), cfg.slm_lr, optim)
-        self.distance: dict[str, Distance]  # by student
-        if vocabulary is None:
-            one = lambda student, teacher: kd_loss(  # noqa: E731
-                student, teacher, cfg.kd_temperature, cfg.kd_direction, cfg.top_k
-            )
-            self.distance = {"slm": one, "llm": one}
-        else:
-            self.distance = {
-                "slm": cross_vocabulary_distance(cfg, vocabulary.llm_to_slm),
-                "llm": cross_vocabulary_distance(cfg, vocabulary.slm_to_llm),
-            }
+        self.distance: dict[str, Distance] = distances(cfg, vocabulary)  # by student
 
-    def _loss(self, role: str, student, targets, teacher, batch: Batch | AlignedBatch):
+    def _loss(
+        self,
+        role: str,
+        student,
+        targets,
+        teacher,
+        batch: Batch | AlignedBatch,
+        weights: torch.Tensor | None = None,
+    ):
         """`role`'s loss as student: cross-entropy on all its answer tokens, distance to the
-        teacher's rows at the aligned positions."""
+        teacher's rows at the aligned positions, each position's distance weighted by
+        `weights` (one per compared position; None: the plain mean)."""
         ce = F.cross_entropy(student.float(), targets)
         student_rows = _aligned_rows(batch, role)
         if student_rows is not None:
             teacher_rows = _aligned_rows(batch, "llm" if role == "slm" else "slm")
             student, teacher = student[student_rows.to(student.device)], teacher[teacher_rows]
-        kd = self.distance[role](student, teacher)
+        kd = position_mean(self.distance[role](student, teacher), weights)
         # One-way ablations (distill.direction): the other model keeps its cross-entropy only;
         # its distance is still computed, for the metrics.
         teacher_role = "llm" if role == "slm" else "slm"

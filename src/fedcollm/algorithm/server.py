@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm import seeds
-from fedcollm.algorithm.aggregation import client_weights, weighted_mean
+from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.distillation import MutualDistillation
 from fedcollm.algorithm.privacy import (
@@ -85,6 +85,7 @@ class CoTuningServer:
         self.llm_tokenizer = llm_tokenizer or tokenizer
         self.aux_data, self.split = list(aux_data), split
         self.distillation = MutualDistillation(llm, slm, config.distill, config.optim, vocabulary)
+        self.rule = aggregation_rule(config.client.aggregation)
         self.privacy = PrivacyAccountant(config)
 
     @classmethod
@@ -130,7 +131,7 @@ class CoTuningServer:
         return get_adapter(self.slm)
 
     def _weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
-        return client_weights([u.num_examples for u in updates], self.config.client.aggregation)
+        return self.rule.weights([u.num_examples for u in updates])
 
     def aggregate(
         self, updates: Sequence[ClientUpdate], broadcast: Adapter, server_round: int
@@ -146,7 +147,7 @@ class CoTuningServer:
         server_noise = privacy.enabled and not self.config.federation.secure_aggregation
         if server_noise:
             adapters = [clip_update(a, broadcast, privacy.clip_norm)[0] for a in adapters]
-        aggregate = weighted_mean(adapters, self._weights(updates))
+        aggregate = self.rule.combine(adapters, self._weights(updates))
         if server_noise and privacy.noise_multiplier:
             key = noise_key(privacy, self.config.seed, server_round, "server")
             noise = gaussian_noise(aggregate, noise_std(self.config), key)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from fedcollm.data.rows import DataError
+from fedcollm.registry import METRICS
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until")
 # lm-eval's TaskConfig keys that fedcollm reads.
@@ -65,19 +66,11 @@ UNSUPPORTED_KEYS = {
     "doc_to_image": "fedcollm tasks are text only",
     "doc_to_audio": "fedcollm tasks are text only",
 }
-# Metrics per output type; the first one listed in a task file is its headline metric.
-METRICS = {
-    "multiple_choice": ("acc", "acc_norm", "flowertune_finance", "flowertune_medical"),
-    "generate_until": ("exact_match", "rougeL", "target_loss"),
-}
+# The metrics a task scores when its file lists none. Every metric is a registration
+# (`evaluation/metrics.py`): name, output type, direction, options.
 DEFAULT_METRICS = {"multiple_choice": ("acc", "acc_norm"), "generate_until": ("exact_match",)}
 # Keys of a metric_list entry that are not the metric's own options.
 METRIC_ENTRY_KEYS = {"metric", "aggregation", "higher_is_better"}
-METRIC_OPTIONS = {
-    "exact_match": {"ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore"},
-    "flowertune_finance": {"prompt", "max_gen_toks"},
-    "flowertune_medical": {"prompt", "max_gen_toks"},
-}
 
 
 @dataclass(frozen=True)
@@ -228,17 +221,30 @@ def _metrics(entries: Any, output_type: str, path: Path) -> tuple[Metric, ...]:
     metrics = []
     for entry in entries:
         name = entry.get("metric") if isinstance(entry, dict) else None
-        if name not in METRICS[output_type]:
+        allowed = [n for n, spec in METRICS.items() if spec.output_type == output_type]
+        if name not in allowed:
             raise DataError(
                 f"{path}: metric_list: {name!r} is not a metric fedcollm computes for "
-                f"{output_type}; use {', '.join(METRICS[output_type])}"
+                f"{output_type}; use {', '.join(allowed)}"
             )
+        spec = METRICS[name]
         options = {k: v for k, v in entry.items() if k not in METRIC_ENTRY_KEYS}
-        unknown = set(options) - METRIC_OPTIONS.get(name, set())
+        unknown = set(options) - spec.options
         if unknown:
             raise DataError(
                 f"{path}: metric_list: {name} has no option {sorted(unknown)[0]!r}; "
-                f"its options: {', '.join(sorted(METRIC_OPTIONS.get(name, ()))) or 'none'}"
+                f"its options: {', '.join(sorted(spec.options)) or 'none'}"
+            )
+        said = entry.get("higher_is_better", spec.higher_is_better)
+        if said is not spec.higher_is_better:
+            raise DataError(
+                f"{path}: metric_list: {name} has higher_is_better: "
+                f"{str(spec.higher_is_better).lower()}; remove the key or set it so"
+            )
+        if entry.get("aggregation", spec.aggregation) != spec.aggregation:
+            raise DataError(
+                f"{path}: metric_list: {name} aggregates by {spec.aggregation!r} over "
+                f"questions; remove the key or set it so"
             )
         metrics.append(Metric(name, options))
     return tuple(metrics)

@@ -19,10 +19,8 @@ import torch
 from fedcollm.config import Config
 from fedcollm.data import Question, Task, get_task
 from fedcollm.data.encoding import as_prompted
-from fedcollm.data.templates import Template
-from fedcollm.evaluation import flowertune
-from fedcollm.evaluation.generation import exact_match, generate, rouge_l, target_losses
-from fedcollm.evaluation.multiple_choice import accuracy, choice_loglikelihoods
+from fedcollm.data.taskfile import Metric as MetricEntry
+from fedcollm.evaluation.metrics import Answers, metric_spec
 
 
 @dataclass
@@ -76,26 +74,6 @@ def majority_share(questions: Sequence[Question]) -> float:
     return Counter(q.gold for q in questions).most_common(1)[0][1] / len(questions)
 
 
-def _flowertune(
-    model, tokenizer, task: Task, questions, metric, batch_size
-) -> tuple[list[str], list[float]]:
-    """FlowerTune's metric: the generations, and whether each parses to the answer."""
-    options = metric.options
-    prompt = Template(f"metric_list.{metric.name}.prompt", options.get("prompt"))
-    prompts = [
-        prompt.render(q.doc) if options.get("prompt") else q.context + q.delimiter
-        for q in questions
-    ]
-    # FlowerTune stops at "###" (medical) or the end of the answer (finance).
-    outputs = generate(
-        model, tokenizer, prompts, ["###"], options.get("max_gen_toks", 16), batch_size
-    )
-    return outputs, [
-        flowertune.correct(metric.name, o, q.answer)
-        for o, q in zip(outputs, questions, strict=True)
-    ]
-
-
 def evaluate_task(
     model: torch.nn.Module,
     tokenizer,
@@ -104,45 +82,22 @@ def evaluate_task(
     batch_size: int = 16,
     max_length: int = 0,
 ) -> Scores:
+    """Every metric the task lists (`task.metric_names`), each by its registered function
+    (`metrics.py`), over what the model answers once."""
     if not questions:
         raise ValueError("no questions to evaluate")
-    names = task.metric_names
-    ids = [q.id for q in questions]
-    values: dict[str, list[float]] = {}
-    if not task.generative:
-        lls = choice_loglikelihoods(model, tokenizer, questions, batch_size, max_length)
-        result = accuracy(questions, lls)
-        picks = {"acc": result.predictions, "acc_norm": result.predictions_norm}
-        answers: list[Any] = result.predictions
-        for metric in task.spec.metrics:
-            if metric.name in picks:
-                values[metric.name] = [
-                    float(p == q.gold) for p, q in zip(picks[metric.name], questions, strict=True)
-                ]
-            else:  # the answer given is then the generation that the metric parses
-                answers, values[metric.name] = _flowertune(
-                    model, tokenizer, task, questions, metric, batch_size
-                )
-        return Scores(values, majority_share(questions), ids, answers, lls)
-    spec = task.spec
-    if {"exact_match", "rougeL"} & set(names):
-        prompts = [q.context for q in questions]
-        outputs = generate(
-            model, tokenizer, prompts, spec.until, spec.max_gen_toks, batch_size, max_length
-        )
-    for metric in spec.metrics:
-        if metric.name == "exact_match":
-            values["exact_match"] = [
-                exact_match(o, q.answer, **metric.options)
-                for o, q in zip(outputs, questions, strict=True)
-            ]
-        elif metric.name == "rougeL":
-            values["rougeL"] = [
-                rouge_l(o, q.answer) for o, q in zip(outputs, questions, strict=True)
-            ]
-    values["target_loss"] = target_losses(model, tokenizer, questions, batch_size, max_length)
-    answers = outputs if {"exact_match", "rougeL"} & set(names) else [None] * len(questions)
-    return Scores({name: values[name] for name in names}, None, ids, answers)
+    answers = Answers(model, tokenizer, task, questions, batch_size, max_length)
+    entries = {m.name: m for m in task.spec.metrics}
+    values = {
+        name: metric_spec(name).function(answers, entries.get(name, MetricEntry(name)))
+        for name in task.metric_names
+    }
+    if task.generative:
+        return Scores(values, None, [q.id for q in questions], answers.given())
+    majority = majority_share(questions)
+    return Scores(
+        values, majority, [q.id for q in questions], answers.given(), answers.loglikelihoods
+    )
 
 
 def score(model, tokenizer, config: Config, questions: Sequence[Question]) -> Scores:

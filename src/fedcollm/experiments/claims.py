@@ -15,15 +15,17 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fedcollm.evaluation.metrics import lower_is_better, shown
 from fedcollm.experiments.significance import Comparison, claim_comparisons
-from fedcollm.tracking.metrics import LOSSES, human_bytes, row_metrics
+from fedcollm.tracking.metrics import human_bytes, row_metrics
 
 PAPER_SHARE = 0.0024  # the paper's "about 0.24%"
 LLM_SHARE = 0.97  # the low end of the paper's 97-99%
 
 
 def _points(value: float, metric: str) -> str:
-    return f"{value:+.3f}" if metric in LOSSES else f"{100 * value:+.1f}"
+    scale, digits, _ = shown(metric)
+    return f"{scale * value:+.{digits}f}"
 
 
 def _interval(low: float, high: float, metric: str) -> str:
@@ -31,7 +33,7 @@ def _interval(low: float, high: float, metric: str) -> str:
 
 
 def _unit(metric: str) -> str:
-    return "" if metric in LOSSES else " points"
+    return shown(metric)[2]
 
 
 def gain_verdict(c: Comparison | None) -> str:
@@ -39,8 +41,7 @@ def gain_verdict(c: Comparison | None) -> str:
     if c is None:
         return f"- **{claim}**: not tested (needs the standalone and fedcollm methods)."
     low, high = c.diff_ci
-    lower_is_better = c.metric in LOSSES
-    gained, lost = (high < 0, low > 0) if lower_is_better else (low > 0, high < 0)
+    gained, lost = (high < 0, low > 0) if lower_is_better(c.metric) else (low > 0, high < 0)
     said = f"{_points(c.diff, c.metric)}{_unit(c.metric)} {c.metric}, 95% CI " + _interval(
         low, high, c.metric
     )
@@ -113,7 +114,7 @@ def comparisons_table(comparisons: list[Comparison]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
-        scale = 1 if c.metric in LOSSES else 100
+        scale = shown(c.metric)[0]
         mcnemar = "; ".join(f"seed {s}: {b}/{n}, p={p:.2g}" for s, b, n, p in c.mcnemar)
         kind = "" if c.paired else " (unpaired: no per-question predictions)"
         lines.append(
@@ -173,7 +174,7 @@ def plot_comparisons(comparisons: list[Comparison], task: str, path: Path) -> No
     )
     ax = axes[0][0]
     for y, c in enumerate(reversed(comparisons)):
-        scale = 1 if c.metric in LOSSES else 100
+        scale = shown(c.metric)[0]
         low, high = (scale * v for v in c.diff_ci)
         ax.errorbar(
             scale * c.diff,
@@ -203,7 +204,7 @@ def plot_comparisons(comparisons: list[Comparison], task: str, path: Path) -> No
     ax.set_yticks(range(len(comparisons)), [c.label for c in reversed(comparisons)], fontsize=8)
     metric = comparisons[0].metric
     ax.set(
-        xlabel=f"difference in {metric}" + ("" if metric in LOSSES else " (points)"),
+        xlabel=f"difference in {metric}" + (" (points)" if shown(metric)[2] else ""),
         title=f"{task}: paired differences, 95% bootstrap intervals",
     )
     ax.grid(alpha=0.3, axis="x")

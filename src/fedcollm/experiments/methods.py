@@ -1,5 +1,10 @@
 """The paper's comparison: every method with the same models, data split, seeds and budget.
 
+A method is one row of the table `METHODS` (`register_method(Method(...))` at the end of
+this file): its name, its row in Table 1, how it runs, what it scores, and which of the
+paper's comparisons it carries. The report, the significance tests and the plots read it
+there; a new method is one registration.
+
 | method      | what is trained                         | scored                           |
 | ----------- | --------------------------------------- | -------------------------------- |
 | zero-shot   | nothing                                 | LLM, SLM                         |
@@ -27,6 +32,8 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +42,36 @@ from fedcollm.algorithm.distillation import distillation_steps
 from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config, ConfigError, differences
 from fedcollm.data import encode_examples, evaluation_questions, get_task, training_split
-from fedcollm.data.taskfile import METRICS
 from fedcollm.evaluation import Scores, score
 from fedcollm.models import build_llm, build_slm, get_adapter, set_adapter
+from fedcollm.registry import METHODS, METRICS
 from fedcollm.tracking.metrics import worth_reporting
 
-METHODS = ("zero-shot", "standalone", "fedavg", "fedavg-aux", "centralized", "fedcollm")
+Runner = Callable[[Config, Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the comparison.
+
+    `scores`: the roles it scores, of "llm", "slm_clients" (each client's own adapter) and
+    "slm_global"; `pairs`: (role, baseline) comparisons it carries in the Significance
+    section; `curves`: (role, matplotlib style) of its per-round plot, "llm" or "slm"."""
+
+    name: str
+    label: str  # its row in Table 1
+    short: str  # its name in a comparison
+    run: Runner
+    scores: tuple[str, ...]
+    configure: Callable[[Config], None] = lambda config: None
+    trains: bool = True  # False: one run stands for every seed
+    default: bool = True  # run when `experiment --methods` is not given
+    pairs: tuple[tuple[str, str], ...] = ()
+    curves: tuple[tuple[str, str], ...] = ()
+
+
+def register_method(method: Method) -> Method:
+    return METHODS.register(method.name, method)
 
 
 def _score(model, tokenizer, config: Config, label: str) -> Scores:
@@ -178,7 +209,7 @@ def federated(config: Config, out: Path) -> dict[str, Any]:
 
 def _row_score(row: dict[str, Any], role: str) -> dict[str, float]:
     """A role's metrics in a metrics row (`slm_acc`, `slm_acc_stderr`...) as a summary."""
-    names = {name for names in METRICS.values() for name in names} | {"majority"}
+    names = {*METRICS, "majority"}
     scores = {}
     for key, value in row.items():
         metric = key.removeprefix(f"{role}_").removesuffix("_stderr")
@@ -187,24 +218,11 @@ def _row_score(row: dict[str, Any], role: str) -> dict[str, float]:
     return {**scores, "n": row["eval_questions"]}
 
 
-RUNNERS = {
-    "zero-shot": zero_shot,
-    "standalone": standalone,
-    "fedavg": federated,
-    "fedavg-aux": federated,
-    "centralized": centralized,
-    "fedcollm": federated,
-}
-
-
 def method_config(config: Config, task: str, method: str, seed: int) -> Config:
     run = copy.deepcopy(config)
     run.task, run.seed = task, seed
     run.eval.clients = True
-    if method == "fedavg":
-        run.distill.enabled = False
-    if method == "fedavg-aux":  # D_a's cross-entropy for both models, no distillation
-        run.distill.enabled, run.distill.kd_weight = True, 0.0
+    METHODS[method].configure(run)
     return run
 
 
@@ -259,7 +277,7 @@ def run_experiment(
         directory.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         run = method_config(config, task, method, seed)
-        result = RUNNERS[method](run, directory)
+        result = METHODS[method].run(run, directory)
         result.update(
             task=get_task(task).name,
             metrics=list(get_task(task).metric_names[:2]),
@@ -277,3 +295,66 @@ def run_experiment(
 
 def load_results(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*/result.json"))]
+
+
+def _without_distillation(config: Config) -> None:
+    config.distill.enabled = False
+
+
+def _without_the_distance(config: Config) -> None:
+    """D_a's cross-entropy for both models, no distillation."""
+    config.distill.enabled, config.distill.kd_weight = True, 0.0
+
+
+# The order of registration is Table 1's order within each of its blocks.
+register_method(
+    Method("zero-shot", "Zero-shot", "Zero-shot", zero_shot, ("llm", "slm_clients"), trains=False)
+)
+register_method(Method("standalone", "Standalone", "Standalone", standalone, ("slm_clients",)))
+register_method(Method("centralized", "Centralized", "Centralized", centralized, ("llm",)))
+register_method(
+    Method(
+        "fedavg",
+        "FedAvg",
+        "FedAvg",
+        federated,
+        ("slm_clients", "slm_global"),
+        configure=_without_distillation,
+        curves=(("slm", "s--"),),
+    )
+)
+register_method(
+    Method(
+        "fedavg-aux",
+        "FedAvg + D_a (kd_weight 0)",
+        "FedAvg + D_a",
+        federated,
+        ("llm", "slm_clients", "slm_global"),
+        configure=_without_the_distance,
+        default=False,
+        curves=(("slm", "s:"), ("llm", "o:")),
+    )
+)
+register_method(
+    Method(
+        "fedcollm",
+        "FedCoLLM",
+        "FedCoLLM",
+        federated,
+        ("llm", "slm_clients", "slm_global"),
+        # The claims, then what the distillation does to the broadcast theta: the distilled
+        # global adapter against FedAvg's plain average and against FedAvg + D_a (the same
+        # D_a rows and steps without the distance), which leaves the distillation alone.
+        pairs=(
+            ("slm_clients", "standalone"),
+            ("slm_clients", "fedavg"),
+            ("slm_clients", "fedavg-aux"),
+            ("slm_global", "fedavg"),
+            ("slm_global", "fedavg-aux"),
+            ("llm", "centralized"),
+            ("llm", "zero-shot"),
+            ("llm", "fedavg-aux"),
+        ),
+        curves=(("llm", "o-"), ("slm", "s-")),
+    )
+)

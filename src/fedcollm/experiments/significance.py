@@ -20,33 +20,19 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from fedcollm.evaluation.multiple_choice import stderr
+from fedcollm.registry import METHODS
+
 # z(0.975) + z(0.80): a difference this many standard errors from 0 is found 80% of the time.
 POWER_80 = 1.959964 + 0.841621
 RESAMPLES = 4000
 
 ROLE_NAMES = {"llm": "LLM", "slm_clients": "clients' SLMs", "slm_global": "global SLM"}
-METHOD_NAMES = {
-    "zero-shot": "Zero-shot",
-    "standalone": "Standalone",
-    "fedavg": "FedAvg",
-    "fedavg-aux": "FedAvg + D_a",
-    "centralized": "Centralized",
-    "fedcollm": "FedCoLLM",
-}
-# The pairs that carry the paper's claims, and the global adapter: (role, method, baseline).
-PAIRS = [
-    ("slm_clients", "fedcollm", "standalone"),
-    ("slm_clients", "fedcollm", "fedavg"),
-    ("slm_clients", "fedcollm", "fedavg-aux"),
-    # What the distillation does to the theta the server broadcasts: the distilled global
-    # adapter against FedAvg's plain average, and against FedAvg + D_a (the same D_a rows
-    # and steps without the KL), which leaves the distillation alone.
-    ("slm_global", "fedcollm", "fedavg"),
-    ("slm_global", "fedcollm", "fedavg-aux"),
-    ("llm", "fedcollm", "centralized"),
-    ("llm", "fedcollm", "zero-shot"),
-    ("llm", "fedcollm", "fedavg-aux"),
-]
+
+
+def pairs() -> list[tuple[str, str, str]]:
+    """(role, method, baseline) of every comparison a registered method carries."""
+    return [(role, m.name, baseline) for m in METHODS.values() for role, baseline in m.pairs]
 
 
 @dataclass
@@ -84,7 +70,8 @@ class Comparison:
     @property
     def label(self) -> str:
         return (
-            f"{ROLE_NAMES[self.role]}: {METHOD_NAMES[self.method]} - {METHOD_NAMES[self.baseline]}"
+            f"{ROLE_NAMES[self.role]}: {METHODS[self.method].short} - "
+            f"{METHODS[self.baseline].short}"
         )
 
 
@@ -111,10 +98,6 @@ def question_keys(ids: list[str]) -> list[tuple[str, int]]:
     return keys
 
 
-# Methods that train nothing: their one run stands for every seed.
-UNTRAINED = {"zero-shot"}
-
-
 def _runs(results, task: str, method: str) -> dict[int, dict[str, Any]]:
     return {r["seed"]: r for r in results if (r["task"], r["method"]) == (task, method)}
 
@@ -124,7 +107,7 @@ def compare_methods(
 ) -> Comparison | None:
     """`method` against `baseline` on `role`, paired where every seed kept predictions."""
     ours, theirs = _runs(results, task, method), _runs(results, task, baseline)
-    if baseline in UNTRAINED and theirs:
+    if not METHODS[baseline].trains and theirs:  # its one run stands for every seed
         theirs = {seed: next(iter(theirs.values())) for seed in ours}
     seeds = sorted(set(ours) & set(theirs))
     if not seeds:
@@ -198,11 +181,23 @@ def _mcnemar(ours, theirs, ids) -> tuple[int, int, float]:
     return int(wins), int(losses), float(p)
 
 
+def seed_score(result: dict[str, Any], which: str, metric: str) -> tuple[float, float] | None:
+    """One seed's score and its standard error on the questions scored: the LLM, the global
+    SLM, or the mean over the clients' SLMs (None where the result lacks the metric)."""
+    value = result.get(which)
+    if value is None:
+        return None
+    scores = value if which == "slm_clients" else [value]
+    if any(metric not in s for s in scores):
+        return None
+    # The standard error on these questions: stored, or (results of older runs) binomial.
+    errors = [s.get(f"{metric}_stderr", stderr(s[metric], s["n"])) for s in scores]
+    return statistics.fmean(s[metric] for s in scores), statistics.fmean(errors)
+
+
 def _unpaired(role, method, baseline, metric, seeds, ours, theirs) -> Comparison | None:
     """From per-seed scores: the seeds' mean difference, with the standard error of each
     side on its questions (questions are the same across seeds, so seeds do not shrink it)."""
-    from fedcollm.experiments.tables import seed_score
-
     a = [seed_score(ours[s], role, metric) for s in seeds]
     b = [seed_score(theirs[s], role, metric) for s in seeds]
     if None in a or None in b:
@@ -236,6 +231,6 @@ def _questions(result: dict[str, Any], role: str) -> int:
 
 
 def claim_comparisons(results: list[dict[str, Any]], task: str, metric: str) -> list[Comparison]:
-    """The PAIRS that this experiment's methods allow."""
-    found = (compare_methods(results, task, *pair, metric) for pair in PAIRS)
+    """The registered pairs that this experiment's methods allow."""
+    found = (compare_methods(results, task, *pair, metric) for pair in pairs())
     return [c for c in found if c is not None]

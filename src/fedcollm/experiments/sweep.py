@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.config import ConfigError
+from fedcollm.evaluation.metrics import shown
 from fedcollm.experiments.claims import significance_section
 from fedcollm.experiments.methods import load_results
-from fedcollm.experiments.tables import TABLE1_ROWS, mean_ci, seed_score, write_experiment_report
-from fedcollm.tracking.metrics import LOSSES, row_metrics
+from fedcollm.experiments.significance import seed_score
+from fedcollm.experiments.tables import mean_ci, table1_rows, write_experiment_report
+from fedcollm.tracking.metrics import row_metrics
 
 
 def parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
@@ -80,7 +82,7 @@ def sweep_cells(results: list[dict[str, Any]], key: str, metric: str):
     scores: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
         value = _config_value(r, key)
-        for i, (_, _, method, which) in enumerate(TABLE1_ROWS):
+        for i, (_, _, method, which) in enumerate(table1_rows()):
             if r["method"] == method and (s := seed_score(r, which, metric)) is not None:
                 scores[r["task"], i, value].append(s[0])
     return {k: (*mean_ci(v), len(v)) for k, v in scores.items()}
@@ -97,11 +99,11 @@ def sweep_table(results: list[dict[str, Any]], key: str, metric: str, task: str)
     cells = sweep_cells([r for r in results if r["task"] == task], key, metric)
     values = _sorted_values({v for (_, _, v) in cells})
     rows = sorted({i for (_, i, _) in cells})
-    scale, digits = (1, 3) if metric in LOSSES else (100, 1)
+    scale, digits, _ = shown(metric)
     head = f"| model | method | {' | '.join(f'{key} = {v}' for v in values)} |"
     lines = [head, "|---|---|" + "---|" * len(values)]
     for i in rows:
-        block, label, _, _ = TABLE1_ROWS[i]
+        block, label, _, _ = table1_rows()[i]
         texts = []
         for v in values:
             cell = cells.get((task, i, v))
@@ -127,11 +129,11 @@ def plot_sweep(results: list[dict[str, Any]], key: str, metric: str, task: str, 
     values = _sorted_values({v for (_, _, v) in cells})
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     position = {v: (v if numeric else k) for k, v in enumerate(values)}
-    scale = 1 if metric in LOSSES else 100
+    scale = shown(metric)[0]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
     rows = sorted({i for (_, i, _) in cells})
     for n, i in enumerate(rows):
-        block, label, _, _ = TABLE1_ROWS[i]
+        block, label, _, _ = table1_rows()[i]
         here = [v for v in values if (task, i, v) in cells]
         means = [scale * cells[task, i, v][0] for v in here]
         halves = [cells[task, i, v][1] for v in here]
@@ -151,7 +153,7 @@ def plot_sweep(results: list[dict[str, Any]], key: str, metric: str, task: str, 
         ax.set_xticks(values)
     ax.set(
         xlabel=key,
-        ylabel=metric + ("" if metric in LOSSES else " (%)"),
+        ylabel=metric + (" (%)" if shown(metric)[2] else ""),
         title=f"{task}: {metric} against {key}\n(mean over seeds, bars: 95% interval)",
     )
     ax.grid(alpha=0.3)

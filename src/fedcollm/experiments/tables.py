@@ -13,11 +13,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from fedcollm.evaluation.multiple_choice import stderr
+from fedcollm.evaluation.metrics import is_share, shown
 from fedcollm.experiments.claims import significance_section
 from fedcollm.experiments.methods import load_results
-from fedcollm.experiments.significance import RESAMPLES
-from fedcollm.tracking.metrics import LOSSES, human_bytes, row_metrics
+from fedcollm.experiments.significance import RESAMPLES, seed_score
+from fedcollm.registry import METHODS
+from fedcollm.tracking.metrics import human_bytes, row_metrics
 
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
 T975 = {
@@ -36,21 +37,22 @@ T975 = {
     30: 2.042,
 }
 
-# (block, row label, method, which score)
-TABLE1_ROWS = [
-    ("LLM", "Zero-shot", "zero-shot", "llm"),
-    ("LLM", "Centralized", "centralized", "llm"),
-    ("LLM", "FedAvg + D_a (kd_weight 0)", "fedavg-aux", "llm"),
-    ("LLM", "FedCoLLM", "fedcollm", "llm"),
-    ("SLM, clients' own adapters", "Zero-shot", "zero-shot", "slm_clients"),
-    ("SLM, clients' own adapters", "Standalone", "standalone", "slm_clients"),
-    ("SLM, clients' own adapters", "FedAvg", "fedavg", "slm_clients"),
-    ("SLM, clients' own adapters", "FedAvg + D_a (kd_weight 0)", "fedavg-aux", "slm_clients"),
-    ("SLM, clients' own adapters", "FedCoLLM", "fedcollm", "slm_clients"),
-    ("SLM, global adapter", "FedAvg", "fedavg", "slm_global"),
-    ("SLM, global adapter", "FedAvg + D_a (kd_weight 0)", "fedavg-aux", "slm_global"),
-    ("SLM, global adapter", "FedCoLLM", "fedcollm", "slm_global"),
-]
+# Table 1's blocks: (heading, the role scored).
+BLOCKS = (
+    ("LLM", "llm"),
+    ("SLM, clients' own adapters", "slm_clients"),
+    ("SLM, global adapter", "slm_global"),
+)
+
+
+def table1_rows() -> list[tuple[str, str, str, str]]:
+    """(block, row label, method, role): each registered method in each block it scores."""
+    return [
+        (block, method.label, method.name, role)
+        for block, role in BLOCKS
+        for method in METHODS.values()
+        if role in method.scores
+    ]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -63,26 +65,12 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def seed_score(result: dict[str, Any], which: str, metric: str) -> tuple[float, float] | None:
-    """One seed's score and its standard error on the questions scored: the LLM, the global
-    SLM, or the mean over the clients' SLMs (None where the result lacks the metric)."""
-    value = result.get(which)
-    if value is None:
-        return None
-    scores = value if which == "slm_clients" else [value]
-    if any(metric not in s for s in scores):
-        return None
-    # The standard error on these questions: stored, or (results of older runs) binomial.
-    errors = [s.get(f"{metric}_stderr", stderr(s[metric], s["n"])) for s in scores]
-    return statistics.fmean(s[metric] for s in scores), statistics.fmean(errors)
-
-
 def table1_cells(results: list[dict[str, Any]], metric: str) -> dict[tuple, tuple]:
     """(row index, task) -> (mean, ci half-width over seeds, seeds, mean standard error)."""
     scores: dict[tuple, list[float]] = defaultdict(list)
     errors: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
-        for i, (_, _, method, which) in enumerate(TABLE1_ROWS):
+        for i, (_, _, method, which) in enumerate(table1_rows()):
             if r["method"] == method and (s := seed_score(r, which, metric)) is not None:
                 scores[i, r["task"]].append(s[0])
                 errors[i, r["task"]].append(s[1])
@@ -95,7 +83,7 @@ def _cell(cell: tuple | None, metric: str = "acc") -> str:
     if cell is None:
         return "-"
     mean, ci, _, se = cell
-    scale, digits = (1, 3) if metric in LOSSES else (100, 1)
+    scale, digits, _ = shown(metric)
     text = f"{scale * mean:.{digits}f}"
     if not math.isnan(ci):
         text += f" ± {scale * ci:.{digits}f}"
@@ -126,7 +114,7 @@ def table1(results: list[dict[str, Any]], metric: str = "acc") -> str:
     tasks = sorted({r["task"] for r in results})
     cells = table1_cells(results, metric)
     lines = [f"| model | method | {' | '.join(tasks)} |", "|---|---|" + "---|" * len(tasks)]
-    for i, (block, label, _, _) in enumerate(TABLE1_ROWS):
+    for i, (block, label, _, _) in enumerate(table1_rows()):
         if any((i, t) in cells for t in tasks):
             row = " | ".join(_cell(cells.get((i, t)), metric) for t in tasks)
             lines.append(f"| {block} | {label} | {row} |")
@@ -225,13 +213,8 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
     floors = majority_floors(results)
     for ax, task in zip(axes[0], tasks, strict=True):
         rounds: list[int] = []
-        for method, role, style in (
-            ("fedcollm", "llm", "o-"),
-            ("fedcollm", "slm", "s-"),
-            ("fedavg", "slm", "s--"),
-            ("fedavg-aux", "slm", "s:"),
-            ("fedavg-aux", "llm", "o:"),
-        ):
+        curves = [(m.name, role, style) for m in METHODS.values() for role, style in m.curves]
+        for method, role, style in curves:
             runs = [
                 r["history"]
                 for r in results
@@ -264,7 +247,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
             )
             rounds = sorted({*rounds, *scored})
         floor = floors.get(task)
-        if floor is not None and metric not in LOSSES:
+        if floor is not None and is_share(metric):
             ax.axhline(floor, color="grey", linestyle=":", label="majority-class floor")
         ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel=metric, xticks=rounds)
         ax.grid(alpha=0.3)
@@ -278,7 +261,8 @@ def _zero_shot(results: list[dict[str, Any]], task: str, role: str, metric: str)
     """The zero-shot method's score of the role's model (the same for every seed)."""
     for r in results:
         scores = r.get("llm" if role == "llm" else "slm_global")
-        if (r["task"], r["method"]) == (task, "zero-shot") and scores and metric in scores:
+        untrained = r["method"] in METHODS and not METHODS[r["method"]].trains
+        if r["task"] == task and untrained and scores and metric in scores:
             return scores[metric]
     return None
 
@@ -287,7 +271,7 @@ def _error_bars(cells: list[tuple[float, float]], metric: str):
     """The 95% intervals as error bars, cut at the metric's range (a share lies in [0, 1],
     a loss above 0): two seeds' t-interval easily reaches past both ends. A point without an
     interval (one seed, zero-shot) has none."""
-    top = math.inf if metric in LOSSES else 1.0
+    top = 1.0 if is_share(metric) else math.inf
     below, above = [], []
     for mean, half in cells:
         half = 0.0 if math.isnan(half) else half
@@ -350,7 +334,7 @@ def compare(a: Path, b: Path, metric: str = "acc") -> str:
     cells_a, cells_b = (table1_cells(load_results(d), metric) for d in (a, b))
     lines = [f"| model | method | task | A: {a} | B: {b} | B - A |", "|---|---|---|---|---|---|"]
     for key in sorted(set(cells_a) | set(cells_b)):
-        block, label, _, _ = TABLE1_ROWS[key[0]]
+        block, label, _, _ = table1_rows()[key[0]]
         ca, cb = cells_a.get(key), cells_b.get(key)
         diff = f"{100 * (cb[0] - ca[0]):+.1f}" if ca and cb else "-"
         lines.append(f"| {block} | {label} | {key[1]} | {_cell(ca)} | {_cell(cb)} | {diff} |")

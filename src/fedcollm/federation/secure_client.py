@@ -16,7 +16,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
-from fedcollm.algorithm.aggregation import client_weight
+from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.config import Config
 from fedcollm.federation.masks import CLIENT_MODULE, replace_generator
 from fedcollm.federation.wire import adapter_from_parameters, parameters_from_adapter
@@ -54,15 +54,16 @@ def check_within_clipping(adapter: Adapter, clipping_range: float) -> None:
             )
 
 
-def secure_weight(num_examples: int, config: Config, context: Context) -> int:
+def secure_weight(num_examples: int, config: Config, context: Context) -> float:
     """This client's aggregation weight, checked against the bound the server announced in
     SecAgg+'s setup: above it the masked sum would overflow without anyone noticing."""
-    weight = client_weight(num_examples, config.client.aggregation)
+    weight = aggregation_rule(config.client.aggregation).weight(num_examples)
     state = context.state.config_records.get(RECORD_KEY_STATE, {})
     bound = float(state.get("max_weight", 0) or 0)
     if bound and weight > bound:
         raise ValueError(
-            f"own aggregation weight {weight} (num_examples) exceeds the SecAgg+ max_weight "
+            f"own aggregation weight {weight} ({config.client.aggregation} of {num_examples} "
+            f"rows) exceeds the SecAgg+ max_weight "
             f"{bound:g} the server announced; set federation.secagg_max_weight to at least "
             "the largest client's number of training rows"
         )

@@ -21,6 +21,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.config import Config
 from fedcollm.data import DataSplit
 from fedcollm.federation.masks import SERVER_MODULE, replace_generator
@@ -111,11 +112,13 @@ class SecureFedCoLLM(LegacyFedAvg):
 
 
 def max_weight(config: Config, split: DataSplit) -> float:
-    """The bound SecAgg+ scales client weights by: 1 for a uniform mean, else the largest
-    |D_k| (`federation.secagg_max_weight`, or the largest partition of the server's split)."""
-    if config.client.aggregation == "uniform":
+    """The bound SecAgg+ scales client weights by: 1 when every weight is 1 (a uniform
+    mean), else `federation.secagg_max_weight` or the largest weight of the server's split."""
+    rule = aggregation_rule(config.client.aggregation)
+    largest = max(rule.weight(len(p)) for p in split.clients)
+    if largest == 1:
         return 1.0
-    return float(config.federation.secagg_max_weight or max(len(p) for p in split.clients))
+    return float(config.federation.secagg_max_weight or largest)
 
 
 def run_secure_rounds(

@@ -78,10 +78,6 @@ def worth_reporting(step: int, total: int, reports: int = 5) -> bool:
     return step == total or step % max(total // reports, 1) == 0
 
 
-# Metrics that are losses (lower is better, not a share in [0, 1]).
-LOSSES = {"target_loss"}
-
-
 def row_metrics(row: dict[str, Any]) -> list[str]:
     """The headline metric of a row and the one beside it (rows of older runs: acc, acc_norm)."""
     return row.get("metrics") or ["acc", "acc_norm"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedcollm.tracking.metrics import LOSSES, row_metrics, summary_table
+from fedcollm.evaluation.metrics import is_share
+from fedcollm.tracking.metrics import row_metrics, summary_table
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
@@ -20,7 +21,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     rounds = [r["round"] for r in rows]
     first, second = row_metrics(rows[-1])[:2]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    loss_ax = ax.twinx() if second in LOSSES else ax
+    loss_ax = ax.twinx() if not is_share(second) else ax
     series = [
         ("llm", "server LLM", "tab:blue", first, "o-", 1.0),
         ("llm", "server LLM", "tab:blue", second, "s--", 0.6),
@@ -33,7 +34,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
         # series a little to the side, so that the bars do not hide each other.
         scored = [r for r in rows if key in r]  # FedAvg's LLM is scored at round 0 only
         errors = [r.get(f"{key}_stderr") for r in scored]
-        (loss_ax if metric in LOSSES else ax).errorbar(
+        (loss_ax if not is_share(metric) else ax).errorbar(
             [r["round"] + 0.03 * (k - 1.5) for r in scored],
             [r[key] for r in scored],
             yerr=errors if None not in errors else None,

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tinymodels import PAD, batch, examples, nudge_lora_b, tiny_lora_model
 
-from fedcollm.algorithm.distances import kd_loss
+from fedcollm.algorithm.distances import kd_loss, position_mean
 from fedcollm.algorithm.distillation import MutualDistillation, teacher_logits
-from fedcollm.config import Config, DistillConfig, LoraConfig, OptimConfig
+from fedcollm.config import Config, DistillConfig, LoraConfig, OptimConfig, load_config
 from fedcollm.data import cycle_batches
 from fedcollm.models import answer_logits, get_adapter
+from fedcollm.registry import DISTANCES
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 
 
 def _kl(p_logits, q_logits, t=1.0):
@@ -249,3 +254,46 @@ def test_one_way_distillation_removes_exactly_the_other_models_distance_term():
     # slm_to_llm: theta learns from its cross-entropy only, omega from both terms.
     llm, slm = _adapters_after_one_step(direction="slm_to_llm")
     assert _same(slm, ce_slm) and not _same(slm, mutual_slm) and not _same(llm, ce_llm)
+
+
+@pytest.fixture
+def squared_probabilities():
+    """A toy distance, registered in one place: the squared L2 distance of the two
+    distributions per position."""
+
+    def squared(log_q, log_p):
+        return (log_q.exp() - log_p.exp()).pow(2).sum(-1)
+
+    DISTANCES.register("squared_probabilities", squared)
+    yield squared
+    DISTANCES.unregister("squared_probabilities")
+
+
+def test_a_distance_registered_in_one_place_is_chosen_by_config_and_used(squared_probabilities):
+    overrides = ['distill.kd_direction="squared_probabilities"', "lora.dropout=0.0"]
+    config = load_config(TINY, overrides=overrides)
+    llm, slm = tiny_lora_model(48, 2, 1, config), tiny_lora_model(32, 2, 0, config)
+    nudge_lora_b(llm, seed=3)
+    nudge_lora_b(slm, seed=4)
+    with torch.no_grad():
+        s, t = answer_logits(slm, batch())[0], answer_logits(llm, batch())[0]
+    expected = squared_probabilities(F.log_softmax(s, -1), F.log_softmax(t, -1)).mean().item()
+    cfg = replace(config.distill, kd_steps=1, batch_size=len(examples()))
+    losses = MutualDistillation(llm, slm, cfg, config.optim).run(examples(), PAD, seed=0)
+    assert losses.slm_kd[0] == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(s, t).item() != pytest.approx(expected, rel=1e-2)  # not the KL
+
+
+def test_a_per_position_weight_enters_the_loss_in_one_place():
+    per_position = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert position_mean(per_position).item() == 2.5
+    assert position_mean(per_position, torch.tensor([1.0, 0.0, 1.0, 0.0])).item() == 1.0
+    llm, slm = _pair()
+    run = MutualDistillation(llm, slm, DistillConfig(), OptimConfig())
+    logits, targets = answer_logits(slm, batch())
+    teacher = teacher_logits(llm, batch())
+    gated = torch.zeros(len(targets))
+    loss, ce, kd = run._loss("slm", logits, targets, teacher, batch(), gated)  # noqa: SLF001
+    assert kd == 0.0 and loss.item() == pytest.approx(ce)
+    _, _, plain = run._loss("slm", logits, targets, teacher, batch())  # noqa: SLF001
+    assert plain == pytest.approx(kd_loss(logits, teacher).item())

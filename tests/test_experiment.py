@@ -13,7 +13,7 @@ import pytest
 
 from fedcollm.config import ConfigError, load_config
 from fedcollm.experiments import methods as experiment
-from fedcollm.experiments.methods import method_config, run_experiment
+from fedcollm.experiments.methods import Method, method_config, register_method, run_experiment
 from fedcollm.experiments.tables import compare, mean_ci, table1, write_experiment_report
 from fedcollm.registry import METHODS
 
@@ -245,3 +245,38 @@ def test_a_swept_seed_moves_every_runs_seed(tmp_path, data_dir):
         results = experiment.load_results(tmp_path / "sweep" / point)
         assert sorted(r["seed"] for r in results) == seeds
         assert sorted(r["config"]["seed"] for r in results) == seeds
+
+
+@pytest.fixture
+def zero_shot_llm():
+    """A toy method, registered in one place: the zero-shot LLM alone, compared with the
+    zero-shot method's."""
+    zero_shot = METHODS["zero-shot"]
+    register_method(
+        Method(
+            "zero-shot-llm",
+            "Zero-shot, LLM only",
+            "Zero-shot LLM",
+            zero_shot.run,
+            ("llm",),
+            trains=False,
+            default=False,
+            pairs=(("llm", "zero-shot"),),
+        )
+    )
+    yield
+    METHODS.unregister("zero-shot-llm")
+
+
+def test_a_method_registered_in_one_place_runs_and_is_reported(tmp_path, data_dir, zero_shot_llm):
+    from fedcollm import cli
+
+    args = [
+        "experiment", str(TINY), "--methods", "zero-shot,zero-shot-llm", "--seeds", "1",
+        "--data-dir", str(data_dir), "--out", str(tmp_path), "--set", "eval.limit=4",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| LLM | Zero-shot, LLM only |" in report
+    assert "| SLM, clients' own adapters | Zero-shot, LLM only |" not in report
+    assert "LLM: Zero-shot LLM - Zero-shot | acc | 1 x 4 |" in report

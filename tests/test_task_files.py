@@ -15,6 +15,10 @@ from fedcollm.data import DataError, get_task
 from fedcollm.data.tasks import split_questions
 from fedcollm.evaluation import choice_loglikelihoods, evaluate_task
 from fedcollm.evaluation.generation import exact_match, generate
+from fedcollm.evaluation.metrics import lower_is_better, register_metric, shown
+from fedcollm.experiments.claims import gain_verdict
+from fedcollm.experiments.significance import Comparison
+from fedcollm.registry import METRICS
 
 ROWS = [
     {
@@ -433,3 +437,39 @@ def test_function_helpers_load_only_from_the_task_files_folder(tmp_path, spec):
     (line,) = result.stderr.strip().splitlines()
     assert "process_docs: !function" in line and str(path) in line
     assert not ran.exists()
+
+
+@pytest.fixture
+def answer_length():
+    """A toy metric, registered in one place: the characters generated (lower is better)."""
+
+    @register_metric("answer_length", "generate_until", higher_is_better=False, percent=False)
+    def length(answers, entry):
+        return [float(len(g)) for g in answers.generations]
+
+    yield length
+    METRICS.unregister("answer_length")
+
+
+def test_a_metric_registered_in_one_place_is_scored_reported_and_read_as_lower_is_better(
+    tmp_path, answer_length
+):
+    text = GENERATIVE.replace(
+        "  - metric: exact_match",
+        "  - metric: answer_length\n    higher_is_better: false\n  - metric: exact_match",
+    )
+    path = write_task(tmp_path, text)
+    task, questions, scores = our_scores(path, tiny_model())
+    assert task.metric_names == ("answer_length", "exact_match", "target_loss")
+    assert scores.values["answer_length"] == [float(len(a)) for a in scores.answers]
+    refused = text.replace("higher_is_better: false", "higher_is_better: true")
+    with pytest.raises(DataError, match="answer_length has higher_is_better: false"):
+        get_task(str(write_task(tmp_path, refused, name="refused.yaml")))
+    # Downstream reads the direction and the display from the registration.
+    assert lower_is_better("answer_length") and shown("answer_length") == (1, 3, "")
+    shorter = Comparison(
+        "slm_clients", "fedcollm", "standalone", "answer_length", [0], 6, 3.0, 5.0,
+        (-3.0, -1.0), (0.4, 0.8), 0.5, True, [-2.0],
+    )  # fmt: skip
+    assert gain_verdict(shorter).startswith("- **Clients' SLMs gain over Standalone**: confirmed")
+    assert "-2.000 answer_length" in gain_verdict(shorter)

@@ -41,6 +41,7 @@ from fedcollm.data.encoding import as_prompted
 from fedcollm.evaluation import score
 from fedcollm.evaluation.generation import target_losses
 from fedcollm.models import Adapter, set_adapter
+from fedcollm.tracking.plots import figure
 
 TEMPLATE = "Question: What is the account number of {name}?\nAnswer:"
 NAMES = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Claude Shannon", "Emmy Noether"]
@@ -242,34 +243,26 @@ def comparison_table(audits: list[dict]) -> str:
 
 def plot_comparison(audits: list[dict], path) -> None:
     """Exposure, membership AUC and accuracy of each artefact, one bar per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(audits[0]["artefacts"])
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    width = 0.8 / len(audits)
-    panels = (
-        ("exposure", "canary exposure (bits)", "chance_exposure", "max_exposure"),
-        ("membership_auc", "membership AUC", None, None),
-        (_metric(audits[0]), _metric(audits[0]), None, None),
-    )
-    for axis, (key, title, low, high) in zip(axes, panels, strict=True):
-        for i, results in enumerate(audits):
-            values = [results["artefacts"].get(n, {}).get(key, float("nan")) for n in names]
-            positions = [j + (i - (len(audits) - 1) / 2) * width for j in range(len(names))]
-            axis.bar(positions, values, width, label=setting_label(results))
-        if low:
-            axis.axhline(audits[0][low], color="grey", ls="--", lw=1, label="chance")
-            axis.axhline(audits[0][high], color="black", ls=":", lw=1, label="maximum")
-        if key == "membership_auc":
-            axis.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
-            axis.set_ylim(0.4, 1.0)
-        axis.set_xticks(range(len(names)), names, rotation=15)
-        axis.set_title(title)
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
-    figure.tight_layout(rect=(0, 0, 1, 0.9))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with figure(path, 1, 3, figsize=(15, 4.8), dpi=110, rect=(0, 0, 1, 0.9)) as (fig, axes):
+        width = 0.8 / len(audits)
+        panels = (
+            ("exposure", "canary exposure (bits)", "chance_exposure", "max_exposure"),
+            ("membership_auc", "membership AUC", None, None),
+            (_metric(audits[0]), _metric(audits[0]), None, None),
+        )
+        for axis, (key, title, low, high) in zip(axes, panels, strict=True):
+            for i, results in enumerate(audits):
+                values = [results["artefacts"].get(n, {}).get(key, float("nan")) for n in names]
+                positions = [j + (i - (len(audits) - 1) / 2) * width for j in range(len(names))]
+                axis.bar(positions, values, width, label=setting_label(results))
+            if low:
+                axis.axhline(audits[0][low], color="grey", ls="--", lw=1, label="chance")
+                axis.axhline(audits[0][high], color="black", ls=":", lw=1, label="maximum")
+            if key == "membership_auc":
+                axis.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
+                axis.set_ylim(0.4, 1.0)
+            axis.set_xticks(range(len(names)), names, rotation=15)
+            axis.set_title(title)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)

@@ -18,6 +18,7 @@ from typing import Any
 from fedcollm.evaluation.metrics import lower_is_better, shown
 from fedcollm.experiments.significance import Comparison, claim_comparisons
 from fedcollm.tracking.metrics import human_bytes, row_metrics
+from fedcollm.tracking.plots import figure
 
 PAPER_SHARE = 0.0024  # the paper's "about 0.24%"
 LLM_SHARE = 0.97  # the low end of the paper's 97-99%
@@ -158,73 +159,66 @@ def significance_section(results: list[dict[str, Any]], out: Path, prefix: str =
 def plot_comparisons(comparisons: list[Comparison], task: str, path: Path) -> None:
     """Each comparison's difference with its 95% interval (and each seed's own), and the
     smallest difference the design detects; the LLM's ratio beside it against 97-99%."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ratio = [c for c in comparisons if (c.role, c.baseline) == ("llm", "centralized")]
-    fig, axes = plt.subplots(
+    with figure(
+        path,
         1,
         2 if ratio else 1,
         figsize=(11 if ratio else 7.5, 0.7 * len(comparisons) + 2.2),
         dpi=110,
         squeeze=False,
         gridspec_kw={"width_ratios": [3, 1.2]} if ratio else None,
-    )
-    ax = axes[0][0]
-    for y, c in enumerate(reversed(comparisons)):
-        scale = shown(c.metric)[0]
-        low, high = (scale * v for v in c.diff_ci)
-        ax.errorbar(
-            scale * c.diff,
-            y,
-            xerr=[[scale * c.diff - low], [high - scale * c.diff]],
-            fmt="o",
-            color="tab:blue",
-            capsize=4,
+    ) as (fig, axes):
+        ax = axes[0][0]
+        for y, c in enumerate(reversed(comparisons)):
+            scale = shown(c.metric)[0]
+            low, high = (scale * v for v in c.diff_ci)
+            ax.errorbar(
+                scale * c.diff,
+                y,
+                xerr=[[scale * c.diff - low], [high - scale * c.diff]],
+                fmt="o",
+                color="tab:blue",
+                capsize=4,
+            )
+            ax.scatter(
+                [scale * d for d in c.seed_diffs],
+                [y] * len(c.seed_diffs),
+                s=12,
+                color="tab:gray",
+                zorder=3,
+                label="one seed" if y == 0 else None,
+            )
+            ax.plot(
+                [-scale * c.detectable, scale * c.detectable],
+                [y, y],
+                "|",
+                color="tab:red",
+                markersize=14,
+                label="detectable (80% power)" if y == 0 else None,
+            )
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(comparisons)), [c.label for c in reversed(comparisons)], fontsize=8)
+        metric = comparisons[0].metric
+        ax.set(
+            xlabel=f"difference in {metric}" + (" (points)" if shown(metric)[2] else ""),
+            title=f"{task}: paired differences, 95% bootstrap intervals",
         )
-        ax.scatter(
-            [scale * d for d in c.seed_diffs],
-            [y] * len(c.seed_diffs),
-            s=12,
-            color="tab:gray",
-            zorder=3,
-            label="one seed" if y == 0 else None,
-        )
-        ax.plot(
-            [-scale * c.detectable, scale * c.detectable],
-            [y, y],
-            "|",
-            color="tab:red",
-            markersize=14,
-            label="detectable (80% power)" if y == 0 else None,
-        )
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(comparisons)), [c.label for c in reversed(comparisons)], fontsize=8)
-    metric = comparisons[0].metric
-    ax.set(
-        xlabel=f"difference in {metric}" + (" (points)" if shown(metric)[2] else ""),
-        title=f"{task}: paired differences, 95% bootstrap intervals",
-    )
-    ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
-    if ratio:
-        (c,) = ratio
-        rax = axes[0][1]
-        rax.axvspan(97, 99, color="tab:green", alpha=0.2, label="paper: 97-99%")
-        low, high = (100 * v for v in c.ratio_ci)
-        rax.errorbar(
-            100 * c.ratio,
-            0,
-            xerr=[[100 * c.ratio - low], [high - 100 * c.ratio]],
-            fmt="o",
-            color="tab:blue",
-            capsize=4,
-        )
-        rax.axvline(100, color="black", linewidth=0.8)
-        rax.set(yticks=[], xlabel="FedCoLLM LLM / Centralized (%)", title="LLM ratio")
-        rax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        if ratio:
+            (c,) = ratio
+            rax = axes[0][1]
+            rax.axvspan(97, 99, color="tab:green", alpha=0.2, label="paper: 97-99%")
+            low, high = (100 * v for v in c.ratio_ci)
+            rax.errorbar(
+                100 * c.ratio,
+                0,
+                xerr=[[100 * c.ratio - low], [high - 100 * c.ratio]],
+                fmt="o",
+                color="tab:blue",
+                capsize=4,
+            )
+            rax.axvline(100, color="black", linewidth=0.8)
+            rax.set(yticks=[], xlabel="FedCoLLM LLM / Centralized (%)", title="LLM ratio")
+            rax.legend(fontsize=7)

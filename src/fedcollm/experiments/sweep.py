@@ -22,6 +22,7 @@ from fedcollm.experiments.methods import load_results
 from fedcollm.experiments.significance import seed_score
 from fedcollm.experiments.tables import mean_ci, table1_rows, write_experiment_report
 from fedcollm.tracking.metrics import row_metrics
+from fedcollm.tracking.plots import figure
 
 
 def parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
@@ -120,47 +121,39 @@ def sweep_table(results: list[dict[str, Any]], key: str, metric: str, task: str)
 def plot_sweep(results: list[dict[str, Any]], key: str, metric: str, task: str, path: Path):
     """The headline metric against the swept value, per (method, model), with the 95%
     interval over seeds (one seed: no bar)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cells = sweep_cells([r for r in results if r["task"] == task], key, metric)
     values = _sorted_values({v for (_, _, v) in cells})
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     position = {v: (v if numeric else k) for k, v in enumerate(values)}
     scale = shown(metric)[0]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
-    rows = sorted({i for (_, i, _) in cells})
-    for n, i in enumerate(rows):
-        block, label, _, _ = table1_rows()[i]
-        here = [v for v in values if (task, i, v) in cells]
-        means = [scale * cells[task, i, v][0] for v in here]
-        halves = [cells[task, i, v][1] for v in here]
-        errors = None if any(math.isnan(h) for h in halves) else [scale * h for h in halves]
-        offset = 0.0 if numeric else 0.04 * (n - len(rows) / 2)
-        ax.errorbar(
-            [position[v] + offset for v in here],
-            means,
-            yerr=errors,
-            fmt="o-",
-            capsize=3,
-            label=f"{label}: {block}",
+    with figure(path, figsize=(6.5, 4.2), dpi=110) as (fig, ax):
+        rows = sorted({i for (_, i, _) in cells})
+        for n, i in enumerate(rows):
+            block, label, _, _ = table1_rows()[i]
+            here = [v for v in values if (task, i, v) in cells]
+            means = [scale * cells[task, i, v][0] for v in here]
+            halves = [cells[task, i, v][1] for v in here]
+            errors = None if any(math.isnan(h) for h in halves) else [scale * h for h in halves]
+            offset = 0.0 if numeric else 0.04 * (n - len(rows) / 2)
+            ax.errorbar(
+                [position[v] + offset for v in here],
+                means,
+                yerr=errors,
+                fmt="o-",
+                capsize=3,
+                label=f"{label}: {block}",
+            )
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        elif len(values) > 1:
+            ax.set_xticks(values)
+        ax.set(
+            xlabel=key,
+            ylabel=metric + (" (%)" if shown(metric)[2] else ""),
+            title=f"{task}: {metric} against {key}\n(mean over seeds, bars: 95% interval)",
         )
-    if not numeric:
-        ax.set_xticks(range(len(values)), [str(v) for v in values])
-    elif len(values) > 1:
-        ax.set_xticks(values)
-    ax.set(
-        xlabel=key,
-        ylabel=metric + (" (%)" if shown(metric)[2] else ""),
-        title=f"{task}: {metric} against {key}\n(mean over seeds, bars: 95% interval)",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
 
 
 def write_sweep_report(out: Path) -> Path:

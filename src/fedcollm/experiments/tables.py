@@ -19,6 +19,7 @@ from fedcollm.experiments.methods import load_results
 from fedcollm.experiments.significance import RESAMPLES, seed_score
 from fedcollm.registry import METHODS
 from fedcollm.tracking.metrics import human_bytes, row_metrics
+from fedcollm.tracking.plots import figure
 
 # Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds).
 T975 = {
@@ -201,60 +202,56 @@ def write_csv(results: list[dict[str, Any]], path: Path) -> None:
 def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
     """Accuracy per round of the LLM and the global SLM per task: the mean over seeds with
     its 95% interval (Student t; no bar with one seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = sorted({r["task"] for r in results if r.get("history")})
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=110, squeeze=False)
-    floors = majority_floors(results)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        rounds: list[int] = []
-        curves = [(m.name, role, style) for m in METHODS.values() for role, style in m.curves]
-        for method, role, style in curves:
-            runs = [
-                r["history"]
-                for r in results
-                if (r["task"], r["method"]) == (task, method) and r.get("history")
-            ]
-            if not runs:
-                continue
-            metric = row_metrics(runs[0][-1])[0]
-            key = f"{role}_{metric}"
-            # Rounds scored in every seed (eval.every can leave rounds unscored).
-            scored = [
-                row["round"]
-                for row in runs[0]
-                if all(any(r["round"] == row["round"] and key in r for r in h) for h in runs)
-            ]
-            cells = [
-                mean_ci([next(r[key] for r in h if r["round"] == n) for h in runs]) for n in scored
-            ]
-            untrained = _zero_shot(results, task, role, metric)
-            if scored and scored[0] != 0 and untrained is not None:
-                # eval.every = 0 scores no round 0: the zero-shot method's score is its start.
-                scored, cells = [0, *scored], [(untrained, math.nan), *cells]
-            ax.errorbar(
-                scored,
-                [mean for mean, _ in cells],
-                yerr=_error_bars(cells, metric),
-                fmt=style,
-                capsize=3,
-                label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}",
-            )
-            rounds = sorted({*rounds, *scored})
-        floor = floors.get(task)
-        if floor is not None and is_share(metric):
-            ax.axhline(floor, color="grey", linestyle=":", label="majority-class floor")
-        ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel=metric, xticks=rounds)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, 1, len(tasks), figsize=(5 * len(tasks), 4), dpi=110, squeeze=False) as (
+        fig,
+        axes,
+    ):
+        floors = majority_floors(results)
+        for ax, task in zip(axes[0], tasks, strict=True):
+            rounds: list[int] = []
+            curves = [(m.name, role, style) for m in METHODS.values() for role, style in m.curves]
+            for method, role, style in curves:
+                runs = [
+                    r["history"]
+                    for r in results
+                    if (r["task"], r["method"]) == (task, method) and r.get("history")
+                ]
+                if not runs:
+                    continue
+                metric = row_metrics(runs[0][-1])[0]
+                key = f"{role}_{metric}"
+                # Rounds scored in every seed (eval.every can leave rounds unscored).
+                scored = [
+                    row["round"]
+                    for row in runs[0]
+                    if all(any(r["round"] == row["round"] and key in r for r in h) for h in runs)
+                ]
+                cells = [
+                    mean_ci([next(r[key] for r in h if r["round"] == n) for h in runs])
+                    for n in scored
+                ]
+                untrained = _zero_shot(results, task, role, metric)
+                if scored and scored[0] != 0 and untrained is not None:
+                    # eval.every = 0 scores no round 0: the zero-shot method's score is its start.
+                    scored, cells = [0, *scored], [(untrained, math.nan), *cells]
+                ax.errorbar(
+                    scored,
+                    [mean for mean, _ in cells],
+                    yerr=_error_bars(cells, metric),
+                    fmt=style,
+                    capsize=3,
+                    label=f"{method}: {'LLM' if role == 'llm' else 'global SLM'}",
+                )
+                rounds = sorted({*rounds, *scored})
+            floor = floors.get(task)
+            if floor is not None and is_share(metric):
+                ax.axhline(floor, color="grey", linestyle=":", label="majority-class floor")
+            ax.set(title=task, xlabel="round (0 = zero-shot)", ylabel=metric, xticks=rounds)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
 
 
 def _zero_shot(results: list[dict[str, Any]], task: str, role: str, metric: str) -> float | None:

@@ -7,56 +7,51 @@ from typing import Any
 
 from fedcollm.evaluation.metrics import is_share
 from fedcollm.tracking.metrics import row_metrics, summary_table
+from fedcollm.tracking.plots import figure
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     """The task's two metrics of the server LLM and the global SLM per round (round 0:
     zero-shot), with error bars of one standard error; a loss on an axis of its own."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if r.get(f"slm_{row_metrics(r)[0]}") is not None]  # scored ones
     rounds = [r["round"] for r in rows]
     first, second = row_metrics(rows[-1])[:2]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    loss_ax = ax.twinx() if not is_share(second) else ax
-    series = [
-        ("llm", "server LLM", "tab:blue", first, "o-", 1.0),
-        ("llm", "server LLM", "tab:blue", second, "s--", 0.6),
-        ("slm", "global SLM", "tab:orange", first, "o-", 1.0),
-        ("slm", "global SLM", "tab:orange", second, "s--", 0.6),
-    ]
-    for k, (role, label, colour, metric, style, alpha) in enumerate(series):
-        key = f"{role}_{metric}"
-        # ± one standard error, where the rows have it (rows of older runs do not); each
-        # series a little to the side, so that the bars do not hide each other.
-        scored = [r for r in rows if key in r]  # FedAvg's LLM is scored at round 0 only
-        errors = [r.get(f"{key}_stderr") for r in scored]
-        (loss_ax if not is_share(metric) else ax).errorbar(
-            [r["round"] + 0.03 * (k - 1.5) for r in scored],
-            [r[key] for r in scored],
-            yerr=errors if None not in errors else None,
-            fmt=style,
-            color=colour,
-            alpha=alpha,
-            capsize=3,
-            label=f"{label} {metric}",
+    with figure(path, figsize=(6, 4), dpi=120) as (fig, ax):
+        loss_ax = ax.twinx() if not is_share(second) else ax
+        series = [
+            ("llm", "server LLM", "tab:blue", first, "o-", 1.0),
+            ("llm", "server LLM", "tab:blue", second, "s--", 0.6),
+            ("slm", "global SLM", "tab:orange", first, "o-", 1.0),
+            ("slm", "global SLM", "tab:orange", second, "s--", 0.6),
+        ]
+        for k, (role, label, colour, metric, style, alpha) in enumerate(series):
+            key = f"{role}_{metric}"
+            # ± one standard error, where the rows have it (rows of older runs do not); each
+            # series a little to the side, so that the bars do not hide each other.
+            scored = [r for r in rows if key in r]  # FedAvg's LLM is scored at round 0 only
+            errors = [r.get(f"{key}_stderr") for r in scored]
+            (loss_ax if not is_share(metric) else ax).errorbar(
+                [r["round"] + 0.03 * (k - 1.5) for r in scored],
+                [r[key] for r in scored],
+                yerr=errors if None not in errors else None,
+                fmt=style,
+                color=colour,
+                alpha=alpha,
+                capsize=3,
+                label=f"{label} {metric}",
+            )
+        last = rows[-1]
+        title = f"{last['task']}: {last['eval_questions']} {last['eval_split']} questions"
+        title += "\n(bars: one standard error)"
+        ylabel = first if first not in ("acc",) else "accuracy"
+        ax.set(
+            xlabel="round (0 = zero-shot)", ylabel=ylabel, ylim=(0, 1), xticks=rounds, title=title
         )
-    last = rows[-1]
-    title = f"{last['task']}: {last['eval_questions']} {last['eval_split']} questions"
-    title += "\n(bars: one standard error)"
-    ylabel = first if first not in ("acc",) else "accuracy"
-    ax.set(xlabel="round (0 = zero-shot)", ylabel=ylabel, ylim=(0, 1), xticks=rounds, title=title)
-    if loss_ax is not ax:
-        loss_ax.set(ylabel=f"{second} (dashed)")
-        loss_ax.legend(fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        if loss_ax is not ax:
+            loss_ax.set(ylabel=f"{second} (dashed)")
+            loss_ax.legend(fontsize=8, loc="upper right")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
 
 
 _METRICS_NOTE = (

@@ -176,12 +176,12 @@ def test_fedavg_aux_tunes_both_models_on_d_a(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_a_sweep_runs_its_grid_and_reports_each_value_with_paired_verdicts(tmp_path, data_dir):
-    """The issue's done-when command, one round: two kd_weight values x two methods x two
-    seeds, then a re-run that keeps everything."""
+    """Two kd_weight values x two methods, one round and one seed (per-seed verdicts are
+    test_significance's), then a re-run that keeps everything."""
     from fedcollm import cli
 
     args = [
-        "experiment", str(TINY), "--methods", "fedavg,fedcollm", "--seeds", "2",
+        "experiment", str(TINY), "--methods", "fedavg,fedcollm", "--seeds", "1",
         "--sweep", "distill.kd_weight=0,1", "--data-dir", str(data_dir), "--out", str(tmp_path),
         "--set", "rounds=1",
     ]  # fmt: skip
@@ -189,7 +189,7 @@ def test_a_sweep_runs_its_grid_and_reports_each_value_with_paired_verdicts(tmp_p
     points = sorted(p.name for p in (tmp_path / "sweep").iterdir())
     assert points == ["distill.kd_weight=0", "distill.kd_weight=1"]
     results = [r for p in points for r in experiment.load_results(tmp_path / "sweep" / p)]
-    assert len(results) == 8
+    assert len(results) == 4
     assert {r["config"]["distill"]["kd_weight"] for r in results} == {0.0, 1.0}
     for r in results:  # per-question predictions in every result, for every scored model
         clients = r["predictions"]["slm_clients"]
@@ -202,8 +202,8 @@ def test_a_sweep_runs_its_grid_and_reports_each_value_with_paired_verdicts(tmp_p
     for point in points:
         assert f"## {point}" in report
         assert (tmp_path / f"{point}_significance_arc_easy.png").is_file()
-    assert report.count("| clients' SLMs: FedCoLLM - FedAvg | acc | 2 x 40 |") == 2
-    assert report.count("seed 0: ") >= 2 and report.count("seed 1: ") >= 2  # McNemar per seed
+    assert report.count("| clients' SLMs: FedCoLLM - FedAvg | acc | 1 x 40 |") == 2
+    assert report.count("seed 0: ") >= 2  # McNemar per seed
     for claim in ("gain over Standalone", "97-99% of Centralized", "about 0.24% of the SLM"):
         assert report.count(claim) == 2  # a verdict line per claim at each point
     # The tiny SLM has 71k parameters: its adapter is 8.7% of it, far from 0.24%.

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup test lint format demo demo-tiny bench bench-agreement clean
+.PHONY: setup test test-fast lint format demo demo-tiny bench bench-agreement clean
 
 # torch is installed first from its exact CPU version: a loose torch requirement would pull
 # several GB of CUDA wheels. The stamp re-runs the install only when the pins change.
@@ -29,6 +29,10 @@ format: setup
 
 test: setup lint
 	$(BIN)/pytest -q
+
+# The inner loop: the tests not marked slow (no simulation, no run in a subprocess).
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
 
 # The embedded default: Qwen2.5-Coder 1.5B (server) and 0.5B (4 clients) on the built-in
 # vell_fruits task. The first run fetches (~1.6 GB) and converts both models once.

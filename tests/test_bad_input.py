@@ -384,6 +384,7 @@ def test_bad_evaluate_arguments_are_named(capsys, data_dir, args, fragment):
     assert fragment in refused(capsys, *_evaluate(data_dir, *args))
 
 
+@pytest.mark.slow  # three processes
 def test_identical_adapters_are_identical_files_whatever_the_hash_seed(tmp_path):
     code = (
         "import sys; from fedcollm.config import Config; "

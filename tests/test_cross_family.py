@@ -247,6 +247,7 @@ def test_the_server_takes_todays_path_when_the_tokenizers_are_one(data_dir):
     assert all(isinstance(e, AlignedExample) and e.slm_rows for e in cross.aux_data)
 
 
+@pytest.mark.slow
 def test_a_cross_family_tiny_run_completes_and_scores_both_models(tmp_path, data_dir):
     overrides = ['llm.tiny.tokenizer="pieces"', "rounds=1", "data.train_limit=80", "eval.limit=8"]
     config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)

@@ -20,7 +20,7 @@ from fedcollm.algorithm.round import reference_rounds
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import load_config
 from fedcollm.federation.client_app import train
-from fedcollm.federation.rounds import ServerRounds
+from fedcollm.federation.rounds import RoundBookkeeping
 from fedcollm.federation.simulation import simulate
 from fedcollm.models import adapter_digest, get_adapter
 from fedcollm.tracking.checkpoint import load_checkpoint
@@ -161,7 +161,7 @@ def test_a_run_stopped_after_round_0_resumes_without_writing_round_0_twice(
     tmp_path, data_dir, monkeypatch
 ):
     config = load_config(TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=1"])
-    evaluate = ServerRounds.evaluate
+    evaluate = RoundBookkeeping.evaluate
 
     def stopping_after_round_0(self, flower_round, slm_adapter):
         row = evaluate(self, flower_round, slm_adapter)
@@ -170,7 +170,7 @@ def test_a_run_stopped_after_round_0_resumes_without_writing_round_0_twice(
         return row
 
     with monkeypatch.context() as patch:
-        patch.setattr(ServerRounds, "evaluate", stopping_after_round_0)
+        patch.setattr(RoundBookkeeping, "evaluate", stopping_after_round_0)
         with pytest.raises(RuntimeError, match="stopped after round 0"):
             simulate(config, tmp_path)
     assert (tmp_path / "checkpoint" / "latest").read_text().strip() == "0"
@@ -265,7 +265,7 @@ def test_a_client_that_times_out_is_dropped_and_the_round_goes_on(tmp_path, data
         def time() -> float:
             return time.time() + (1e6 if len(answered) >= 2 else 0.0)
 
-    finish = ServerRounds.finish
+    finish = RoundBookkeeping.finish
 
     def finishing(self, *args, **kwargs):
         round_over.touch()
@@ -273,7 +273,7 @@ def test_a_client_that_times_out_is_dropped_and_the_round_goes_on(tmp_path, data
 
     monkeypatch.setattr(InMemoryGrid, "pull_messages", counting)
     monkeypatch.setattr(inmemory_grid, "time", Clock)
-    monkeypatch.setattr(ServerRounds, "finish", finishing)
+    monkeypatch.setattr(RoundBookkeeping, "finish", finishing)
     rows = simulate(config, tmp_path, client_app=app)
     assert sorted(c["partition"] for c in rows[1]["clients"]) == [0, 1]
     (dropped,) = rows[1]["dropped"]

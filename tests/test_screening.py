@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import load_config
 from fedcollm.data import load_questions
-from fedcollm.federation.rounds import ServerRounds
+from fedcollm.federation.rounds import RoundBookkeeping
 from fedcollm.federation.screening import UpdateRejected, check_update
 from fedcollm.federation.server_app import FedCoLLM
 from fedcollm.federation.wire import adapter_to_record
@@ -72,7 +72,7 @@ def server():
 def strategy(server, tmp_path, monkeypatch):
     for field in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, field, 1)
-    strategy = FedCoLLM(ServerRounds(server, [], MetricsLog(tmp_path), tmp_path / "checkpoint"))
+    strategy = FedCoLLM(RoundBookkeeping(server, [], MetricsLog(tmp_path), tmp_path / "checkpoint"))
     strategy.sent = server.slm_adapter
     strategy.sent_to = {10, 11, 12, 13}
     return strategy
@@ -202,7 +202,7 @@ def test_a_node_cannot_take_over_another_nodes_partition(server, strategy):
 def test_a_rounds_checkpoint_is_written_before_its_metrics_row(server, tmp_path, monkeypatch):
     # A kill between the two then leaves a round that --resume simply repeats.
     questions = load_questions("vell_fruits", "validation", None)[:4]
-    rounds = ServerRounds(server, questions, MetricsLog(tmp_path), tmp_path / "checkpoint")
+    rounds = RoundBookkeeping(server, questions, MetricsLog(tmp_path), tmp_path / "checkpoint")
     checkpointed_first = []
     write = MetricsLog.write
 

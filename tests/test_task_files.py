@@ -4,8 +4,6 @@ files and rows stop with one line naming the file, key or row."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -182,12 +180,24 @@ def test_batched_generation_equals_one_prompt_at_a_time(tmp_path):
 # --- bad task files and rows ------------------------------------------------------------
 
 
-def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedcollm.cli", "evaluate", "--model", "tiny", *args],
-        capture_output=True,
-        text=True,
-    )
+def fedcollm(capsys, *args: str) -> tuple[int, str, str]:
+    """`fedcollm ARGS` in this process: exit code, stdout, stderr."""
+    from fedcollm import cli
+
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a model is loaded."""
+    import fedcollm.models
+
+    def loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(fedcollm.models, "load_model", loading)
 
 
 @pytest.mark.parametrize(
@@ -202,14 +212,15 @@ def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
         (("metric_list:", "filter_list: []\nmetric_list:"), ROWS, "filter_list is not supported"),
     ],
 )
-def test_a_bad_task_file_is_one_line_before_any_model_loads(tmp_path, edit, rows, fragment):
+def test_a_bad_task_file_is_one_line_before_any_model_loads(
+    tmp_path, capsys, no_model, edit, rows, fragment
+):
     text = MULTIPLE_CHOICE.replace(*edit) if edit[0] else MULTIPLE_CHOICE
     path = write_task(tmp_path, text, rows)
-    result = evaluate_cli("--task", str(path))
-    assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.strip().splitlines()
+    code, _, err = fedcollm(capsys, "evaluate", "--model", "tiny", "--task", str(path))
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
     assert fragment in line and (str(path) in line or "rows.jsonl" in line), line
-    assert "Loading weights" not in result.stderr
 
 
 def test_an_empty_answer_of_a_generative_row_names_the_row(tmp_path):
@@ -319,20 +330,16 @@ def test_chat_prompt_format_wraps_the_prompt_and_drops_the_delimiter():
         as_prompted([question], TOKENIZER, "chat")
 
 
-def test_the_tasks_command_lists_kind_splits_and_metrics(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "fedcollm.cli", "tasks"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+def test_the_tasks_command_lists_kind_splits_and_metrics(tmp_path, capsys):
+    code, out, err = fedcollm(capsys, "tasks")
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "generate_until" in lines["code_alpaca"] and "rougeL" in lines["code_alpaca"]
     assert "test=test" in lines["self_instruct"] and "train=" not in lines["self_instruct"]
     assert "flowertune_finance" in lines["tfns"] and "train=train" in lines["tfns"]
     path = write_task(tmp_path, MULTIPLE_CHOICE)
-    result = subprocess.run(
-        [sys.executable, "-m", "fedcollm.cli", "tasks", str(path)], capture_output=True, text=True
-    )
-    assert "ward_quiz" not in result.stdout and str(path) in result.stdout
+    code, out, _ = fedcollm(capsys, "tasks", str(path))
+    assert code == 0 and "ward_quiz" not in out and str(path) in out
 
 
 @pytest.mark.slow
@@ -418,7 +425,7 @@ def test_two_task_files_of_one_name_are_refused_in_one_experiment(tmp_path, caps
 
 
 @pytest.mark.parametrize("spec", ["ABSOLUTE.evil.process", "..evil.process", "sub..evil.process"])
-def test_function_helpers_load_only_from_the_task_files_folder(tmp_path, spec):
+def test_function_helpers_load_only_from_the_task_files_folder(tmp_path, capsys, spec):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     ran = tmp_path / "ran"
@@ -430,11 +437,9 @@ def test_function_helpers_load_only_from_the_task_files_folder(tmp_path, spec):
     spec = spec.replace("ABSOLUTE", "." + str(outside).strip("/").replace("/", "."))
     text = MULTIPLE_CHOICE.replace("output_type:", f"process_docs: !function {spec}\noutput_type:")
     path = write_task(folder, text)
-    result = subprocess.run(
-        [sys.executable, "-m", "fedcollm.cli", "tasks", str(path)], capture_output=True, text=True
-    )
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
+    code, _, err = fedcollm(capsys, "tasks", str(path))
+    assert code == 2
+    (line,) = err.strip().splitlines()
     assert "process_docs: !function" in line and str(path) in line
     assert not ran.exists()
 

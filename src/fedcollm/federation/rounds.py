@@ -30,7 +30,11 @@ from fedcollm.tracking.metrics import (
 )
 
 
-class ServerRounds:
+class RoundBookkeeping:
+    """The server's record of a run's rounds around Algorithm 1's steps: `begin` (step 1:
+    the round's clients and its privacy cost), `finish` (steps 3-4 on what arrived, or a
+    skipped round), `evaluate` (`score`, then `record`: predictions, checkpoint, row)."""
+
     def __init__(
         self,
         server: CoTuningServer,
@@ -143,11 +147,18 @@ class ServerRounds:
             print(f"  distillation step {step}/{total}: {shown}", flush=True)
 
     def evaluate(self, flower_round: int, slm_adapter: Adapter) -> dict[str, Any] | None:
-        """Central evaluation of the LLM and the global SLM; writes the round's checkpoint,
-        then its metrics row. None for the round a resumed run starts after."""
+        """The round's end: central evaluation, then its record. None for the round a
+        resumed run starts after."""
         server_round = self.true_round(flower_round)
         if server_round == self.resumed_after:
             return None  # evaluated before the interruption
+        row, predictions = self.score(server_round, slm_adapter)
+        self.record(server_round, row, predictions)
+        return row
+
+    def score(self, server_round: int, slm_adapter: Adapter) -> tuple[dict[str, Any], dict]:
+        """The round's metrics row: what the round measured, the LLM's and the global SLM's
+        scores when due, and per question what each scored model answered."""
         start = time.perf_counter()
         row = {
             "round": server_round,
@@ -184,8 +195,12 @@ class ServerRounds:
         row["slm_params"] = sum(
             p.numel() for name, p in self.server.slm.named_parameters() if "lora_" not in name
         )
-        # The checkpoint first: a kill between the two then leaves a round that --resume
-        # repeats, never a recorded round without its state.
+        return row, predictions
+
+    def record(self, server_round: int, row: dict[str, Any], predictions: dict) -> None:
+        """The predictions, the checkpoint, then the metrics row and the progress line: a
+        kill between the checkpoint and the row leaves a round that --resume repeats,
+        never a recorded round without its state."""
         if predictions:
             write_predictions(self.metrics.path.parent, server_round, predictions)
         rows = [*self.metrics.rows, row]
@@ -193,4 +208,3 @@ class ServerRounds:
         self.metrics.write(row)
         print(progress_line(row, self.config.rounds), flush=True)
         self.row = {}
-        return row

@@ -3,7 +3,7 @@ workflow, so the server obtains only the mean of the client adapters (which dist
 needs), never one of them.
 
 Flower runs SecAgg+ only on its legacy strategy API, hence a second, legacy strategy here.
-It shares the round's bookkeeping with `FedCoLLM` (`ServerRounds`) and differs in what it
+It shares the round's bookkeeping with `FedCoLLM` (`RoundBookkeeping`) and differs in what it
 reads: not single updates, which it never sees and so cannot screen, but their aggregate,
 which it checks instead. See docs/SECURITY.md for what SecAgg+ does and does not protect
 against; the client's half is `secure_client.py`.
@@ -25,7 +25,7 @@ from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.config import Config
 from fedcollm.data import DataSplit
 from fedcollm.federation.masks import SERVER_MODULE, replace_generator
-from fedcollm.federation.rounds import ServerRounds
+from fedcollm.federation.rounds import RoundBookkeeping
 from fedcollm.federation.screening import check_update
 from fedcollm.federation.wire import adapter_from_parameters, parameters_from_adapter
 from fedcollm.models import Adapter
@@ -44,7 +44,7 @@ def client_row(proxy, res) -> dict:
 class SecureFedCoLLM(LegacyFedAvg):
     """Steps 1-5 of Algorithm 1 where step 3 is SecAgg+: `aggregate_fit` gets the mean."""
 
-    def __init__(self, rounds: ServerRounds, owners: dict[int, int] | None = None):
+    def __init__(self, rounds: RoundBookkeeping, owners: dict[int, int] | None = None):
         quorum = rounds.config.federation.min_clients
         self.rounds, self.server, self.config = rounds, rounds.server, rounds.config
         self.owners = owners or {}  # partition -> node, from the roll call (sampling)
@@ -122,7 +122,7 @@ def max_weight(config: Config, split: DataSplit) -> float:
 
 
 def run_secure_rounds(
-    grid: Grid, context: Context, rounds: ServerRounds, owners: dict[int, int]
+    grid: Grid, context: Context, rounds: RoundBookkeeping, owners: dict[int, int]
 ) -> None:
     """The remaining rounds with SecAgg+ (Flower's legacy workflow); `owners` (partition ->
     node) says whom to ask when clients are sampled."""

@@ -5,7 +5,7 @@
 `CoTuningServer.server_update` for steps 3-4 and returns the distilled theta, which Flower's
 round loop broadcasts next (step 5): `algorithm/round.py`'s `fedcollm_round`, carried over
 the network. With `federation.secure_aggregation`, `secure_server.py`'s strategy runs the
-rounds instead; both share `ServerRounds` (`rounds.py`) and `run_server` is the same.
+rounds instead; both share `RoundBookkeeping` (`rounds.py`) and `run_server` is the same.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
 from fedcollm.data import get_task
-from fedcollm.federation.rounds import ServerRounds
+from fedcollm.federation.rounds import RoundBookkeeping
 from fedcollm.federation.sampling import roll_call
 from fedcollm.federation.screening import UpdateRejected, check_update
 from fedcollm.federation.secure_server import run_secure_rounds
@@ -111,7 +111,7 @@ def read_update(
 class FedCoLLM(FedAvg):
     """Every client trains every round; aggregation is replaced by aggregate-then-distill."""
 
-    def __init__(self, rounds: ServerRounds):
+    def __init__(self, rounds: RoundBookkeeping):
         quorum = rounds.config.federation.min_clients
         super().__init__(
             fraction_train=1.0,
@@ -217,7 +217,7 @@ class FedCoLLM(FedAvg):
         return row and MetricRecord(headline_scores(row))
 
 
-def run_rounds(grid: MeteredGrid, rounds: ServerRounds, owners: dict[int, int]) -> None:
+def run_rounds(grid: MeteredGrid, rounds: RoundBookkeeping, owners: dict[int, int]) -> None:
     """The remaining rounds with plain aggregation: the server screens every update.
     `owners` (partition -> node, from the roll call) binds partitions to nodes up front."""
     config, strategy = rounds.config, FedCoLLM(rounds)
@@ -296,7 +296,9 @@ def run_server(
     # The roll call goes before the meter: its bytes belong to no round.
     owners = roll_call(grid, config) if config.federation.clients_per_round else {}
     grid = MeteredGrid(grid)
-    rounds = ServerRounds(server, start.eval_questions, metrics, checkpoints, resumed_after, grid)
+    rounds = RoundBookkeeping(
+        server, start.eval_questions, metrics, checkpoints, resumed_after, grid
+    )
     rounds.last_round = privacy_budget_rounds(server, config)
     if rounds.first_round < rounds.last_round:
         if config.federation.secure_aggregation:

@@ -76,7 +76,7 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
         ("distill.top_k=100000", "distill.top_k: 100000 is more than the 257 tokens"),
         ("federation.client_cpus=4096", "federation.client_cpus: 4096 is more than the"),
         ('lora.target_modules=["nope"]', "lora.target_modules: nope not in llm.name 'tiny'"),
-        ('eval.split="test"', "eval.split: "),
+        ('eval.split="test"', "eval.split: " + "{arc}: task arc_easy has no test split"),
         ("privacy.noise_multiplier=1.0", "privacy.noise_multiplier is set but privacy.clip_norm"),
         ("federation.clients_per_round=5", "federation.clients_per_round: 5 is more than"),
         ("privacy.clip_norm=-1.0", "privacy.clip_norm: must be 0 or more"),
@@ -88,7 +88,8 @@ def test_a_bad_value_stops_the_run_before_it_starts(
     capsys, tmp_path, data_dir, started, setting, fragment
 ):
     line = refused(capsys, *run_args(data_dir, tmp_path / "out", setting))
-    assert fragment in line
+    arc = Path(cli.__file__).parent / "data" / "task_files" / "arc_easy.yaml"
+    assert fragment.format(arc=arc) in line
     assert not started and not (tmp_path / "out").exists()
 
 
@@ -264,26 +265,6 @@ def test_a_refused_resume_leaves_the_earlier_run_as_it_was(
     assert not started
 
 
-def test_data_edited_without_changing_its_row_count_is_noticed_on_resume(
-    capsys, tmp_path, data_dir, started
-):
-    data = tmp_path / "data"
-    (data / "arc_easy").mkdir(parents=True)
-    for split in ("train", "validation"):
-        (data / "arc_easy" / f"{split}.jsonl").write_bytes(
-            (data_dir / "arc_easy" / f"{split}.jsonl").read_bytes()
-        )
-    config = load_config(TINY, data_dir=str(data))
-    out = tmp_path / "run"
-    save_checkpoint(out / "checkpoint", 1, CoTuningServer.from_config(config), [])
-    train = data / "arc_easy" / "train.jsonl"
-    lines = train.read_text().splitlines()
-    lines[7] = lines[7].replace('"question": "', '"question": "Edited: ', 1)
-    train.write_text("\n".join(lines) + "\n")
-    line = refused(capsys, *run_args(data, out), "--resume")
-    assert "the training data differ from the checkpointed run's" in line and not started
-
-
 def test_continue_starts_resumes_or_shows_a_finished_run(
     capsys, tmp_path, data_dir, started, checkpointed
 ):
@@ -453,12 +434,21 @@ def test_an_unknown_or_missing_tracker_is_refused(capsys, tmp_path, data_dir, mo
     assert "needs the mlflow package; install it with pip install 'fedcollm[tracking]'" in line
 
 
-def test_validation_data_edited_is_noticed_on_resume(capsys, tmp_path, data_dir, started):
+@pytest.mark.parametrize(
+    ("split", "says"),
+    [
+        ("train", "the training data differ from the checkpointed run's"),
+        ("validation", "the evaluation questions differ from those the checkpointed run"),
+    ],
+)
+def test_data_edited_without_changing_its_row_count_is_noticed_on_resume(
+    capsys, tmp_path, data_dir, started, split, says
+):
     data = tmp_path / "data"
     (data / "arc_easy").mkdir(parents=True)
-    for split in ("train", "validation"):
-        (data / "arc_easy" / f"{split}.jsonl").write_bytes(
-            (data_dir / "arc_easy" / f"{split}.jsonl").read_bytes()
+    for name in ("train", "validation"):
+        (data / "arc_easy" / f"{name}.jsonl").write_bytes(
+            (data_dir / "arc_easy" / f"{name}.jsonl").read_bytes()
         )
     config = load_config(TINY, data_dir=str(data))
     out = tmp_path / "run"
@@ -466,13 +456,12 @@ def test_validation_data_edited_is_noticed_on_resume(capsys, tmp_path, data_dir,
     server = CoTuningServer.from_config(config)
     save_checkpoint(out / "checkpoint", 1, server, [], start.evaluation_fingerprint)
     start.abandon()
-    assert cli.main([*run_args(data, out), "--resume"]) == 0  # the same questions: resumed
-    validation = data / "arc_easy" / "validation.jsonl"
-    lines = validation.read_text().splitlines()
-    lines[3] = lines[3].replace('"question": "', '"question": "Edited: ', 1)
-    validation.write_text("\n".join(lines) + "\n")
-    line = refused(capsys, *run_args(data, out), "--resume")
-    assert "the evaluation questions differ from those the checkpointed run" in line
+    assert cli.main([*run_args(data, out), "--resume"]) == 0  # the same data: resumed
+    edited = data / "arc_easy" / f"{split}.jsonl"
+    lines = edited.read_text().splitlines()
+    lines[7] = lines[7].replace('"question": "', '"question": "Edited: ', 1)
+    edited.write_text("\n".join(lines) + "\n")
+    assert says in refused(capsys, *run_args(data, out), "--resume")
     assert len(started) == 1
 
 

@@ -193,6 +193,18 @@ def test_dirichlet_by_a_template_field(arc_train):
     assert_disjoint_cover(split, set(range(len(arc_train))))
     assert all(split.clients)
 
+    def mercury_shares(alpha: float) -> list[float]:
+        """Each client's share of the largest exam's rows (68% of the file's)."""
+        parts = split_training_data(
+            arc_train, 3, 0, "dirichlet", alpha=alpha, by="field", partition_field=exam
+        ).clients
+        return [sum(arc_train[i].id.startswith("Mercury") for i in p) / len(p) for p in parts]
+
+    # The field drives the skew: a small alpha gives clients very different exams, a huge
+    # one about the file's own mix.
+    skewed, even = mercury_shares(0.1), mercury_shares(1000.0)
+    assert max(skewed) - min(skewed) > 0.5 and max(even) - min(even) < 0.1
+
 
 def test_by_field_gives_each_value_to_one_client_balanced(data_dir):
     medmcqa = load_questions("medmcqa", "train", data_dir)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from fedcollm.config import ConfigError, load_config
 from fedcollm.experiments import methods as experiment
@@ -168,8 +169,13 @@ def test_fedavg_aux_keeps_d_a_and_drops_only_the_distillation():
 def test_fedavg_aux_tunes_both_models_on_d_a(tmp_path, data_dir):
     config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=1"])
     (result,) = run_experiment(config, ["fedavg-aux"], [0], ["arc_easy"], tmp_path)
-    assert result["llm"] is not None  # the LLM trains on D_a's cross-entropy
     row = result["history"][-1]
+    # The LLM trains on D_a's cross-entropy: omega's B, zero at its init, has moved.
+    llm = load_file(
+        tmp_path / "runs/arc_easy/fedavg-aux/seed0/adapters/llm/adapter_model.safetensors"
+    )
+    assert any(v.abs().sum() > 0 for k, v in llm.items() if "lora_B" in k)
+    assert row["distill_llm_ce"] > 0 and row["distill_llm_kd"] >= 0
     assert row["aggregate_sha256"] != row["distilled_sha256"]  # theta, too
     assert result["config"]["distill"]["kd_weight"] == 0.0
 

@@ -24,7 +24,8 @@ from fedcollm.federation.rounds import RoundBookkeeping
 from fedcollm.federation.simulation import simulate
 from fedcollm.models import adapter_digest, get_adapter
 from fedcollm.tracking.checkpoint import load_checkpoint
-from fedcollm.tracking.metrics import read_metrics
+from fedcollm.tracking.metrics import MetricsLog, read_metrics
+from fedcollm.tracking.run_dir import prepare_run
 
 pytestmark = pytest.mark.slow
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -157,22 +158,16 @@ def test_a_run_killed_after_round_1_resumes_to_the_same_adapters(tmp_path, data_
         assert adapter_digest(resumed) == adapter_digest(get_adapter(model)), role
 
 
-def test_a_run_stopped_after_round_0_resumes_without_writing_round_0_twice(
-    tmp_path, data_dir, monkeypatch
-):
+def test_a_run_stopped_after_round_0_resumes_without_writing_round_0_twice(tmp_path, data_dir):
     config = load_config(TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=1"])
-    evaluate = RoundBookkeeping.evaluate
-
-    def stopping_after_round_0(self, flower_round, slm_adapter):
-        row = evaluate(self, flower_round, slm_adapter)
-        if row and row["round"] == 0:
-            raise RuntimeError("stopped after round 0")
-        return row
-
-    with monkeypatch.context() as patch:
-        patch.setattr(RoundBookkeeping, "evaluate", stopping_after_round_0)
-        with pytest.raises(RuntimeError, match="stopped after round 0"):
-            simulate(config, tmp_path)
+    # What a run stopped after "round 0/1" leaves: round 0 scored, checkpointed, recorded.
+    start = prepare_run(config, tmp_path, resume=False)
+    server = CoTuningServer.from_config(config)
+    book = RoundBookkeeping(
+        server, start.eval_questions, MetricsLog(tmp_path), tmp_path / "checkpoint"
+    )
+    book.evaluate(0, server.slm_adapter)
+    start.abandon()
     assert (tmp_path / "checkpoint" / "latest").read_text().strip() == "0"
     rows = simulate(config, tmp_path, resume=True)
     assert [r["round"] for r in rows] == [0, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from tinymodels import PAD, batch, examples, nudge_lora_b, tiny_lora_model
 
 from fedcollm.algorithm.distances import kd_loss, position_mean
-from fedcollm.algorithm.distillation import MutualDistillation, teacher_logits
+from fedcollm.algorithm.distillation import MutualDistillation, selection_gate, teacher_logits
+from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config, DistillConfig, LoraConfig, OptimConfig, load_config
 from fedcollm.data import cycle_batches
 from fedcollm.models import answer_logits, get_adapter
@@ -134,7 +136,7 @@ def test_mutual_distillation_reduces_the_kl_on_a_fixed_batch(schedule):
 def _kd_only(run):
     def loss(role, student, targets, teacher, batch):
         kd = kd_loss(student, teacher)
-        return kd, F.cross_entropy(student.float(), targets).item(), kd.item()
+        return kd, F.cross_entropy(student.float(), targets).item(), kd.item(), 1.0
 
     return loss
 
@@ -293,7 +295,75 @@ def test_a_per_position_weight_enters_the_loss_in_one_place():
     logits, targets = answer_logits(slm, batch())
     teacher = teacher_logits(llm, batch())
     gated = torch.zeros(len(targets))
-    loss, ce, kd = run._loss("slm", logits, targets, teacher, batch(), gated)  # noqa: SLF001
-    assert kd == 0.0 and loss.item() == pytest.approx(ce)
-    _, _, plain = run._loss("slm", logits, targets, teacher, batch())  # noqa: SLF001
+    loss, ce, kd, learned = run._loss("slm", logits, targets, teacher, batch(), gated)  # noqa: SLF001
+    assert kd == 0.0 and learned == 0.0 and loss.item() == pytest.approx(ce)
+    _, _, plain, learned = run._loss("slm", logits, targets, teacher, batch())  # noqa: SLF001
+    assert learned == 1.0
     assert plain == pytest.approx(kd_loss(logits, teacher).item())
+
+
+# --- selective distillation (FedMKT's rule) -------------------------------------------------
+
+
+def _knowing_slm_and_untuned_llm(config):
+    """An SLM tuned on the batch until it predicts every answer token better than the
+    untuned LLM does: the LLM is the worse teacher at every position and on every example."""
+    llm, slm = tiny_lora_model(48, 2, 1, config), tiny_lora_model(32, 2, 0, config)
+    nudge_lora_b(llm, seed=3)
+    optim = OptimConfig(weight_decay=0.0)
+    fine_tune(
+        slm,
+        examples(),
+        epochs=40,
+        max_steps=0,
+        batch_size=4,
+        lr=1e-2,
+        optim=optim,
+        pad_id=PAD,
+        seed=0,
+    )
+    with torch.no_grad():
+        s, targets = answer_logits(slm, batch())
+        t, _ = answer_logits(llm, batch())
+    own = F.cross_entropy(s, targets, reduction="none")
+    other = F.cross_entropy(t, targets, reduction="none")
+    assert (other > own).all()  # the premise of the tests below
+    return llm, slm
+
+
+def _one_step(llm, slm, cfg, config):
+    llm, slm = copy.deepcopy(llm), copy.deepcopy(slm)
+    losses = MutualDistillation(llm, slm, cfg, config.optim).run(examples(), PAD, seed=0)
+    return get_adapter(llm), get_adapter(slm), losses
+
+
+@pytest.mark.parametrize("selection", ["position", "example"])
+def test_selection_learns_only_from_the_better_teacher_and_equals_algorithm_1_there(selection):
+    config = load_config(TINY, overrides=["lora.dropout=0.0"])
+    llm, slm = _knowing_slm_and_untuned_llm(config)
+    base = replace(config.distill, kd_steps=1, batch_size=len(examples()))
+    selective = _one_step(llm, slm, replace(base, selection=selection), config)
+    # The SLM never learns from the worse LLM, and the LLM learns everywhere from the better
+    # SLM: exactly the run where only the LLM has the distance term.
+    one_way = _one_step(llm, slm, replace(base, direction="slm_to_llm"), config)
+    for got, expected in zip(selective[:2], one_way[:2], strict=True):
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+    losses = selective[2]
+    assert losses.slm_learned == [0.0] and losses.llm_learned == [1.0]
+    # ...and not the run of Algorithm 1, where the SLM learns from the LLM too.
+    mutual = _one_step(llm, slm, base, config)
+    assert not all(torch.equal(selective[1][k], mutual[1][k]) for k in selective[1])
+    assert mutual[2].slm_learned == [1.0] and mutual[2].llm_learned == [1.0]
+
+
+def test_the_gate_compares_each_models_gold_token_loss_and_carries_no_gradient():
+    targets = torch.tensor([0, 1, 2, 0])
+    student = torch.tensor([[5.0, 0, 0], [0, 0, 5.0], [0, 0, 5.0], [0, 5.0, 0]], requires_grad=True)
+    teacher = torch.tensor([[0, 5.0, 0], [0, 5.0, 0], [0, 0, 1.0], [5.0, 0, 0]])
+    examples = torch.tensor([0, 0, 1, 1])
+    gate = selection_gate("position", student, targets, teacher, targets, examples)
+    assert gate.tolist() == [0.0, 1.0, 0.0, 1.0] and not gate.requires_grad
+    # Per example: the mean over each example's positions decides for all of them.
+    by_example = selection_gate("example", student, targets, teacher, targets, examples)
+    assert by_example.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert selection_gate("none", student, targets, teacher, targets, examples) is None

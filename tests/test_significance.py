@@ -181,11 +181,17 @@ def test_communication_verdict_from_what_travelled():
             "clients": [{"bytes_sent": 4100, "wire_bytes_sent": 4200}],
         }
     ]
-    verdict = communication_verdict([{"method": "fedcollm", "history": history}])
+    gpt2 = {"slm": {"name": "gpt2"}}  # the paper's SLM
+    run = {"method": "fedcollm", "history": history, "config": gpt2}
+    verdict = communication_verdict([run])
     assert "confirmed" in verdict and "0.105%" in verdict  # 4200 of 4e6 bytes
     history[0]["clients"][0]["wire_bytes_sent"] = 40_000  # ten times the adapter: not theta alone
-    assert "contradicted" in communication_verdict([{"method": "fedcollm", "history": history}])
+    assert "contradicted" in communication_verdict([run])
     assert "not tested" in communication_verdict([])
+    # Another SLM's share says nothing for or against the paper's 0.24%.
+    other = communication_verdict([{**run, "config": {"slm": {"name": "smollm2-135m"}}}])
+    assert "not comparable (the paper's SLMs are GPT-2 Small and OPT-1.3B; this run's is " in other
+    assert "smollm2-135m)" in other and "contradicted" not in other
 
 
 def test_the_section_plots_every_comparison(tmp_path):
@@ -246,3 +252,18 @@ def test_questions_that_share_an_id_pair_by_position_not_as_one():
     assert c.questions == 20
     assert c.diff == pytest.approx(-0.10)
     assert c.mcnemar == [(0, 0, 2, 0.5)]
+
+
+def test_the_clients_per_seed_test_counts_questions_not_client_question_pairs():
+    # Two clients answer the same 10 questions: FedCoLLM's clients both right on questions
+    # 0-3 where Standalone's are both wrong, and the other way round on question 4. Counted
+    # per (client, question) that would be 8 against 2 as if independent; per question it
+    # is 4 against 1.
+    ours = [1.0] * 4 + [0.0] + [1.0] * 5
+    theirs = [0.0] * 4 + [1.0] + [1.0] * 5
+    results = [
+        _result("standalone", 0, clients=[theirs, theirs]),
+        _result("fedcollm", 0, clients=[ours, ours]),
+    ]
+    c = compare_methods(results, "arc_easy", "slm_clients", "fedcollm", "standalone", "acc")
+    assert c.mcnemar == [(0, 4, 1, pytest.approx(0.375))]

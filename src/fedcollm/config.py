@@ -137,6 +137,12 @@ class DistillConfig:
     # forward). "shared": a model's train-mode student forward is also the other model's
     # teacher, dropout and all. Without dropout both are the same and cost the same.
     teacher_forward: Literal["eval", "shared"] = "eval"
+    # Selective distillation (FedMKT's rule): "none" is Algorithm 1, every answer position
+    # takes the distance term. "position": a model takes it only at the answer positions
+    # where the other model's cross-entropy on the gold token is lower than its own;
+    # "example": only on the examples where the other's mean cross-entropy over the answer
+    # is lower. Read from the forward passes the step makes anyway.
+    selection: Literal["none", "position", "example"] = "none"
     # When the LLM's and the SLM's tokenizers differ (they are compared at the answer
     # positions where both start a token): "map" carries the teacher's distribution onto the
     # student's vocabulary through a token map, then the KL above; "uld" is Universal Logit

@@ -27,18 +27,52 @@ from fedcollm.models.vocabulary import VocabularyMap
 
 @dataclass
 class DistillLosses:
-    """Per-step losses of one round of mutual distillation."""
+    """Per-step losses of one round of mutual distillation, and the share of the compared
+    answer positions at which each model learned from the other (its distance term's
+    weight was not 0)."""
 
     slm_ce: list[float] = field(default_factory=list)
     slm_kd: list[float] = field(default_factory=list)
     llm_ce: list[float] = field(default_factory=list)
     llm_kd: list[float] = field(default_factory=list)
+    slm_learned: list[float] = field(default_factory=list)
+    llm_learned: list[float] = field(default_factory=list)
 
     def means(self) -> dict[str, float]:
         return {
             f"distill_{name}": (sum(v) / len(v) if v else float("nan"))
             for name, v in vars(self).items()
         }
+
+
+@torch.no_grad()
+def selection_gate(
+    selection: str,
+    student: torch.Tensor,
+    student_targets: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    examples: torch.Tensor,
+) -> torch.Tensor | None:
+    """FedMKT's selective rule (Fan et al. 2024): 1 where the teacher's cross-entropy on the
+    gold token is lower than the student's, else 0; per answer position, or per example
+    (each example's mean over its positions, given to all of them). None: no selection.
+
+    student, teacher: (N, V_s), (N, V_t) logits at the N compared positions; their targets
+    (N,), each in its own vocabulary; examples: (N,) the example of each position."""
+    if selection == "none":
+        return None
+    device = student.device
+    own = F.cross_entropy(student.float(), student_targets.to(device), reduction="none")
+    other = F.cross_entropy(
+        teacher.to(device).float(), teacher_targets.to(device), reduction="none"
+    )
+    if selection == "example":
+        examples = examples.to(device)
+        count = torch.bincount(examples).clamp_min(1).float()
+        own = (own.new_zeros(len(count)).index_add_(0, examples, own) / count)[examples]
+        other = (other.new_zeros(len(count)).index_add_(0, examples, other) / count)[examples]
+    return (other < own).float()
 
 
 @torch.no_grad()
@@ -97,35 +131,47 @@ class MutualDistillation:
     ):
         """`role`'s loss as student: cross-entropy on all its answer tokens, distance to the
         teacher's rows at the aligned positions, each position's distance weighted by
-        `weights` (one per compared position; None: the plain mean)."""
+        `weights` (one per compared position), by default `distill.selection`'s gate.
+        Returns the loss, its two terms and the share of positions it learned from."""
         ce = F.cross_entropy(student.float(), targets)
+        teacher_role = "llm" if role == "slm" else "slm"
+        teacher_targets = _model_batch(batch, teacher_role).answer_targets
+        examples = _model_batch(batch, role).answer_examples
         student_rows = _aligned_rows(batch, role)
         if student_rows is not None:
-            teacher_rows = _aligned_rows(batch, "llm" if role == "slm" else "slm")
-            student, teacher = student[student_rows.to(student.device)], teacher[teacher_rows]
+            teacher_rows = _aligned_rows(batch, teacher_role)
+            rows = student_rows.to(student.device)
+            student, targets, examples = student[rows], targets[rows], examples[student_rows]
+            teacher, teacher_targets = teacher[teacher_rows], teacher_targets[teacher_rows]
+        if weights is None:
+            weights = selection_gate(
+                self.cfg.selection, student, targets, teacher, teacher_targets, examples
+            )
         kd = position_mean(self.distance[role](student, teacher), weights)
         # One-way ablations (distill.direction): the other model keeps its cross-entropy only;
         # its distance is still computed, for the metrics.
-        teacher_role = "llm" if role == "slm" else "slm"
         learns = self.cfg.direction in ("mutual", f"{teacher_role}_to_{role}")
         weight = self.cfg.kd_weight if learns else 0.0
-        return ce + weight * kd, ce.item(), kd.item()
+        learned = (1.0 if weights is None else weights.mean().item()) if weight else 0.0
+        return ce + weight * kd, ce.item(), kd.item(), learned
 
     def _slm_step(self, optimizer, batch, slm_out, llm_teacher, losses: DistillLosses) -> None:
         slm_batch = _model_batch(batch, "slm")
         logits, targets = slm_out if slm_out is not None else answer_logits(self.slm, slm_batch)
-        loss, ce, kd = self._loss("slm", logits, targets, llm_teacher, batch)
+        loss, ce, kd, learned = self._loss("slm", logits, targets, llm_teacher, batch)
         optimizer_step(optimizer, loss, self.optim.max_grad_norm)
         losses.slm_ce.append(ce)
         losses.slm_kd.append(kd)
+        losses.slm_learned.append(learned)
 
     def _llm_step(self, batch, llm_out, slm_teacher, losses: DistillLosses) -> None:
         llm_batch = _model_batch(batch, "llm")
         logits, targets = llm_out if llm_out is not None else answer_logits(self.llm, llm_batch)
-        loss, ce, kd = self._loss("llm", logits, targets, slm_teacher, batch)
+        loss, ce, kd, learned = self._loss("llm", logits, targets, slm_teacher, batch)
         optimizer_step(self.llm_optimizer, loss, self.optim.max_grad_norm)
         losses.llm_ce.append(ce)
         losses.llm_kd.append(kd)
+        losses.llm_learned.append(learned)
 
     def _teacher(self, model, batch: Batch, student_out) -> torch.Tensor:
         """A model's logits as the other model's teacher: those of eval mode, no gradient.

@@ -22,6 +22,17 @@ class Batch:
             *(t.to(device) for t in (self.input_ids, self.attention_mask, self.answer_mask))
         )
 
+    @property
+    def answer_targets(self) -> torch.Tensor:
+        """(N,) the answer tokens, row-major: what the N answer positions predict (position t
+        predicts token t + 1)."""
+        return self.input_ids[:, 1:][self.answer_mask[:, 1:]]
+
+    @property
+    def answer_examples(self) -> torch.Tensor:
+        """(N,) the example (batch row) each answer position belongs to, row-major."""
+        return self.answer_mask[:, 1:].nonzero()[:, 0]
+
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     length = max(len(e.input_ids) for e in examples)

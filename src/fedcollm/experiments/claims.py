@@ -22,6 +22,9 @@ from fedcollm.tracking.plots import figure
 
 PAPER_SHARE = 0.0024  # the paper's "about 0.24%"
 LLM_SHARE = 0.97  # the low end of the paper's 97-99%
+# The paper's SLMs, by the names a config would give them; communication on another model
+# is not comparable with its 0.24%.
+PAPER_SLMS = {"gpt2", "openai-community/gpt2", "facebook/opt-1.3b"}
 
 
 def _points(value: float, metric: str) -> str:
@@ -100,6 +103,14 @@ def communication_verdict(results: list[dict[str, Any]]) -> str:
         f"{human_bytes(full)}; the adapter is {adapter:,} of the SLM's {slm:,} parameters "
         f"({100 * adapter / slm:.3f}%)"
     )
+    slm_name = next((r["config"]["slm"]["name"] for r in results if r.get("config")), "")
+    if slm_name.lower() not in PAPER_SLMS:
+        # The share is the adapter's size over the model's: a property of the model and the
+        # rank, so a figure of another model says nothing for or against the paper's.
+        return (
+            f"- **{claim}**: not comparable (the paper's SLMs are GPT-2 Small and OPT-1.3B; "
+            f"this run's is {slm_name or 'another model'}), {said}."
+        )
     # Only theta travels when the messages are the adapter's payload and little more.
     if per_round <= 1.1 * 4 * adapter and measured <= 2 * PAPER_SHARE:
         return f"- **{claim}**: confirmed, {said}."
@@ -111,7 +122,7 @@ def communication_verdict(results: list[dict[str, Any]]) -> str:
 def comparisons_table(comparisons: list[Comparison]) -> str:
     lines = [
         "| comparison | metric | seeds x questions | method | baseline | difference, 95% CI "
-        "| McNemar per seed (ours only / theirs only, p) | detectable (80% power) |",
+        "| exact test per seed (questions ours / theirs better, p) | detectable (80% power) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:

@@ -2,9 +2,11 @@
 
 Two methods scored on the same questions under the same seeds are compared question by
 question: the difference of their means with a paired bootstrap 95% interval that resamples
-questions and seeds together, an exact McNemar test per seed (binary metrics), and the
-smallest difference the design could have detected (80% power, two-sided 5%). The LLM's
-claim is a ratio (FedCoLLM over Centralized), bootstrapped from the same resamples.
+questions and seeds together, an exact paired test per seed (binary metrics: McNemar for
+one model against one, a sign test over questions for the clients, whose answers share the
+questions and theta), and the smallest difference the design could have detected (80%
+power, two-sided 5%). The LLM's claim is a ratio (FedCoLLM over Centralized), bootstrapped
+from the same resamples.
 
 Results kept before predictions were (older runs) are compared unpaired from their per-seed
 scores and standard errors; that interval is wider than a paired one, and says so.
@@ -168,15 +170,15 @@ def _bootstrap_means(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES):
 
 
 def _mcnemar(ours, theirs, ids) -> tuple[int, int, float]:
-    """Exact McNemar on (model of ours, model of theirs, question) pairs: client k against
-    client k (each holds the same D_k under both methods); one model against all clients
-    when a baseline has one (zero-shot). Returns (ours right only, theirs right only, p)."""
-    if len(ours) != len(theirs):
-        ours, theirs = (
-            (ours * len(theirs), theirs) if len(ours) == 1 else (ours, theirs * len(ours))
-        )
-    wins = sum(o[q] > t[q] for o, t in zip(ours, theirs, strict=True) for q in ids)
-    losses = sum(o[q] < t[q] for o, t in zip(ours, theirs, strict=True) for q in ids)
+    """A paired exact test per seed, question by question. One model against one: McNemar
+    on the questions only one of them got right. Where a side has several models (the
+    clients, who share the questions and theta, so their answers are not independent): a
+    sign test over questions of the clients' mean correctness, one pair per question.
+    Returns (questions ours did better on, questions theirs did better on, p)."""
+    mean_ours = {q: statistics.fmean(m[q] for m in ours) for q in ids}
+    mean_theirs = {q: statistics.fmean(m[q] for m in theirs) for q in ids}
+    wins = sum(mean_ours[q] > mean_theirs[q] for q in ids)
+    losses = sum(mean_ours[q] < mean_theirs[q] for q in ids)
     p = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
     return int(wins), int(losses), float(p)
 

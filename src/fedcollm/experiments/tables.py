@@ -300,9 +300,11 @@ with one seed), then in brackets the standard error one seed's score has on the 
 scored (lm-eval's *_stderr). A task with one metric shows "-" in the other's table.
 
 - **SLM, clients' own adapters**: each client's adapter after its last local update, scored
-  on the evaluation split and averaged over clients (the paper's client rows).
+  on the evaluation split and averaged over clients (the paper's client rows). For FedCoLLM
+  that is before the last round's distillation: the clients never hold its result.
 - **SLM, global adapter**: the adapter the server holds at the end (for FedCoLLM: after
-  distillation).
+  distillation). It is also what every client holds once the final theta is broadcast: a
+  client with the final theta is this row.
 
 {tables}
 
@@ -315,9 +317,10 @@ scored (lm-eval's *_stderr). A task with one metric shows "-" in the other's tab
 ## Significance
 
 Paired on the same questions and seeds: the mean difference with a bootstrap 95% interval
-that resamples questions and seeds together ({RESAMPLES} resamples), an exact McNemar test
-per seed on the (client k, client k, question) pairs, and the smallest difference this design
-detects at 80% power (2.80 standard errors of the difference).
+that resamples questions and seeds together ({RESAMPLES} resamples), an exact paired test
+per seed (McNemar for one model against one; for the clients, a sign test over questions of
+their mean correctness, since the clients share the questions and theta), and the smallest
+difference this design detects at 80% power (2.80 standard errors of the difference).
 
 {significance_section(results, out)}
 """

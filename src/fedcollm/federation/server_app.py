@@ -1,11 +1,18 @@
-"""Flower ServerApp: the FedCoLLM strategy over the algorithm in `fedcollm.algorithm`.
+"""Flower ServerApp: the FedCoLLM strategy over the algorithm in `fedcollm.algorithm`:
+`algorithm/round.py`'s `fedcollm_round`, carried over the network. Each step of
+Algorithm 1 is one callback of the strategy (plain here, `secure_server.py`'s under
+`federation.secure_aggregation`); the round's record is `rounds.py`'s:
 
-`FedCoLLM.configure_train` is step 1 (broadcast theta), the ClientApp does step 2, and
-`FedCoLLM.aggregate_train` screens the replies (`read_update`), hands the valid ones to
-`CoTuningServer.server_update` for steps 3-4 and returns the distilled theta, which Flower's
-round loop broadcasts next (step 5): `algorithm/round.py`'s `fedcollm_round`, carried over
-the network. With `federation.secure_aggregation`, `secure_server.py`'s strategy runs the
-rounds instead; both share `RoundBookkeeping` (`rounds.py`) and `run_server` is the same.
+| step             | plain `FedCoLLM`      | secure `SecureFedCoLLM`  | `RoundBookkeeping` |
+| ---------------- | --------------------- | ------------------------ | ------------------ |
+| 1 broadcast      | `configure_train`     | `configure_fit`          | `begin`            |
+| 2 clients tune   | ClientApp `train`     | ClientApp `secure_train` |                    |
+| 3 aggregate      | `aggregate_train`:    | SecAgg+, then            | `finish`           |
+|                  | `_screen` each reply, | `aggregate_fit`:         |                    |
+| 4 distil         | `server_update`       | `co_tune`                | `finish`           |
+| 5 next broadcast | the distilled theta, which Flower sends next | the same | `evaluate`   |
+
+`run_server` is the same for both.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     )
     predicts = batch.answer_mask[:, 1:]  # (B, L-1)
     hidden = out.hidden_states[-1][:, :-1][predicts]  # (N, H): final-norm output
-    return output_logits(model, hidden), batch.input_ids[:, 1:][predicts]
+    return output_logits(model, hidden), batch.answer_targets
 
 
 @contextmanager

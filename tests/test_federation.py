@@ -164,26 +164,10 @@ def test_final_adapters_load_with_peft_and_match_the_last_evaluation(tiny_run):
     assert json.loads((out / "config.json").read_text())["task"] == config.task
 
 
-def test_two_runs_with_the_same_seed_give_the_same_metrics(tiny_run, tmp_path):
-    config, _, rows, _, _ = tiny_run
-    again = simulate(config, tmp_path)
-
-    # Timings vary, and so do Flower's node ids (and with them a few bytes of each message).
-    varying = {"seconds", "node", "wire_bytes_sent", "wire_bytes_received"}
-
-    def without_timing(rows):
-        return [
-            {k: v for k, v in r.items() if k != "seconds"}
-            | {"clients": [{k: v for k, v in c.items() if k not in varying} for c in r["clients"]]}
-            for r in rows
-        ]
-
-    assert without_timing(again) == without_timing(rows)
-
-
 def test_the_flower_run_adds_nothing_to_the_algorithm(tiny_run):
     """The reference round in this process, with no Flower at all, gives the theta the
-    simulated federation gave, bit for bit, in every round: before and after distillation."""
+    simulated federation gave, bit for bit, in every round: before and after distillation.
+    (So a second run with the same seed gives the same adapters, and the same scores.)"""
     config, _, rows, _, _ = tiny_run
     results = list(reference_rounds(config))
     assert len(results) == config.rounds
@@ -242,20 +226,6 @@ def test_every_round_reaches_tensorboard_and_mlflow(tiny_run):
     assert [(m.step, m.value) for m in history] == [(r["round"], r["slm_acc"]) for r in rows]
     run = client.get_run(marker["run_id"])
     assert run.data.params["rounds"] == str(config.rounds) and run.info.status == "FINISHED"
-
-
-def test_evaluation_every_n_rounds_and_always_the_last(tmp_path, data_dir):
-    config = load_config(TINY, data_dir=str(data_dir), overrides=["rounds=3", "eval.every=2"])
-    rows = simulate(config, tmp_path)
-    assert [r["round"] for r in rows if "slm_acc" in r] == [0, 2, 3]
-    assert "slm_acc" not in rows[1] and rows[1]["client_train_loss"] > 0  # trained, unscored
-    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
-        "round_0.json",
-        "round_2.json",
-        "round_3.json",
-    ]
-    # The plot and the summary skip the unscored round rather than fail on it.
-    assert (tmp_path / "accuracy.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

@@ -168,16 +168,22 @@ def test_plain_lora_loses_in_averaging_and_a_shared_a_loses_nothing():
 
 @pytest.mark.slow
 def test_a_dp_run_spends_its_budget_stops_there_and_resumes_with_a_larger_one(tmp_path, data_dir):
+    """Also the one run that scores every other round (eval.every = 2): the last round,
+    the budget's or the config's, is always scored."""
     common = [
         "rounds=4",
         "eval.limit=4",
         *DP,
         "federation.clients_per_round=2",
         "eval.clients=true",
+        "eval.every=2",
     ]
     config = load_config(TINY, data_dir=str(data_dir), overrides=[*common, "privacy.max_epsilon=8"])
     rows = simulate(config, tmp_path)
     assert [r["round"] for r in rows] == [0, 1, 2]  # round 3 would pass epsilon 8
+    assert [r["round"] for r in rows if "slm_acc" in r] == [0, 2]
+    assert "slm_acc" not in rows[1] and rows[1]["client_train_loss"] > 0  # trained, unscored
+    assert (tmp_path / "accuracy.png").stat().st_size > 0  # the plot skips round 1
     epsilons = [r["epsilon"] for r in rows]
     assert epsilons[0] == 0 and epsilons[1] < epsilons[2] <= 8
     for row in rows[1:]:
@@ -196,6 +202,12 @@ def test_a_dp_run_spends_its_budget_stops_there_and_resumes_with_a_larger_one(tm
     assert resumed[2]["epsilon"] < resumed[3]["epsilon"] < resumed[4]["epsilon"] <= 20
     assert resumed[3]["epsilon"] == pytest.approx(PrivacyAccountant(more).epsilon(3))
     assert all("own_acc" in c for c in resumed[4]["clients"])
+    assert [r["round"] for r in resumed if "slm_acc" in r] == [0, 2, 4]
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == [
+        "round_0.json",
+        "round_2.json",
+        "round_4.json",
+    ]
 
 
 @pytest.mark.slow

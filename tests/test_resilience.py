@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from fedcollm.algorithm.round import reference_rounds
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import load_config
+from fedcollm.federation import processes
 from fedcollm.federation.client_app import train
 from fedcollm.federation.rounds import RoundBookkeeping
 from fedcollm.federation.simulation import simulate
@@ -247,3 +248,19 @@ def test_a_client_that_times_out_is_dropped_and_the_round_goes_on(tmp_path, data
     assert sorted(c["partition"] for c in rows[1]["clients"]) == [0, 1]
     (dropped,) = rows[1]["dropped"]
     assert "no reply within round_timeout 45 s" in dropped["error"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_signal_whose_exception_python_ignores_is_delivered_again(tmp_path):
+    """A signal that lands in an at-fork callback or a `__del__` (where Python prints and
+    drops the handler's exception) still stops the run: it is delivered again."""
+
+    class Collected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # KeyboardInterrupt here is only printed
+
+    with pytest.raises(processes.RunInterrupted, match="interrupted by SIGINT"):
+        with processes.stopped_with_the_run(tmp_path):
+            Collected()  # dropped at once: its __del__ runs now
+            for _ in range(600):  # the run goes on; within a minute it must be stopped
+                time.sleep(0.1)

@@ -12,6 +12,7 @@ processes are not looked for.
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
@@ -144,9 +145,28 @@ def _quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
+# Set once `stopped_with_the_run` has caught the exception a stop signal raised.
+_stop_caught = threading.Event()
+
+
+def _again_unless_caught(signum: int) -> None:
+    """A signal handler's exception is lost where Python ignores exceptions: in an at-fork
+    callback (logging's, while Ray starts a worker), in a `__del__`. Unless the run has
+    caught the stop within a second, deliver the signal to the main thread again."""
+
+    def again() -> None:
+        if not _stop_caught.is_set():
+            _thread.interrupt_main(signum)
+
+    timer = threading.Timer(1.0, again)
+    timer.daemon = True
+    timer.start()
+
+
 def _interrupt(signum, frame) -> None:
     # Ctrl-C reaches Ray's actors too, and Flower logs each that dies; be quiet first.
     _quiet_flower()
+    _again_unless_caught(signum)
     raise KeyboardInterrupt
 
 
@@ -165,6 +185,7 @@ def _quiet_before_ray_exits() -> Iterator[None]:
     def install_quiet_first(handler):
         def quiet_first(signum, frame):
             _quiet_flower()
+            _again_unless_caught(signum)
             handler(signum, frame)
 
         install(quiet_first)
@@ -188,6 +209,7 @@ def stopped_with_the_run(out_dir: Path) -> Iterator[None]:
             flush=True,
         )
     record = record_run()
+    _stop_caught.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:
@@ -196,6 +218,7 @@ def stopped_with_the_run(out_dir: Path) -> Iterator[None]:
     except (KeyboardInterrupt, SystemExit) as stop:
         # Ctrl-C arrives as KeyboardInterrupt; SIGTERM as the SystemExit that Ray's handler
         # (which replaces any other) raises.
+        _stop_caught.set()
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short
             signal.signal(sig, signal.SIG_IGN)
         _quiet_flower()

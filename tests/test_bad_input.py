@@ -372,10 +372,10 @@ def test_identical_adapters_are_identical_files_whatever_the_hash_seed(tmp_path)
         "from fedcollm.models import build_slm, save_adapter; from pathlib import Path; "
         "save_adapter(build_slm(Config())[0], Path(sys.argv[1]))"
     )
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         subprocess.run([sys.executable, "-c", code, str(tmp_path / seed)], env=env, check=True)
-    configs = {(tmp_path / s / "adapter_config.json").read_bytes() for s in ("1", "2", "3")}
+    configs = {(tmp_path / s / "adapter_config.json").read_bytes() for s in ("1", "2")}
     assert len(configs) == 1
 
 

@@ -145,7 +145,9 @@ def _quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
-# Set once `stopped_with_the_run` has caught the exception a stop signal raised.
+# The run inside `stopped_with_the_run` now (0: none; each run its own number), and whether
+# it has caught the exception a stop signal raised.
+_run = {"current": 0, "started": 0}
 _stop_caught = threading.Event()
 
 
@@ -154,8 +156,10 @@ def _again_unless_caught(signum: int) -> None:
     callback (logging's, while Ray starts a worker), in a `__del__`. Unless the run has
     caught the stop within a second, deliver the signal to the main thread again."""
 
+    run = _run["current"]
+
     def again() -> None:
-        if not _stop_caught.is_set():
+        if run and _run["current"] == run and not _stop_caught.is_set():
             _thread.interrupt_main(signum)
 
     timer = threading.Timer(1.0, again)
@@ -210,6 +214,8 @@ def stopped_with_the_run(out_dir: Path) -> Iterator[None]:
         )
     record = record_run()
     _stop_caught.clear()
+    _run["started"] += 1
+    _run["current"] = _run["started"]
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
     try:
@@ -226,6 +232,7 @@ def stopped_with_the_run(out_dir: Path) -> Iterator[None]:
         signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
         raise RunInterrupted(signum, out_dir) from None
     finally:
+        _run["current"] = 0
         if record is not None:
             record.unlink(missing_ok=True)
         if main_thread and signal.getsignal(signal.SIGINT) is _interrupt:

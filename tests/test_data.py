@@ -16,6 +16,7 @@ from fedcollm.data import (
     collate,
     cycle_batches,
     encode_answer,
+    encode_examples,
     encode_pair,
     load_questions,
     split_training_data,
@@ -309,6 +310,20 @@ def test_truncation_keeps_the_whole_answer_at_the_end():
     assert TOKENIZER.decode(masked(ex)) == answer
     n = len(answer)  # one byte token per character
     assert ex.answer_mask == [False] * (48 - n) + [True] * n
+
+
+def test_a_generative_answer_ends_with_eos_in_training_and_a_choice_does_not(arc_train):
+    config = config_from_dict({"task": "code_alpaca", "data": {"max_length": 18}})
+    written = Question("w", "Write:", (), -1, "a long answer", delimiter=" ")
+    (example,) = encode_examples([written], [0], TOKENIZER, config)
+    eos = TOKENIZER.eos_token_id
+    assert example.input_ids[-1] == eos and example.answer_mask[-1]  # a target, kept when cut
+    assert len(example.input_ids) == 18
+    assert TOKENIZER.decode(masked(example)[:-1]) == " a long answer"
+    (choice,) = encode_examples([arc_train[0]], [0], TOKENIZER, config)
+    assert eos not in choice.input_ids
+    # Scoring reads the reference text's own loss, without EOS.
+    assert eos not in encode_answer(TOKENIZER, written, max_length=18).input_ids
 
 
 def test_short_examples_are_not_padded_or_truncated():

@@ -59,18 +59,23 @@ def encode_continuations(tokenizer, context: str, continuations: Sequence[str]) 
     ]
 
 
-def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> Example:
+def encode_pair(
+    tokenizer, context: str, continuation: str, max_length: int, end: bool = False
+) -> Example:
     """One (context, continuation) pair as a training example, cut from the left to at most
-    `max_length` tokens; see `encode_continuations`."""
+    `max_length` tokens; see `encode_continuations`. With `end`, the continuation closes
+    with the tokenizer's end-of-sequence token, which is then a target too."""
     ((context_ids, answer_ids),) = encode_continuations(tokenizer, context, [continuation])
+    if end and tokenizer.eos_token_id is not None:
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
     ids = (context_ids + answer_ids)[-max_length:]
     mask = [False] * len(context_ids) + [True] * len(answer_ids)
     return Example(input_ids=ids, answer_mask=mask[-len(ids) :])
 
 
-def encode_answer(tokenizer, question: Question, max_length: int) -> Example:
-    """The training example of a question: its prompt followed by the correct answer."""
-    return encode_pair(tokenizer, question.context, question.continuation, max_length)
+def encode_answer(tokenizer, question: Question, max_length: int, end: bool = False) -> Example:
+    """A question's prompt followed by its correct answer (and EOS with `end`)."""
+    return encode_pair(tokenizer, question.context, question.continuation, max_length, end)
 
 
 def as_prompted(questions: Sequence[Question], tokenizer, prompt_format: str) -> list[Question]:
@@ -98,6 +103,9 @@ def as_prompted(questions: Sequence[Question], tokenizer, prompt_format: str) ->
 def encode_examples(
     questions: Sequence[Question], indices: Sequence[int], tokenizer, config: Config
 ) -> list[Example]:
-    """The training examples of the questions at `indices` (a client's D_k, or D_a)."""
+    """The training examples of the questions at `indices` (a client's D_k, or D_a). A
+    generative answer ends with EOS, the SFT convention, so that a model learns where an
+    answer stops; a choice of a multiple-choice question does not, as it is scored without
+    one (scoring adds no EOS either: `target_loss` is the reference text's own loss)."""
     chosen = as_prompted([questions[i] for i in indices], tokenizer, config.data.prompt_format)
-    return [encode_answer(tokenizer, q, config.data.max_length) for q in chosen]
+    return [encode_answer(tokenizer, q, config.data.max_length, not q.choices) for q in chosen]

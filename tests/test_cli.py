@@ -38,11 +38,25 @@ def test_evaluate_rejects_an_unknown_task_and_a_missing_adapter(data_dir, tmp_pa
     assert cli.main(["evaluate", "--model", "tiny", "--task", "piqa"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --task: unknown task 'piqa'; choose one of arc_challenge, arc_easy, "
-        "code_alpaca, commonsense_qa, medmcqa, mmlu, mmlu_humanities, mmlu_social_sciences, "
-        "mmlu_stem, openbookqa, self_instruct, tfns, vell_fruits, or give the path of a task "
-        "file (.yaml)"
+        "code_alpaca, commonsense_qa, flores_fra_eng, medmcqa, mmlu, mmlu_humanities, "
+        "mmlu_social_sciences, mmlu_stem, openbookqa, scitldr, self_instruct, tfns, "
+        "vell_fruits, or give the path of a task file (.yaml)"
     ]
     args = ["--task", "arc_easy", "--data-dir", str(data_dir), "--adapter", str(tmp_path)]
     assert cli.main(["evaluate", "--model", "tiny", *args, "--limit", "1"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "adapter_config.json" in line
+
+
+def test_evaluate_scores_summaries_by_rouge_and_translations_by_chrf_and_bleu(data_dir, capsys):
+    import sacrebleu
+
+    expected = {"scitldr": ("rouge1", "rouge2", "rougeL"), "flores_fra_eng": ("chrf", "bleu")}
+    for task, metrics in expected.items():
+        args = ["evaluate", "--model", "tiny", "--task", task, "--data-dir", str(data_dir)]
+        assert cli.main([*args, "--limit", "3", "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["n"] == 3 and {*metrics, "target_loss"} <= summary.keys()
+    # A tiny random model's words are nowhere in the reference: chrF++ near 0, not a share.
+    assert 0 <= summary["chrf"] < 100 and summary["chrf_stderr"] >= 0
+    assert sacrebleu.__version__.startswith("2.6")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tinymodels import TOKENIZER, tiny_model
 
-from fedcollm.data import DataError, get_task
+from fedcollm.data import DataError, Question, get_task, load_questions
 from fedcollm.data.tasks import split_questions
 from fedcollm.evaluation import choice_loglikelihoods, evaluate_task
 from fedcollm.evaluation.generation import exact_match, generate
@@ -485,3 +485,53 @@ def test_a_metric_registered_in_one_place_is_scored_reported_and_read_as_lower_i
     )  # fmt: skip
     assert gain_verdict(shorter).startswith("- **Clients' SLMs gain over Standalone**: confirmed")
     assert "-2.000 answer_length" in gain_verdict(shorter)
+
+
+# --- several references, corpus-level metrics ----------------------------------------------
+
+
+def _answers_to(questions, generations):
+    from fedcollm.evaluation.metrics import Answers
+
+    answers = Answers(None, None, get_task("scitldr"), questions)
+    answers.__dict__["generations"] = generations  # what the model "generated"
+    return answers
+
+
+def test_scitldr_trains_on_the_first_reference_and_rouge_takes_the_best_of_all(data_dir):
+    from fedcollm.data.taskfile import Metric as Entry
+    from fedcollm.evaluation.metrics import metric_spec
+
+    validation = load_questions("scitldr", "validation", data_dir)
+    several = next(q for q in validation if len(q.references) > 2)
+    assert several.answer == several.doc["target"][0]  # the author's TLDR trains
+    assert several.references == tuple(several.doc["target"])
+    # A generation equal to the last reference scores 1 whatever the first one says.
+    answers = _answers_to([several], [several.references[-1]])
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        assert metric_spec(kind).function(answers, Entry(kind)) == [1.0]
+    assert all(len(q.references) == 1 for q in load_questions("scitldr", "train", data_dir))
+
+
+def test_bleu_and_chrf_are_corpus_scores_with_sentence_scores_kept_for_pairing():
+    from sacrebleu.metrics import BLEU, CHRF
+
+    from fedcollm.evaluation.metrics import metric_spec
+    from fedcollm.evaluation.scores import Scores, corpus_with_stderr
+
+    refs = ["the cat sat on the mat today", "a dog barks at the moon", "rain falls in spain"]
+    outs = ["the cat sat on a mat today", "the dog barked", "rain falls mainly in spain"]
+    questions = [Question(f"q{i}", "x", (), -1, r) for i, r in enumerate(refs)]
+    answers = _answers_to(questions, outs)
+    for name, scorer in (("bleu", BLEU()), ("chrf", CHRF(word_order=2))):
+        spec = metric_spec(name)
+        value, stderr = corpus_with_stderr(spec.corpus, answers)
+        assert value == pytest.approx(scorer.corpus_score(outs, [refs]).score)
+        sentences = spec.function(answers, None)
+        assert sentences == pytest.approx(
+            [scorer.sentence_score(o, [r]).score for o, r in zip(outs, refs, strict=True)]
+        )
+        assert value != pytest.approx(sum(sentences) / 3)  # not a mean of sentence scores
+        assert stderr > 0
+        summary = Scores({name: sentences}, corpus={name: (value, stderr)}).summary()
+        assert (summary[name], summary[f"{name}_stderr"]) == (value, stderr)

@@ -62,6 +62,7 @@ def questions_digest(questions: Sequence[Question]) -> str:
     for q in questions:
         # A generative row's answer; a choice row's is its choices and gold already.
         content = [q.id, q.context, q.choices, q.gold] + ([] if q.choices else [q.answer])
+        content += [list(q.other_references)] if q.other_references else []
         digest.update(json.dumps(content).encode())
     return digest.hexdigest()[:16]
 

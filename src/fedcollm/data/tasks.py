@@ -37,10 +37,17 @@ class Question:
     delimiter: str = " "
     # The row itself: natural partitions group by its fields.
     doc: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # A generative row's other references (SciTLDR has several), scored beside `answer`.
+    other_references: tuple[str, ...] = ()
 
     @property
     def continuation(self) -> str:
         return self.delimiter + self.answer
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """Every reference a generation is scored against, the trained one first."""
+        return (self.answer, *self.other_references)
 
 
 class Task:
@@ -76,8 +83,11 @@ class Task:
     def question(self, row: Row, index: int, split: str) -> Question:
         spec, doc, templates = self.spec, row.doc, self.templates
         context = templates["description"].render(doc) + text(templates["doc_to_text"], doc)
+        others: tuple[str, ...] = ()
         if spec.generative:
             answer = target(templates["doc_to_target"], doc, is_choice=False)
+            if isinstance(answer, list):
+                answer, others = answer[0], tuple(answer[1:])
             if not answer.strip():
                 raise BadRow("doc_to_target gives an empty answer; every row needs one")
             options, gold = (), -1
@@ -96,6 +106,7 @@ class Task:
             answer=answer,
             delimiter=spec.target_delimiter,
             doc=doc,
+            other_references=others,
         )
 
 

@@ -89,13 +89,18 @@ def choices(template: Template, doc: dict[str, Any]) -> list[str]:
     return list(value)
 
 
-def target(template: Template, doc: dict[str, Any], is_choice: bool) -> int | str:
+def target(template: Template, doc: dict[str, Any], is_choice: bool) -> int | str | list[str]:
     """The answer: an index into the choices or a choice's text (multiple choice), or the
-    reference text (generation)."""
+    reference text (generation), or for generation a list of references (the first one
+    trains; the metrics score against all)."""
     value = template.apply(doc)
     rendered = isinstance(template.value, str) and template.value not in doc
     if rendered and is_choice and value.isdigit():
         return int(value)
+    if not is_choice and isinstance(value, list | tuple):
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise BadRow(f"doc_to_target gives {value!r}; give a list of non-empty references")
+        return list(value)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise BadRow(f"doc_to_target gives {type(value).__name__} {value!r}; give one answer")
     return value if is_choice else str(value)

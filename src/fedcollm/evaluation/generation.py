@@ -7,9 +7,10 @@ as lm-eval cuts it. Decoding is plain greedy: the model's own generation default
 repetition penalty, sampling) are not applied.
 
 Metrics: `exact_match` as lm-eval computes it (its options `ignore_case`,
-`ignore_punctuation`, `ignore_numbers`, `regexes_to_ignore`), ROUGE-L F1 by Google's
-`rouge-score` (with its Porter stemmer, as the Self-Instruct evaluation), and the reference
-answer's mean token loss under teacher forcing, which needs no decoding at all.
+`ignore_punctuation`, `ignore_numbers`, `regexes_to_ignore`), ROUGE-1/2/L F1 by Google's
+`rouge-score` (with its Porter stemmer, as the Self-Instruct evaluation), chrF++ and BLEU by
+sacrebleu, and the reference answer's mean token loss under teacher forcing, which needs no
+decoding at all.
 """
 
 from __future__ import annotations
@@ -118,17 +119,49 @@ def exact_match(
     return float(prediction.rstrip("\0") == reference.rstrip("\0"))
 
 
-_ROUGE = None
+_ROUGE: dict[str, object] = {}
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 of Google's rouge-score package, stemmed."""
-    global _ROUGE
-    if _ROUGE is None:
+def rouge(prediction: str, references: Sequence[str], kind: str = "rougeL") -> float:
+    """ROUGE F1 (`kind`: rouge1, rouge2, rougeL) of Google's rouge-score package, stemmed;
+    against several references the best of them (its `score_multi`, SciTLDR's
+    multi-target max)."""
+    if kind not in _ROUGE:
         from rouge_score import rouge_scorer  # imported here: its NLTK load takes a moment
 
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _ROUGE.score(reference, prediction)["rougeL"].fmeasure
+        _ROUGE[kind] = rouge_scorer.RougeScorer([kind], use_stemmer=True)
+    return _ROUGE[kind].score_multi(list(references), prediction)[kind].fmeasure
+
+
+def chrf_scorer():
+    """sacrebleu's chrF++ (character 6-grams and word bigrams), as FLORES-200 reports it."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF(word_order=2)
+
+
+def bleu_scorer():
+    """sacrebleu's BLEU with its default 13a tokenisation."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU()
+
+
+def sentence_scores(scorer, predictions: Sequence[str], references: Sequence[Sequence[str]]):
+    """Each generation's own score (0-100), what a paired test over examples compares."""
+    return [
+        scorer.sentence_score(p, list(r)).score
+        for p, r in zip(predictions, references, strict=True)
+    ]
+
+
+def corpus_score(scorer, predictions: Sequence[str], references: Sequence[Sequence[str]]):
+    """The corpus score (0-100) the field reports: n-gram statistics summed over all
+    sentences, not a mean of sentence scores. Rows with fewer references are padded with
+    None, as sacrebleu takes them."""
+    width = max(len(r) for r in references)
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(width)]
+    return scorer.corpus_score(list(predictions), streams).score
 
 
 @torch.inference_mode()

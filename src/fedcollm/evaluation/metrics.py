@@ -19,7 +19,16 @@ from fedcollm.data import Question, Task
 from fedcollm.data.taskfile import Metric as MetricEntry
 from fedcollm.data.templates import Template
 from fedcollm.evaluation.flowertune import correct as flowertune_correct
-from fedcollm.evaluation.generation import exact_match, generate, rouge_l, target_losses
+from fedcollm.evaluation.generation import (
+    bleu_scorer,
+    chrf_scorer,
+    corpus_score,
+    exact_match,
+    generate,
+    rouge,
+    sentence_scores,
+    target_losses,
+)
 from fedcollm.evaluation.multiple_choice import accuracy, choice_loglikelihoods
 from fedcollm.registry import METRICS
 
@@ -82,6 +91,8 @@ class Answers:
 
 
 MetricFunction = Callable[[Answers, MetricEntry], list[float]]
+# A corpus-level aggregation: the task's score from all generations and their references.
+CorpusFunction = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
 
 
 @dataclass(frozen=True)
@@ -90,9 +101,13 @@ class MetricSpec:
     output_type: str  # "multiple_choice" or "generate_until"
     function: MetricFunction
     higher_is_better: bool = True
-    aggregation: str = "mean"  # over questions; the only one fedcollm reports
+    # Over questions: "mean" of the per-question values, or the name of a corpus-level
+    # score (`corpus`: BLEU and chrF sum n-gram counts over the corpus, as lm-eval's
+    # aggregations of the same names); per-question values are then sentence scores.
+    aggregation: str = "mean"
     percent: bool = True  # a share in [0, 1], shown in points; else shown as it is
     options: frozenset[str] = field(default_factory=frozenset)  # metric_list keys it takes
+    corpus: CorpusFunction | None = None
 
 
 def register_metric(
@@ -101,13 +116,23 @@ def register_metric(
     higher_is_better: bool = True,
     percent: bool = True,
     options: Sequence[str] = (),
+    corpus: CorpusFunction | None = None,
 ) -> Callable[[MetricFunction], MetricFunction]:
     """`@register_metric("name", "generate_until", higher_is_better=False)` over a function
-    of (answers, the task file's entry) returning one value per question."""
+    of (answers, the task file's entry) returning one value per question; with `corpus`,
+    the task's score is that function of all answers (aggregation named after the metric)."""
 
     def add(function: MetricFunction) -> MetricFunction:
+        aggregation = name if corpus else "mean"
         spec = MetricSpec(
-            name, output_type, function, higher_is_better, "mean", percent, frozenset(options)
+            name,
+            output_type,
+            function,
+            higher_is_better,
+            aggregation,
+            percent,
+            frozenset(options),
+            corpus,
         )
         METRICS.register(name, spec)
         return function
@@ -183,16 +208,41 @@ for _name in ("flowertune_finance", "flowertune_medical"):
 )
 def exact_match_metric(answers: Answers, entry: MetricEntry) -> list[float]:
     return [
-        exact_match(o, q.answer, **entry.options)
+        max(exact_match(o, r, **entry.options) for r in q.references)
         for o, q in zip(answers.generations, answers.questions, strict=True)
     ]
 
 
-@register_metric("rougeL", "generate_until")
-def rouge_l_metric(answers: Answers, entry: MetricEntry) -> list[float]:
-    return [
-        rouge_l(o, q.answer) for o, q in zip(answers.generations, answers.questions, strict=True)
-    ]
+def _rouge(kind: str) -> MetricFunction:
+    def metric(answers: Answers, entry: MetricEntry) -> list[float]:
+        return [
+            rouge(o, q.references, kind)
+            for o, q in zip(answers.generations, answers.questions, strict=True)
+        ]
+
+    return metric
+
+
+for _kind in ("rouge1", "rouge2", "rougeL"):
+    register_metric(_kind, "generate_until")(_rouge(_kind))
+
+
+def _sacrebleu(make_scorer) -> tuple[MetricFunction, CorpusFunction]:
+    """A sacrebleu metric: each generation's sentence score, and the corpus score."""
+
+    def sentences(answers: Answers, entry: MetricEntry) -> list[float]:
+        references = [q.references for q in answers.questions]
+        return sentence_scores(make_scorer(), answers.generations, references)
+
+    def corpus(generations: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        return corpus_score(make_scorer(), generations, references)
+
+    return sentences, corpus
+
+
+for _name, _scorer in (("chrf", chrf_scorer), ("bleu", bleu_scorer)):
+    _sentences, _corpus = _sacrebleu(_scorer)
+    register_metric(_name, "generate_until", percent=False, corpus=_corpus)(_sentences)
 
 
 @register_metric("target_loss", "generate_until", higher_is_better=False, percent=False)

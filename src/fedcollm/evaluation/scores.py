@@ -1,13 +1,15 @@
 """A task's metrics on a model: multiple choice by log-likelihood (and FlowerTune's parsed
-generations), generation by its text and its reference's loss. Every metric is a mean over
-questions, with the standard error lm-eval reports (sample standard deviation over sqrt(n));
-multiple choice also reports the majority-class floor beside it. Scores keep what each
-question got (its id, the answer given, each metric's value, and each choice's
-log-likelihood), so that two models can be compared on the same questions."""
+generations), generation by its text and its reference's loss. A metric is a mean over
+questions with the standard error lm-eval reports (sample standard deviation over sqrt(n)),
+or a corpus-level score (BLEU, chrF++) with lm-eval's bootstrap standard error; multiple
+choice also reports the majority-class floor beside it. Scores keep what each question got
+(its id, the answer given, each metric's value, and each choice's log-likelihood), so that
+two models can be compared on the same questions."""
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -34,15 +36,23 @@ class Scores:
     ids: list[str] = field(default_factory=list)
     answers: list[Any] = field(default_factory=list)
     choice_loglikelihoods: list[list[float]] | None = None
+    # A corpus-level metric's (score, bootstrap standard error); its `values` are then the
+    # sentence scores a paired test compares.
+    corpus: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return len(next(iter(self.values.values())))
 
     def mean(self, metric: str) -> float:
+        """The task's score: the mean over questions, or the corpus-level score."""
+        if metric in self.corpus:
+            return self.corpus[metric][0]
         return statistics.fmean(self.values[metric])
 
     def stderr(self, metric: str) -> float:
+        if metric in self.corpus:
+            return self.corpus[metric][1]
         values = self.values[metric]
         return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
@@ -74,6 +84,22 @@ def majority_share(questions: Sequence[Question]) -> float:
     return Counter(q.gold for q in questions).most_common(1)[0][1] / len(questions)
 
 
+BOOTSTRAP_RESAMPLES = 100  # lm-eval's for its corpus-level metrics (bleu, chrf, ter)
+
+
+def corpus_with_stderr(corpus, answers: Answers) -> tuple[float, float]:
+    """A corpus-level score and its standard error, the spread of the score over questions
+    resampled with replacement (lm-eval's bootstrap), with a fixed seed."""
+    generations, references = answers.generations, [q.references for q in answers.questions]
+    value = corpus(generations, references)
+    draw, n = random.Random(0), len(generations)
+    resampled = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        picks = [draw.randrange(n) for _ in range(n)]
+        resampled.append(corpus([generations[i] for i in picks], [references[i] for i in picks]))
+    return value, statistics.stdev(resampled)
+
+
 def evaluate_task(
     model: torch.nn.Module,
     tokenizer,
@@ -93,7 +119,12 @@ def evaluate_task(
         for name in task.metric_names
     }
     if task.generative:
-        return Scores(values, None, [q.id for q in questions], answers.given())
+        corpus = {
+            name: corpus_with_stderr(metric_spec(name).corpus, answers)
+            for name in task.metric_names
+            if metric_spec(name).corpus
+        }
+        return Scores(values, None, [q.id for q in questions], answers.given(), corpus=corpus)
     majority = majority_share(questions)
     return Scores(
         values, majority, [q.id for q in questions], answers.given(), answers.loglikelihoods

@@ -18,13 +18,14 @@ from fedcollm.algorithm.distillation import MutualDistillation, teacher_logits
 from fedcollm.algorithm.round import reference_rounds
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config, DistillConfig, ModelConfig, OptimConfig, TinyModel, load_config
-from fedcollm.data import encode_pair, evaluation_questions
+from fedcollm.data import encode_pair, evaluation_questions, training_split
 from fedcollm.data.alignment import (
     AlignedExample,
     align,
     collate_aligned,
     predicted_answer_starts,
 )
+from fedcollm.evaluation.generation import target_losses
 from fedcollm.models import add_lora, answer_logits, byte_tokenizer, tiny_llama
 from fedcollm.models.loading import piece_tokenizer
 from fedcollm.models.vocabulary import byte_lengths, token_bytes, vocabulary_map
@@ -245,6 +246,15 @@ def test_the_server_takes_todays_path_when_the_tokenizers_are_one(data_dir):
     )
     assert cross.pad_id == (BYTES.pad_token_id, PIECES.pad_token_id)
     assert all(isinstance(e, AlignedExample) and e.slm_rows for e in cross.aux_data)
+    # Who knows D_a better: each model's own tokens' loss (the SLM's is the same model and
+    # data either way; the LLM's differs with its tokenizer).
+    same_losses, cross_losses = same.aux_losses(), cross.aux_losses()
+    assert same_losses["slm_aux_loss"] == pytest.approx(cross_losses["slm_aux_loss"])
+    assert same_losses["llm_aux_loss"] != pytest.approx(cross_losses["llm_aux_loss"])
+    questions, split = training_split(cross.config)
+    aux = [questions[i] for i in split.aux]
+    expected = target_losses(cross.llm, PIECES, aux, max_length=cross.config.data.max_length)
+    assert cross_losses["llm_aux_loss"] == pytest.approx(sum(expected) / len(expected))
 
 
 def test_a_cross_family_tiny_run_completes_and_scores_both_models(tmp_path, data_dir):

@@ -19,7 +19,7 @@ from fedcollm.data import evaluation_questions
 from fedcollm.federation.simulation import simulate
 from fedcollm.federation.wire import record_to_adapter
 from fedcollm.models import adapter_digest, load_model
-from fedcollm.tracking.metrics import read_metrics, read_predictions
+from fedcollm.tracking.metrics import read_metrics, read_predictions, who_knows_more
 
 pytestmark = pytest.mark.slow
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -66,6 +66,7 @@ def test_run_leaves_metrics_for_every_round(tiny_run):
                 math.sqrt(row[key] * (1 - row[key]) / (n - 1))
             )
         assert row["eval_questions"] == config.eval.limit
+        assert 0 < row["llm_aux_loss"] < 20 and 0 < row["slm_aux_loss"] < 20
     for row in rows[1:]:
         assert len(row["clients"]) == config.num_clients
         assert row["client_train_loss"] > 0
@@ -77,6 +78,25 @@ def test_run_leaves_metrics_for_every_round(tiny_run):
             # which is 8% of this tiny adapter's 16 small arrays (negligible on real models).
             assert client["bytes_sent"] == client["bytes_received"]
             assert payload < client["bytes_sent"] <= payload + 128 * n_arrays
+
+
+def test_the_summary_says_who_knows_more_before_the_first_round_and_after_the_last():
+    def row(n, llm, slm, llm_loss, slm_loss, metrics=("acc", "acc_norm")):
+        scores = {"llm_" + metrics[0]: llm, "slm_" + metrics[0]: slm}
+        losses = {"llm_aux_loss": llm_loss, "slm_aux_loss": slm_loss}
+        return {"round": n, "metrics": list(metrics), **scores, **losses}
+
+    rows = [row(0, 0.70, 0.46, 2.9, 3.3), {"round": 1}, row(2, 0.71, 0.52, 2.4, 2.2)]
+    head, before, after = who_knows_more(rows)
+    assert "lower is better" in head
+    assert before.startswith("  round 0 (zero-shot): LLM acc 0.700, D_a loss 2.900")
+    assert before.endswith("-> the LLM on both")
+    assert after.startswith("  after round 2:")
+    assert after.endswith("-> the LLM scores higher, the SLM has the lower D_a loss")
+    # A lower-is-better headline reads the other way round.
+    (_, only) = who_knows_more([row(0, 1.5, 1.2, 2.0, 2.5, ("target_loss", "rougeL"))])
+    assert only.endswith("-> the SLM scores higher, the LLM has the lower D_a loss")
+    assert who_knows_more([{"round": 0, "llm_acc": 0.5}]) == []  # rows of older runs
 
 
 def test_clients_score_their_own_adapter_after_the_last_local_update(tiny_run):

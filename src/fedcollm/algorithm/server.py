@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from fedcollm.config import Config
 from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
 from fedcollm.data.alignment import AlignedExample, encode_aligned
 from fedcollm.evaluation import Scores, score
+from fedcollm.evaluation.generation import example_losses
 from fedcollm.models import (
     Adapter,
     build_llm,
@@ -197,6 +199,26 @@ class CoTuningServer:
         """The task's metrics of the LLM (with omega) and/or of the global SLM (with theta)."""
         models = {"llm": (self.llm, self.llm_tokenizer), "slm": (self.slm, self.tokenizer)}
         return {role: score(*models[role], self.config, questions) for role in roles}
+
+    def aux_losses(self) -> dict[str, float]:
+        """Each model's mean answer loss on D_a (the per-example mean token loss, as
+        `target_loss`): which of the two knows D_a's answers better, the premise of
+        distilling the LLM into the SLM."""
+        batch_size = self.config.eval.batch_size
+        if not self.aux_data:
+            return {}
+        if self.llm_tokenizer is self.tokenizer:
+            slm_data = llm_data = self.aux_data
+        else:
+            slm_data, llm_data = [e.slm for e in self.aux_data], [e.llm for e in self.aux_data]
+        losses = {}
+        for role, model, data, tokenizer in (
+            ("llm", self.llm, llm_data, self.llm_tokenizer),
+            ("slm", self.slm, slm_data, self.tokenizer),
+        ):
+            per_example = example_losses(model, data, tokenizer.pad_token_id, batch_size)
+            losses[f"{role}_aux_loss"] = statistics.fmean(per_example)
+        return losses
 
     def state_dict(self) -> dict[str, Any]:
         """What the next round needs of the server: theta, omega and the LLM's optimiser (the

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from fedcollm.data import Question, collate, encode_answer
+from fedcollm.data import Example, Question, collate, encode_answer
 from fedcollm.data.encoding import prompt_tokens
 from fedcollm.evaluation.multiple_choice import context_length
 from fedcollm.models import answer_logits, eval_mode, model_device
@@ -164,7 +164,6 @@ def corpus_score(scorer, predictions: Sequence[str], references: Sequence[Sequen
     return scorer.corpus_score(list(predictions), streams).score
 
 
-@torch.inference_mode()
 def target_losses(
     model: torch.nn.Module,
     tokenizer,
@@ -178,13 +177,24 @@ def target_losses(
     tokens as in training (0: the model's context length, as for every evaluation)."""
     max_length = max_length or context_length(model, tokenizer)
     examples = [encode_answer(tokenizer, q, max_length) for q in questions]
-    pad = tokenizer.pad_token_id
+    return example_losses(model, examples, tokenizer.pad_token_id, batch_size, total)
+
+
+@torch.inference_mode()
+def example_losses(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    batch_size: int = 16,
+    total: bool = False,
+) -> list[float]:
+    """Each encoded example's mean loss over its answer tokens (their sum with `total`),
+    teacher-forced in eval mode."""
     losses = []
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = collate(chunk, pad)
-            logits, targets = answer_logits(model, batch)
+            logits, targets = answer_logits(model, collate(chunk, pad_id))
             nll = F.cross_entropy(logits.float(), targets, reduction="none").cpu()
             # answer_logits is row-major: each example's answer tokens in turn.
             for piece in torch.split(nll, [sum(e.answer_mask[1:]) for e in chunk]):

@@ -179,6 +179,8 @@ class RoundBookkeeping:
         for role, scores in self.server.evaluate(self.eval_questions, roles).items():
             row.update({f"{role}_{k}": v for k, v in scores.summary().items() if k != "n"})
             predictions[role] = scores.predictions()
+        if roles:  # who knows D_a's answers better, beside who scores higher
+            row.update(self.server.aux_losses())
         if self.client_predictions:
             predictions["clients"], self.client_predictions = self.client_predictions, {}
         if "llm" not in roles and "slm" in roles:

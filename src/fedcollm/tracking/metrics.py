@@ -155,6 +155,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f"client-level DP: epsilon {spent} at delta {last['delta']:g} after round "
             f"{last['round']} (docs/PRIVACY.md)"
         )
+    lines += who_knows_more(rows)
     if "adapter_params" in last:
         lines.append(
             f"SLM adapter: {last['adapter_params']:,} parameters, "
@@ -162,3 +163,31 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f"{last['slm_params']:,}; total traffic {human_bytes(total_bytes)}"
         )
     return "\n".join(lines)
+
+
+def who_knows_more(rows: list[dict[str, Any]]) -> list[str]:
+    """Before the first round and after the last: which model scores higher on the task and
+    which has the lower loss on D_a's answers. FedCoLLM's premise is an LLM that knows more;
+    where it knows less, distilling it into the SLM pulls the SLM toward a weaker teacher."""
+    from fedcollm.evaluation.metrics import lower_is_better
+
+    scored = [r for r in rows if "llm_aux_loss" in r and r.get(f"llm_{row_metrics(r)[0]}")]
+    if not scored:
+        return []
+    metric = row_metrics(scored[-1])[0]
+    lines = ["who knows more (the task's score; the mean answer loss on D_a, lower is better):"]
+    for row in scored[:1] + scored[1:][-1:]:  # the first and the last (once if one)
+        llm, slm = row[f"llm_{metric}"], row[f"slm_{metric}"]
+        higher = "LLM" if (llm < slm if lower_is_better(metric) else llm > slm) else "SLM"
+        lower_loss = "LLM" if row["llm_aux_loss"] < row["slm_aux_loss"] else "SLM"
+        verdict = (
+            f"the {higher} on both"
+            if higher == lower_loss
+            else f"the {higher} scores higher, the {lower_loss} has the lower D_a loss"
+        )
+        when = "round 0 (zero-shot)" if row["round"] == 0 else f"after round {row['round']}"
+        lines.append(
+            f"  {when}: LLM {metric} {_fmt(llm)}, D_a loss {_fmt(row['llm_aux_loss'])} | "
+            f"SLM {metric} {_fmt(slm)}, D_a loss {_fmt(row['slm_aux_loss'])} -> {verdict}"
+        )
+    return lines

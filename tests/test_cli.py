@@ -38,9 +38,9 @@ def test_evaluate_rejects_an_unknown_task_and_a_missing_adapter(data_dir, tmp_pa
     assert cli.main(["evaluate", "--model", "tiny", "--task", "piqa"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --task: unknown task 'piqa'; choose one of arc_challenge, arc_easy, "
-        "code_alpaca, commonsense_qa, flores_fra_eng, medmcqa, mmlu, mmlu_humanities, "
-        "mmlu_social_sciences, mmlu_stem, openbookqa, scitldr, self_instruct, tfns, "
-        "vell_fruits, or give the path of a task file (.yaml)"
+        "arc_easy_demo, code_alpaca, commonsense_qa, flores_fra_eng, medmcqa, mmlu, "
+        "mmlu_humanities, mmlu_social_sciences, mmlu_stem, openbookqa, scitldr, self_instruct, "
+        "tfns, vell_fruits, or give the path of a task file (.yaml)"
     ]
     args = ["--task", "arc_easy", "--data-dir", str(data_dir), "--adapter", str(tmp_path)]
     assert cli.main(["evaluate", "--model", "tiny", *args, "--limit", "1"]) == 2

@@ -153,6 +153,19 @@ def test_fedavg_aux_keeps_d_a_and_drops_only_the_distillation():
     assert "| LLM | FedAvg + D_a (kd_weight 0) | 50.0" in text
 
 
+def test_fedcollm_selective_gates_by_position_unless_the_config_names_a_gate():
+    config = load_config(TINY)
+    assert method_config(config, "arc_easy", "fedcollm-selective", 0).distill.selection == (
+        "position"
+    )
+    assert method_config(config, "arc_easy", "fedcollm", 0).distill.selection == "none"
+    by_example = load_config(TINY, overrides=['distill.selection="example"'])
+    run = method_config(by_example, "arc_easy", "fedcollm-selective", 0)
+    assert run.distill.selection == "example"
+    results = [_result("fedcollm-selective", 0, llm=0.5, global_=0.4, clients=[0.2, 0.4])]
+    assert "| SLM, global adapter | FedCoLLM, selective distillation | 40.0" in table1(results)
+
+
 @pytest.mark.slow
 def test_a_sweep_runs_its_grid_and_reports_each_value_with_paired_verdicts(tmp_path, data_dir):
     """Two kd_weight values x two methods, one round and one seed (per-seed verdicts are

@@ -271,8 +271,21 @@ def test_unknown_task():
         load_questions("piqa", "train", "/nonexistent")
     paper = {"arc_easy", "arc_challenge", "openbookqa", "commonsense_qa"}
     domains = {"tfns", "medmcqa", "mmlu", "mmlu_stem", "mmlu_social_sciences", "mmlu_humanities"}
-    instructions = {"code_alpaca", "self_instruct"}
-    assert set(TASKS) == paper | domains | instructions | {"vell_fruits"}
+    generation = {"code_alpaca", "self_instruct", "scitldr", "flores_fra_eng"}
+    built_in = {"vell_fruits", "arc_easy_demo"}
+    assert set(TASKS) == paper | domains | generation | built_in
+
+
+def test_the_demos_arc_easy_slice_ships_unchanged_rows_with_its_licence(data_dir):
+    from fedcollm.data.tasks import TASK_FILES
+
+    for split, size in (("train", 250), ("validation", 100)):
+        shipped = load_questions("arc_easy_demo", split, None)  # no data directory
+        full = {q.id: q for q in load_questions("arc_easy", split, data_dir)}
+        assert len(shipped) == len({q.id for q in shipped}) == size
+        assert all(q == full[q.id] for q in shipped)
+    licence = (TASK_FILES / "arc_easy_demo" / "LICENSE.md").read_text()
+    assert "CC BY-SA 4.0" in licence and "arXiv:1803.05457" in licence
 
 
 def test_builtin_task_is_deterministic_and_in_arc_format():

@@ -14,6 +14,9 @@ there; a new method is one registration.
 |             | (FedCoLLM with kd_weight = 0)           |                                  |
 | centralized | the LLM adapter on D_a and all D_k      | LLM (an upper bound)             |
 | fedcollm    | Algorithm 1                             | LLM, global SLM, each client's SLM |
+| fedcollm-  | Algorithm 1, each model learning from   | LLM, global SLM, each client's SLM |
+|  selective  | the other only where the other is better |                                 |
+|             | (`distill.selection`, FedMKT's rule)    |                                  |
 
 Standalone and centralized are the clients' SFT loop on other data; fedavg and fedcollm are
 the same Flower run. fedavg-aux separates distillation from data: FedCoLLM's SLM also trains
@@ -306,6 +309,12 @@ def _without_the_distance(config: Config) -> None:
     config.distill.enabled, config.distill.kd_weight = True, 0.0
 
 
+def _selective(config: Config) -> None:
+    """The config's gate, or the per-position one where it names none."""
+    if config.distill.selection == "none":
+        config.distill.selection = "position"
+
+
 # The order of registration is Table 1's order within each of its blocks.
 register_method(
     Method("zero-shot", "Zero-shot", "Zero-shot", zero_shot, ("llm", "slm_clients"), trains=False)
@@ -356,5 +365,26 @@ register_method(
             ("llm", "fedavg-aux"),
         ),
         curves=(("llm", "o-"), ("slm", "s-")),
+    )
+)
+register_method(
+    Method(
+        "fedcollm-selective",
+        "FedCoLLM, selective distillation",
+        "FedCoLLM selective",
+        federated,
+        ("llm", "slm_clients", "slm_global"),
+        configure=_selective,
+        default=False,
+        # Selection against Algorithm 1, and against the same rows without any distance.
+        pairs=(
+            ("slm_clients", "standalone"),
+            ("slm_global", "fedcollm"),
+            ("slm_global", "fedavg-aux"),
+            ("llm", "fedcollm"),
+            ("llm", "centralized"),
+            ("llm", "fedavg-aux"),
+        ),
+        curves=(("llm", "o-."), ("slm", "s-.")),
     )
 )

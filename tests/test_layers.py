@@ -19,6 +19,7 @@ LAYERS = {
     "seeds": 0,
     "registry": 0,
     "keystream": 0,
+    "dp": 0,
     "models": 1,
     "data": 1,
     "evaluation": 2,

@@ -118,6 +118,14 @@ def test_privacy_settings_that_make_no_sense_are_refused():
         load_config(TINY, overrides=["federation.clients_per_round=4"])
     with pytest.raises(ConfigError, match="target_delta"):
         load_config(TINY, overrides=[*DP, "privacy.target_delta=1.0"])
+    # Nothing starts on a budget the first round breaks (it used to stop after round 0 with
+    # an IndexError and a checkpoint no --resume could use), nor on noise that only overflows.
+    one_round = PrivacyAccountant(load_config(TINY, overrides=DP)).epsilon(1)
+    with pytest.raises(ConfigError, match=rf"first round alone spends \(epsilon {one_round:.3g}"):
+        load_config(TINY, overrides=[*DP, f"privacy.max_epsilon={one_round * 0.99}"])
+    assert load_config(TINY, overrides=[*DP, f"privacy.max_epsilon={one_round * 1.01}"])
+    with pytest.raises(ConfigError, match="noise_multiplier: at most 1000, got 1e"):
+        load_config(TINY, overrides=[*DP, "privacy.noise_multiplier=1e300"])
 
 
 def test_sampling_is_seeded_uniform_and_without_replacement():

@@ -140,6 +140,25 @@ def test_a_client_refuses_a_weight_above_the_bound_the_server_announced():
     assert secure_weight(51, uniform, context) == 1
 
 
+def test_a_secagg_weight_bound_below_the_largest_client_is_refused_before_the_run(data_dir):
+    from fedcollm.preflight import check_data
+
+    secure = ["federation.secure_aggregation=true", "federation.min_clients=2"]
+    sets = [*secure, 'client.aggregation="num_examples"']
+    config = load_config(TINY, data_dir=str(data_dir), overrides=sets)
+    largest = max(len(part) for part in check_data(config).clients)
+    for bound, refused in ((1, True), (largest - 1, True), (largest, False), (0, False)):
+        config.federation.secagg_max_weight = bound
+        if refused:
+            with pytest.raises(ConfigError, match=f"secagg_max_weight = {bound} is below"):
+                check_data(config)
+        else:
+            check_data(config)
+    uniform = load_config(TINY, data_dir=str(data_dir), overrides=secure)
+    uniform.federation.secagg_max_weight = 1  # every weight is 1
+    check_data(uniform)
+
+
 def reference_aggregate(config, partitions: list[int]):
     """Round 1's plain aggregate of these partitions' updates, in this process: what the
     plain Flower run gives, bit for bit (test_federation's reference test)."""

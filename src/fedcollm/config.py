@@ -466,6 +466,10 @@ def _check_tracking(config: Config) -> None:
         raise ConfigError(f"tracking: a tracker is named twice in {config.tracking}")
 
 
+# sigma beyond this adds nothing but overflow: one round at 1000 spends epsilon 0.006.
+MAX_NOISE_MULTIPLIER = 1000.0
+
+
 def _check_privacy(config: Config) -> None:
     privacy = config.privacy
     if not 0 < privacy.target_delta < 1:
@@ -489,6 +493,25 @@ def _check_privacy(config: Config) -> None:
             "privacy.max_epsilon is set but privacy.noise_multiplier is 0: without noise "
             "epsilon is infinite from the first round; set privacy.noise_multiplier"
         )
+    if privacy.noise_multiplier > MAX_NOISE_MULTIPLIER:
+        raise ConfigError(
+            f"privacy.noise_multiplier: at most {MAX_NOISE_MULTIPLIER:g}, got "
+            f"{privacy.noise_multiplier:g}; noise that large only drowns theta (epsilon "
+            f"is already near 0 at {MAX_NOISE_MULTIPLIER:g})"
+        )
+    if privacy.max_epsilon:
+        from fedcollm import dp
+
+        sampled = config.federation.clients_per_round or config.num_clients
+        first = dp.epsilon(
+            privacy.noise_multiplier, privacy.target_delta, config.num_clients, sampled, 1
+        )
+        if first > privacy.max_epsilon:
+            raise ConfigError(
+                f"privacy.max_epsilon = {privacy.max_epsilon:g} is below what the first round "
+                f"alone spends (epsilon {first:.3g} at delta {privacy.target_delta:g}); raise "
+                "privacy.max_epsilon or privacy.noise_multiplier"
+            )
 
 
 def _check_secure_aggregation(config: Config) -> None:

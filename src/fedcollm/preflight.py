@@ -36,6 +36,7 @@ from fedcollm.models.loading import tiny_tokenizer
 from fedcollm.models.lora import TARGET_MODULES
 from fedcollm.models.registry import REGISTRY
 from fedcollm.models.vocabulary import check_cross_family, same_vocabulary
+from fedcollm.registry import AGGREGATIONS
 
 
 def check_task(config: Config) -> None:
@@ -107,7 +108,25 @@ def check_data(config: Config) -> DataSplit:
     DataError naming the file and line of the first bad row. Returns the split."""
     _, split = training_split(config)
     evaluation_questions(config)
+    _check_secagg_weights(config, split)
     return split
+
+
+def _check_secagg_weights(config: Config, split: DataSplit) -> None:
+    """Under SecAgg+, a client whose weight exceeds `secagg_max_weight` refuses to send
+    (its masked sum would overflow): a bound below this split's largest client would skip
+    every round, so it is refused before anything starts."""
+    bound = config.federation.secagg_max_weight
+    if not (config.federation.secure_aggregation and bound):
+        return
+    rule = AGGREGATIONS[config.client.aggregation]()
+    largest = max(rule.weight(len(part)) for part in split.clients)
+    if largest > bound:
+        raise ConfigError(
+            f"federation.secagg_max_weight = {bound} is below the largest client's "
+            f"aggregation weight {largest:g} ({config.client.aggregation}); set it to at "
+            f"least {largest:g}, or 0 for the largest of this split"
+        )
 
 
 def _module_names(architecture) -> set[str]:

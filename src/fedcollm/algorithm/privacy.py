@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedcollm import dp
 from fedcollm.config import Config, PrivacyConfig
 from fedcollm.keystream import fresh_secret, standard_normal, stream_key
 from fedcollm.models import Adapter
@@ -100,22 +101,10 @@ class PrivacyAccountant:
         self.participation = [0] * self.population
 
     def _epsilon(self, rounds: int, sampled: int) -> float:
-        if rounds == 0:
-            return 0.0
-        if not self.privacy.noise_multiplier:
-            return math.inf
-        from dp_accounting import dp_event  # a second's import: DP runs only
-        from dp_accounting.privacy_accountant import NeighboringRelation
-        from dp_accounting.rdp import RdpAccountant
-
-        # Replace-one neighbours: the clipped sum moves by up to 2C, so sigma C of noise is a
-        # noise multiplier of sigma / 2 against that sensitivity.
-        event = dp_event.GaussianDpEvent(self.privacy.noise_multiplier / 2)
-        if sampled < self.population:
-            event = dp_event.SampledWithoutReplacementDpEvent(self.population, sampled, event)
-        accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
-        accountant.compose(event, rounds)
-        return float(accountant.get_epsilon(self.privacy.target_delta))
+        privacy = self.privacy
+        return dp.epsilon(
+            privacy.noise_multiplier, privacy.target_delta, self.population, sampled, rounds
+        )
 
     def epsilon(self, rounds: int | None = None) -> float:
         return self._epsilon(self.rounds if rounds is None else rounds, self.sampled)

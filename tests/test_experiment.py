@@ -98,6 +98,20 @@ def test_baselines_get_the_federated_budget_and_runs_resume(
     assert all(s["examples"] == 50 for s in standalone)  # each client's own D_k only
     (central,) = [s for s in seen if s["lr"] == config.distill.llm_lr]
     assert central["examples"] == config.data.train_limit  # D_a and every D_k
+    # The final adapters are kept, each loadable with PEFT and scoring what the result says.
+    runs = tmp_path / "runs" / "arc_easy"
+    kept = sorted(p.parent.name for p in runs.glob("*/seed0/adapters/*/adapter_config.json"))
+    assert kept == ["client0", "client1", "client2", "llm"]
+    from fedcollm.data import evaluation_questions
+    from fedcollm.evaluation import score
+    from fedcollm.models import build_llm
+    from fedcollm.models.lora import load_saved_adapter
+
+    llm, tokenizer = build_llm(config)
+    llm = load_saved_adapter(llm.get_base_model(), runs / "centralized/seed0/adapters/llm")
+    central_result = next(r for r in results if r["method"] == "centralized")
+    rescored = score(llm, tokenizer, config, evaluation_questions(config))
+    assert rescored.mean("acc") == central_result["llm"]["acc"]
     steps = config.num_clients * config.client.max_steps + config.distill.kd_steps
     assert central["max_steps"] == config.rounds * steps
 

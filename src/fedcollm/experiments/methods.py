@@ -26,8 +26,9 @@ passes: T rounds of E local epochs (or T x max_steps steps) for a standalone cli
 same epochs over the union of all data for the centralised LLM (or the total steps FedCoLLM
 spends: T x (K x max_steps + R)).
 Each (task, method, seed) leaves `runs/<task>/<method>/seed<seed>/result.json`, with every
-scored model's per-question predictions beside its scores; a re-run on the same directory
-skips what is there.
+scored model's per-question predictions beside its scores, and the final PEFT adapters it
+trained under `adapters/` (federated: the global SLM's and the LLM's; standalone: each
+client's; centralized: the LLM's); a re-run on the same directory skips what is there.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config, ConfigError, differences
 from fedcollm.data import encode_examples, evaluation_questions, get_task, training_split
 from fedcollm.evaluation import Scores, score
-from fedcollm.models import build_llm, build_slm, get_adapter, set_adapter
+from fedcollm.models import build_llm, build_slm, get_adapter, save_adapter, set_adapter
 from fedcollm.registry import METHODS, METRICS
 from fedcollm.tracking.metrics import worth_reporting
 
@@ -136,8 +137,9 @@ def zero_shot(config: Config, _out: Path) -> dict[str, Any]:
     return _result(llm_score, slm_score, [slm_score])
 
 
-def standalone(config: Config, _out: Path) -> dict[str, Any]:
-    """Each client tunes alone on its D_k with the federated run's local budget."""
+def standalone(config: Config, out: Path) -> dict[str, Any]:
+    """Each client tunes alone on its D_k with the federated run's local budget; each
+    client's final adapter is kept (`adapters/client<k>`, PEFT format)."""
     slm, tokenizer = build_slm(config)
     initial = get_adapter(slm)
     questions, split = training_split(config)
@@ -154,12 +156,14 @@ def standalone(config: Config, _out: Path) -> dict[str, Any]:
             seed=seeds.standalone_client(config.seed, k),
             label=f"client {k}",
         )
+        save_adapter(slm, out / "adapters" / f"client{k}")
         scores.append(_score(slm, tokenizer, config, f"client {k}"))
     return _result(None, None, scores)
 
 
-def centralized(config: Config, _out: Path) -> dict[str, Any]:
-    """The LLM tuned on all the data at once: the paper's upper bound for the LLM."""
+def centralized(config: Config, out: Path) -> dict[str, Any]:
+    """The LLM tuned on all the data at once: the paper's upper bound for the LLM; its
+    adapter is kept (`adapters/llm`)."""
     llm, tokenizer = build_llm(config)
     questions, split = training_split(config)
     everything = sorted(split.aux + [i for part in split.clients for i in part])
@@ -177,6 +181,7 @@ def centralized(config: Config, _out: Path) -> dict[str, Any]:
         seed=seeds.centralized(config.seed),
         label="LLM",
     )
+    save_adapter(llm, out / "adapters" / "llm")
     return _result(_score(llm, tokenizer, config, "LLM"), None, None)
 
 

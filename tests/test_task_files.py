@@ -210,6 +210,13 @@ def no_model(monkeypatch):
         (("validation_split: validation", "validation_split: dev"), ROWS, "split 'dev' has no"),
         (("output_type: multiple_choice", "output_type: loglikelihood"), ROWS, "not supported"),
         (("metric_list:", "filter_list: []\nmetric_list:"), ROWS, "filter_list is not supported"),
+        (("{{{{q | trim}}}}", "{{{{q | trim}}"), ROWS, "doc_to_text: not a valid Jinja template"),
+        (("", ""), [{**ROWS[0], "q": None}], "doc_to_text: field 'q' is null on this row"),
+        (
+            ("doc_to_target: ans", "doc_to_target: \"{{{{opts.index('zz')}}}}\""),
+            ROWS,
+            "'zz' is not in list; the template reads opts=['alpha', 'beta gamma',",
+        ),
     ],
 )
 def test_a_bad_task_file_is_one_line_before_any_model_loads(
@@ -221,6 +228,60 @@ def test_a_bad_task_file_is_one_line_before_any_model_loads(
     assert code == 2, err
     (line,) = err.strip().splitlines()
     assert fragment in line and (str(path) in line or "rows.jsonl" in line), line
+
+
+@pytest.mark.parametrize(
+    ("helper", "key", "fragment"),
+    [
+        ("def f(:\n", "process_docs", "helper.py line 1 fails to load (SyntaxError"),
+        ("raise ImportError('no torch here')\n", "process_docs", "fails to load (ImportError"),
+        ("def f(rows):\n    return None\n", "process_docs", "returned NoneType; return the rows"),
+        ("def f(rows):\n    return [1]\n", "process_docs", "returned int 1 as row 0"),
+    ],
+)
+def test_a_task_files_helper_that_fails_is_one_line_in_every_command(
+    tmp_path, capsys, no_model, helper, key, fragment
+):
+    (tmp_path / "helper.py").write_text(helper)
+    text = MULTIPLE_CHOICE.replace("output_type:", f"{key}: !function helper.f\noutput_type:")
+    path = write_task(tmp_path, text)
+    commands = [["evaluate", "--model", "tiny", "--task", str(path)]]
+    if "load" in fragment:  # read with the task file; its rows only when a command reads them
+        commands.append(["tasks", str(path)])
+    for command in commands:
+        code, _, err = fedcollm(capsys, *command)
+        (line,) = err.strip().splitlines()
+        assert code == 2 and fragment in line and str(path) in line, line
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ("[1, 2]", "generation_kwargs must be a mapping"),
+        ("{temperature: hot}", "temperature must be a number"),
+        ("{max_gen_toks: true}", "max_gen_toks must be a positive integer"),
+        ("{until: 5}", "until must be a string or list of strings"),
+    ],
+)
+def test_bad_generation_kwargs_are_one_line(tmp_path, capsys, no_model, kwargs, fragment):
+    text = GENERATIVE.replace('  until: ["\\n", "."]\n  max_gen_toks: 6', "").replace(
+        "generation_kwargs:", "generation_kwargs: " + kwargs.replace("{", "{{").replace("}", "}}")
+    )
+    path = write_task(tmp_path, text)
+    code, _, err = fedcollm(capsys, "tasks", str(path))
+    (line,) = err.strip().splitlines()
+    assert code == 2 and fragment in line and str(path) in line, line
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_grows(tmp_path, capsys):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\ntask: bomb\n")  # 9**9 values in 700 bytes
+    code, _, err = fedcollm(capsys, "tasks", str(path))
+    (line,) = err.strip().splitlines()
+    assert code == 2 and "aliases (*name) expand to more than 100,000 values" in line
 
 
 def test_an_empty_answer_of_a_generative_row_names_the_row(tmp_path):

@@ -129,8 +129,34 @@ def _function_tag(loader: yaml.SafeLoader, node: yaml.Node) -> _Function:
     return _Function(loader.construct_scalar(node))
 
 
+# A task file is small; YAML aliases (*name) can nest a few hundred bytes into billions of
+# values ("billion laughs"), which grow without end wherever they are walked.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values the node stands for once every alias is written out."""
+    if id(node) not in sizes:
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        sizes[id(node)] = 0  # a recursive alias counts once
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, {}) > MAX_EXPANDED_NODES:
+            raise yaml.YAMLError(
+                f"its aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values; "
+                "write the values out"
+            )
+        return node
 
 
 _Loader.add_constructor("!function", _function_tag)
@@ -160,7 +186,14 @@ def _resolve_function(value: _Function, folder: Path, key: str, path: Path) -> C
         )
     spec = importlib.util.spec_from_file_location(f"fedcollm_task_{module_name}", module_file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - the user's module, whatever it raised
+        line = f" line {err.lineno}" if isinstance(err, SyntaxError) else ""
+        raise DataError(
+            f"{path}: {key}: {module_file}{line} fails to load ({type(err).__name__}: "
+            f"{getattr(err, 'msg', err)}); fix the module"
+        ) from None
     if not callable(getattr(module, name, None)):
         raise DataError(f"{path}: {key}: {module_file} defines no function {name!r}")
     return getattr(module, name)
@@ -255,17 +288,20 @@ def _generation(values: dict[str, Any], output_type: str, path: Path) -> tuple[t
     kwargs = values.get("generation_kwargs")
     if kwargs is not None and output_type != "generate_until":
         raise DataError(f"{path}: generation_kwargs needs output_type: generate_until")
+    if not isinstance(kwargs or {}, dict):
+        raise DataError(f"{path}: generation_kwargs must be a mapping of lm-eval's keys")
     kwargs = dict(kwargs or {})
-    if not isinstance(kwargs, dict):
-        raise DataError(f"{path}: generation_kwargs must be a mapping")
-    if kwargs.get("do_sample") or float(kwargs.get("temperature", 0) or 0) > 0:
+    temperature = kwargs.get("temperature", 0) or 0
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+        raise DataError(f"{path}: generation_kwargs.temperature must be a number (0: greedy)")
+    if kwargs.get("do_sample") or temperature > 0:
         raise DataError(f"{path}: generation_kwargs: fedcollm decodes greedily; drop do_sample")
     until = kwargs.get("until", [values.get("fewshot_delimiter", "\n\n")])
     until = [until] if isinstance(until, str) else until
     if not isinstance(until, list) or not all(isinstance(u, str) for u in until):
         raise DataError(f"{path}: generation_kwargs.until must be a string or list of strings")
     max_gen_toks = kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", 256))
-    if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
+    if not isinstance(max_gen_toks, int) or isinstance(max_gen_toks, bool) or max_gen_toks < 1:
         raise DataError(f"{path}: generation_kwargs.max_gen_toks must be a positive integer")
     return tuple(until), max_gen_toks
 

@@ -10,6 +10,7 @@ loss on the continuation of the correct answer only.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,15 @@ from typing import Any
 from fedcollm.config import Config
 from fedcollm.data.rows import DataError, Row, read_rows
 from fedcollm.data.taskfile import TaskFile, read_task_file
-from fedcollm.data.templates import BadRow, Template, choices, target, text
+from fedcollm.data.templates import (
+    BadRow,
+    BadTemplate,
+    Template,
+    choices,
+    shown,
+    target,
+    text,
+)
 
 TASK_FILES = Path(__file__).parent / "task_files"
 TASKS: dict[str, Path] = {p.stem: p for p in sorted(TASK_FILES.glob("*.yaml"))}
@@ -55,15 +64,18 @@ class Task:
 
     def __init__(self, spec: TaskFile) -> None:
         self.spec = spec
-        self.templates = {
-            key: Template(key, value)
-            for key, value in (
-                ("description", spec.description),
-                ("doc_to_text", spec.doc_to_text),
-                ("doc_to_choice", spec.doc_to_choice),
-                ("doc_to_target", spec.doc_to_target),
-            )
-        }
+        try:
+            self.templates = {
+                key: Template(key, value)
+                for key, value in (
+                    ("description", spec.description),
+                    ("doc_to_text", spec.doc_to_text),
+                    ("doc_to_choice", spec.doc_to_choice),
+                    ("doc_to_target", spec.doc_to_target),
+                )
+            }
+        except BadTemplate as err:
+            raise DataError(f"{spec.path}: {err}") from None
 
     @property
     def name(self) -> str:
@@ -168,11 +180,21 @@ def _processed(task: Task, rows: list[Row]) -> list[Row]:
 
     datasets.disable_progress_bars()
     try:
-        docs = task.spec.process_docs(datasets.Dataset.from_list([r.doc for r in rows]))
+        returned = task.spec.process_docs(datasets.Dataset.from_list([r.doc for r in rows]))
     except Exception as err:  # noqa: BLE001 - the user's function: name it, once
         raise DataError(
             f"{task.spec.path}: process_docs fails ({err!r}); fix the function"
         ) from None
+    fix = "return the rows (a datasets.Dataset or a list of dicts)"
+    if returned is None or isinstance(returned, str | bytes | Mapping):
+        raise DataError(f"{task.spec.path}: process_docs returned {type(returned).__name__}; {fix}")
+    docs = list(returned)
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, Mapping):
+            raise DataError(
+                f"{task.spec.path}: process_docs returned {type(doc).__name__} "
+                f"{shown(doc)} as row {i}; {fix}"
+            )
     return [Row(dict(doc), f"{task.name} processed row {i}") for i, doc in enumerate(docs)]
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 
@@ -32,20 +33,62 @@ _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newl
 _ENV.filters["regex_replace"] = _regex_replace
 
 
+class BadTemplate(ValueError):
+    """A template that does not compile; the reader adds the file."""
+
+
+class _Null:
+    """A null field as a template sees it: false in a test (`{% if input %}`), an error
+    where its text is used, instead of lm-eval's silent "None"."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        raise BadRow(f"field {self.field!r} is null on this row")
+
+
+def shown(value: Any, width: int = 120) -> str:
+    """A value as an error message quotes it, cut to `width` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 class Template:
     """One of a task's doc_to_* settings, compiled once."""
 
     def __init__(self, key: str, value: Any) -> None:
         self.key, self.value = key, value
-        self.compiled = _ENV.from_string(value) if isinstance(value, str) else None
+        self.compiled, self.fields = None, set()
+        if isinstance(value, str):
+            try:
+                self.compiled = _ENV.from_string(value)
+                self.fields = meta.find_undeclared_variables(_ENV.parse(value))
+            except jinja2.TemplateSyntaxError as err:
+                raise BadTemplate(
+                    f"{key}: not a valid Jinja template ({err.message}, line {err.lineno} of "
+                    "the template); fix the template"
+                ) from None
 
     def render(self, doc: dict[str, Any]) -> str:
+        seen = {k: _Null(k) if v is None and k in self.fields else v for k, v in doc.items()}
         try:
-            return self.compiled.render(**doc)
+            return self.compiled.render(**seen)
+        except BadRow as err:
+            raise BadRow(f"{self.key}: {err}") from None
         except jinja2.UndefinedError as err:
             raise BadRow(f"{self.key} names a missing field ({err.message})") from None
         except Exception as err:  # noqa: BLE001 - a template's own error, on this row
-            raise BadRow(f"{self.key} fails on this row ({type(err).__name__}: {err})") from None
+            # Name what the template read, so the row's bad value shows (an answer key that
+            # is not among the labels: "'Z' is not in list" alone names neither).
+            read = ", ".join(f"{k}={shown(doc[k])}" for k in sorted(self.fields) if k in doc)
+            raise BadRow(
+                f"{self.key} fails on this row ({type(err).__name__}: {err}; the template "
+                f"reads {read or 'no field'})"
+            ) from None
 
     def apply(self, doc: dict[str, Any]) -> Any:
         """The setting's value for `doc`: a field's value, a rendered template, a list or

@@ -134,6 +134,38 @@ def test_baselines_get_the_federated_budget_and_runs_resume(
     )
 
 
+def test_a_half_finished_or_damaged_experiment_reports_what_finished(tmp_path, capsys):
+    import shutil
+
+    from fedcollm import cli
+
+    out = tmp_path / "exp"
+    shutil.copytree(Path(__file__).parents[1] / "docs" / "results" / "arc_easy_cpu", out)
+    runs = out / "runs" / "arc_easy"
+    (runs / "centralized" / "seed1" / "result.json").write_text("{}")
+    truncated = runs / "fedavg" / "seed2" / "result.json"
+    truncated.write_text(truncated.read_text()[:100])
+    (runs / "fedcollm" / "seed2" / "result.json").unlink()  # a run still going
+    before = (out / "results.csv").read_text()
+    assert cli.main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    said = report.split("## Not in this report")[1]
+    assert "centralized seed1:" in said and "fedavg seed2:" in said and "damaged" in said
+    assert "arc_easy fedcollm seed2: not finished" in said
+    assert "12 runs; seeds [0, 1, 2]" in report
+    assert (out / "results.csv").read_text() != before  # every output from the same results
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    assert cli.main(["report", str(empty)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no finished run to report yet" in line
+    (out / "sweep.json").write_text('{"grid": ')
+    assert cli.main(["report", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "sweep.json is damaged" in line
+
+
 @pytest.mark.parametrize(("kd_steps", "per_round"), [(4, 3 * 4 + 4), (0, 3 * 4 + 13)])
 def test_centralized_gets_as_many_steps_as_fedcollm_takes(
     tmp_path, data_dir, monkeypatch, kd_steps, per_round

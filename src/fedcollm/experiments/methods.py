@@ -301,8 +301,32 @@ def run_experiment(
     return load_results(out)
 
 
-def load_results(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*/result.json"))]
+RESULT_KEYS = ("task", "method", "seed", "config")
+
+
+def load_results(out: Path, missing: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every whole result under `out`. A damaged result.json is an error naming it, or,
+    with `missing` given, is left out and said there, with every run not finished yet."""
+    results = []
+    for run in sorted(p for p in (out / "runs").glob("*/*/*") if p.is_dir()):
+        path = run / "result.json"
+        label = " ".join(run.parts[-3:])
+        try:
+            result = json.loads(path.read_text())
+            whole = isinstance(result, dict) and all(k in result for k in RESULT_KEYS)
+        except FileNotFoundError:
+            if missing is not None:
+                missing.append(f"{label}: not finished (no result.json yet)")
+            continue
+        except (OSError, ValueError):
+            whole = False
+        if whole:
+            results.append(result)
+        elif missing is not None:
+            missing.append(f"{label}: {path} is damaged; delete it and run the experiment again")
+        else:
+            raise ConfigError(f"{path} is damaged; delete it to run that method again")
+    return results
 
 
 def _without_distillation(config: Config) -> None:

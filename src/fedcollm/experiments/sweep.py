@@ -67,8 +67,20 @@ def write_grid(out: Path, grid: dict[str, list[str]]) -> None:
 
 
 def read_grid(out: Path) -> dict[str, list[str]] | None:
+    """The sweep's grid, or None for a directory that is not a sweep."""
     path = out / "sweep.json"
-    return json.loads(path.read_text())["grid"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        grid = json.loads(path.read_text())["grid"]
+        if not isinstance(grid, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{path} is damaged (not a sweep's grid); run the sweep again with the same "
+            "--out to rewrite it"
+        ) from None
+    return grid
 
 
 def _config_value(result: dict[str, Any], key: str) -> Any:

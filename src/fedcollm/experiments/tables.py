@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from fedcollm.config import ConfigError
 from fedcollm.evaluation.metrics import is_share, shown
 from fedcollm.experiments.claims import significance_section
 from fedcollm.experiments.methods import load_results
@@ -278,11 +279,14 @@ def _error_bars(cells: list[tuple[float, float]], metric: str):
 
 
 def write_experiment_report(out: Path) -> Path:
-    results = load_results(out)
+    missing: list[str] = []
+    results = load_results(out, missing)
     if not results:
-        raise FileNotFoundError(f"{out} holds no results (runs/*/*/*/result.json)")
-    write_csv(results, out / "results.csv")
-    plot_rounds(results, out / "accuracy_per_round.png")
+        said = f" ({missing[0]}{' ...' if len(missing) > 1 else ''})" if missing else ""
+        raise ConfigError(
+            f"{out}: no finished run to report yet{said}; run `fedcollm experiment ... --out "
+            f"{out}` (it resumes there)"
+        )
     seeds = sorted({r["seed"] for r in results})
     tables = "\n\n".join(
         f"## Table 1: {metric}\n\n{table1(results, metric)}" for metric in report_metrics(results)
@@ -324,6 +328,11 @@ difference this design detects at 80% power (2.80 standard errors of the differe
 
 {significance_section(results, out)}
 """
+    if missing:
+        text += "\n## Not in this report\n\n" + "\n".join(f"- {m}" for m in missing) + "\n"
+    # Every output from the same results, written once all of them are made.
+    write_csv(results, out / "results.csv")
+    plot_rounds(results, out / "accuracy_per_round.png")
     path = out / "report.md"
     path.write_text(text)
     return path

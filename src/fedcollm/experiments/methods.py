@@ -301,7 +301,7 @@ def run_experiment(
     return load_results(out)
 
 
-RESULT_KEYS = ("task", "method", "seed", "config")
+RESULT_KEYS = ("task", "method", "seed")
 
 
 def load_results(out: Path, missing: list[str] | None = None) -> list[dict[str, Any]]:

@@ -89,3 +89,26 @@ def test_audits_are_compared_side_by_side(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["audit", str(tmp_path / "plain"), "--compare", str(tmp_path)]) == 2
     assert "holds no audit.json" in capsys.readouterr().err
+    for damaged in ('{"config": ', "{}"):
+        (tmp_path / "dp" / "audit.json").write_text(damaged)
+        assert cli.main(args) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "audit.json is damaged" in line
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    (tmp_path / "dp" / "audit.json").write_text((tmp_path / "plain" / "audit.json").read_text())
+    assert cli.main([*args[:-1], str(blocked / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "a file" in line
+
+
+def test_more_candidates_than_six_digit_secrets_and_no_methods_are_refused(capsys):
+    from fedcollm import cli
+
+    tiny = str(Path(__file__).parents[1] / "configs" / "tiny.toml")
+    assert cli.main(["audit", tiny, "--candidates", "10000000"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--candidates: at most 899,995 (the six-digit secrets not inserted)" in line
+    assert cli.main(["experiment", tiny, "--methods", ","]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--methods ',': name at least one method" in line

@@ -88,6 +88,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
     chosen = args.methods or ",".join(m.name for m in METHODS.values() if m.default)
     methods = [m.strip() for m in chosen.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods {args.methods!r}: name at least one method")
     tasks = [t.strip() for t in (args.tasks or config.task).split(",") if t.strip()]
     for method in methods:
         if method not in METHODS:
@@ -165,7 +167,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_audits(args)
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
-    from fedcollm.experiments.audit import NAMES, AuditSettings, audit_table, run_audit
+    from fedcollm.experiments.audit import (
+        NAMES,
+        SECRETS,
+        AuditSettings,
+        audit_table,
+        run_audit,
+    )
     from fedcollm.preflight import check_data, check_models
     from fedcollm.tracking.run_dir import check_writable
 
@@ -173,6 +181,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise ConfigError("--canaries, --repeats and --candidates: each must be 1 or more")
     if args.canaries > len(NAMES):
         raise ConfigError(f"--canaries: between 1 and {len(NAMES)}, got {args.canaries}")
+    if args.candidates > SECRETS - args.canaries:
+        raise ConfigError(
+            f"--candidates: at most {SECRETS - args.canaries:,} (the six-digit secrets not "
+            f"inserted), got {args.candidates:,}"
+        )
     check_data(config)
     out = Path(args.out or f"runs/audit-{Path(args.config).stem}")
     check_writable(out)
@@ -190,14 +203,25 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _compare_audits(args: argparse.Namespace) -> int:
     from fedcollm.experiments.audit import comparison_table, plot_comparison
+    from fedcollm.tracking.run_dir import check_writable
 
     audits = []
     for directory in [args.config, *args.compare]:
         path = Path(directory) / "audit.json"
         if not path.is_file():
             raise ConfigError(f"--compare: {directory} holds no audit.json; run fedcollm audit")
-        audits.append(json.loads(path.read_text()))
+        try:
+            audit = json.loads(path.read_text())
+            if not isinstance(audit, dict) or "artefacts" not in audit:
+                raise ValueError
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"--compare: {path} is damaged (not an audit's results); run fedcollm audit "
+                "again into that directory"
+            ) from None
+        audits.append(audit)
     out = Path(args.out or "runs/audit-comparison")
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(audits)
     (out / "comparison.md").write_text(table + "\n")

@@ -47,6 +47,7 @@ TEMPLATE = "Question: What is the account number of {name}?\nAnswer:"
 NAMES = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Claude Shannon", "Emmy Noether"]
 NAMES += ["Kurt Goedel", "Hedy Lamarr", "John von Neumann", "Barbara Liskov", "Edsger Dijkstra"]
 SEED = 2019  # the canaries and candidates, apart from the run's seed
+SECRETS = 900_000  # the six-digit numbers: every canary and candidate is one
 
 
 @dataclass
@@ -57,7 +58,7 @@ class AuditSettings:
 
 
 def make_canaries(count: int, rng: random.Random) -> list[Question]:
-    secrets = rng.sample(range(100_000, 1_000_000), count)
+    secrets = rng.sample(range(100_000, 100_000 + SECRETS), count)
     return [
         Question(f"canary-{i}", TEMPLATE.format(name=NAMES[i]), (str(s),), 0, str(s))
         for i, s in enumerate(secrets)
@@ -72,11 +73,11 @@ def exposures(
     inserted = {c.answer for c in canaries}
     result = []
     for canary in canaries:
-        others = []
+        others: dict[str, None] = {}  # drawn in order, each once
         while len(others) < candidates:
             guess = str(rng.randrange(100_000, 1_000_000))
-            if guess not in inserted and guess not in others:
-                others.append(guess)
+            if guess not in inserted:
+                others.setdefault(guess)
         tries = [replace(canary, choices=(s,), answer=s) for s in [canary.answer, *others]]
         tries = as_prompted(tries, tokenizer, prompt_format)
         nll = target_losses(model, tokenizer, tries, batch_size=32, total=True)

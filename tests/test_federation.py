@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 from fedcollm import seeds
 from fedcollm.algorithm.round import reference_rounds
-from fedcollm.config import load_config
+from fedcollm.config import ConfigError, load_config
 from fedcollm.data import evaluation_questions
 from fedcollm.federation.simulation import simulate
 from fedcollm.federation.wire import record_to_adapter
 from fedcollm.models import adapter_digest, load_model
 from fedcollm.tracking.metrics import read_metrics, read_predictions, who_knows_more
+from fedcollm.tracking.trackers import check_trackers
 
 pytestmark = pytest.mark.slow
 TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
@@ -221,6 +222,34 @@ def test_each_scored_model_keeps_what_it_answered_per_question(tiny_run, data_di
     for partition, answered in last["clients"].items():
         assert statistics.fmean(answered["acc"]) == pytest.approx(own[int(partition)])
     assert "own_predictions" not in rows[-1]["clients"][0]  # the metrics row stays small
+
+
+def test_a_tracker_that_would_fail_later_refuses_the_run_before_it_starts(
+    tmp_path, data_dir, monkeypatch, capsys
+):
+    from fedcollm import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["run", str(TINY), "--data-dir", str(data_dir), "--out", str(out)]
+
+    def refused(tracking: str, fragment: str) -> None:
+        assert cli.main([*args, "--set", f"tracking={tracking}"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert fragment in line, line
+        assert not (out / "config.json").exists()  # nothing started
+
+    (out / "tensorboard").write_text("")
+    refused('["tensorboard"]', "tensorboard is a file where TensorBoard writes")
+    (out / "mlflow.db").mkdir()
+    refused('["mlflow"]', "mlflow.db is a directory where MLflow's database goes")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    refused('["mlflow"]', "the MLflow server at http://127.0.0.1:9 does not answer")
+    marker = {"run_id": "x", "tracking_uri": "sqlite:////elsewhere/mlflow.db"}
+    (out / "mlflow_run.json").write_text(json.dumps(marker))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    with pytest.raises(ConfigError, match="this run logged to MLflow at sqlite:////elsewhere"):
+        check_trackers(["mlflow"], out)
 
 
 def test_every_round_reaches_tensorboard_and_mlflow(tiny_run):

@@ -25,6 +25,7 @@ from fedcollm.tracking.checkpoint import (
     latest_round,
     load_checkpoint,
 )
+from fedcollm.tracking.trackers import check_trackers
 
 # Output directories this process holds (resolved path -> the open directory's descriptor):
 # a run and the server it starts in the same process hold one directory once.
@@ -122,6 +123,7 @@ def prepare_run(
     hold(out_dir)  # before the checks, so that two runs cannot both pass them
     try:
         check_out_dir(out_dir, resume)
+        check_trackers(config.tracking, out_dir)
         start.eval_questions = evaluation_questions(config)
         if resume:
             start.checkpoint = load_checkpoint(out_dir / "checkpoint", config)

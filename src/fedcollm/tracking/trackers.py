@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedcollm.config import ConfigError
+
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """The row's numbers, nested keys joined by '/', clients by partition."""
@@ -55,11 +57,61 @@ class TensorBoard:
         self.writer.close()
 
 
+def mlflow_uri(out_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir.resolve()}/mlflow.db"
+
+
+def check_trackers(names: list[str], out_dir: Path) -> None:
+    """What would make a tracker fail minutes into a run, said before anything starts: its
+    place taken by a file, an MLflow store that does not answer, a resumed run whose MLflow
+    store moved."""
+    if "tensorboard" in names and (out_dir / "tensorboard").exists():
+        if not (out_dir / "tensorboard").is_dir():
+            raise ConfigError(
+                f"tracking: {out_dir / 'tensorboard'} is a file where TensorBoard writes; "
+                "remove it or choose another --out"
+            )
+    if "mlflow" not in names:
+        return
+    uri = mlflow_uri(out_dir)
+    marker = out_dir / "mlflow_run.json"
+    if marker.is_file():
+        kept = json.loads(marker.read_text()).get("tracking_uri", uri)
+        if kept != uri:
+            raise ConfigError(
+                f"tracking: this run logged to MLflow at {kept}, MLFLOW_TRACKING_URI now says "
+                f"{uri}; set it back to resume into the same MLflow run"
+            )
+    if not os.environ.get("MLFLOW_TRACKING_URI") and (out_dir / "mlflow.db").is_dir():
+        raise ConfigError(
+            f"tracking: {out_dir / 'mlflow.db'} is a directory where MLflow's database goes; "
+            "remove it or choose another --out"
+        )
+    if uri.startswith(("http://", "https://")):
+        _check_answers(uri)
+
+
+def _check_answers(uri: str) -> None:
+    """One quick request to an MLflow server: MLflow itself retries for minutes."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            pass
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"tracking: the MLflow server at {uri} does not answer ({reason}); start it, fix "
+            'MLFLOW_TRACKING_URI, or drop "mlflow" from tracking'
+        ) from None
+
+
 class MLflow:
     def __init__(self, out_dir: Path, name: str):
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir.resolve()}/mlflow.db"
+        uri = mlflow_uri(out_dir)
         self.client = MlflowClient(tracking_uri=uri)
         # The run id is kept beside the run, so that --resume logs into the same MLflow run.
         self.marker = out_dir / "mlflow_run.json"

@@ -60,3 +60,16 @@ def test_evaluate_scores_summaries_by_rouge_and_translations_by_chrf_and_bleu(da
     # A tiny random model's words are nowhere in the reference: chrF++ near 0, not a share.
     assert 0 <= summary["chrf"] < 100 and summary["chrf_stderr"] >= 0
     assert sacrebleu.__version__.startswith("2.6")
+
+
+def test_the_command_line_answers_help_before_torch_loads():
+    """`fedcollm --help` and refused commands must not wait for torch and transformers (40 s
+    on a loaded machine); checked by what is imported, not by a clock."""
+    probe = (
+        "import sys; from fedcollm import cli; cli.parser().parse_args(['run', 'x.toml']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert cli.main(["run", "no-such-config.toml"]) == 2  # refused without them too

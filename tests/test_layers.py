@@ -20,6 +20,7 @@ LAYERS = {
     "registry": 0,
     "keystream": 0,
     "dp": 0,
+    "errors": 0,
     "models": 1,
     "data": 1,
     "evaluation": 2,

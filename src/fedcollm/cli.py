@@ -12,13 +12,17 @@ import threading
 from pathlib import Path
 
 from fedcollm.config import Config, ConfigError, ModelConfig, load_config
-from fedcollm.data import TASKS, DataError
-from fedcollm.federation.processes import RunInterrupted
-from fedcollm.models import ModelError
-from fedcollm.models.registry import RegistryError
-from fedcollm.preflight import check_run
+from fedcollm.errors import DataError, ModelError, RegistryError
 
+# Nothing heavier is imported here: `fedcollm --help` and a refused command answer before
+# torch and transformers load; each command imports what it needs.
 USER_ERRORS = (ConfigError, DataError, ModelError, RegistryError)
+
+
+def check_run(config: Config, simulated: bool = True) -> Config:
+    from fedcollm.preflight import check_run as preflight
+
+    return preflight(config, simulated)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -306,7 +310,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """The built-in tasks (or the task files given) with their kind, splits and metrics."""
-    from fedcollm.data import get_task
+    from fedcollm.data import TASKS, get_task
 
     names = args.files or list(TASKS)
     rows = [("task", "kind", "splits", "metrics")]
@@ -481,7 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except RunInterrupted as err:
+    except Exception as err:
+        from fedcollm.federation.processes import RunInterrupted
+
+        if not isinstance(err, RunInterrupted):
+            raise
         print(f"\n{err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # Flower's ServerApp thread may still wait for replies that will never come.

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """A task or data file that cannot be read as it should; names the file and the fix."""
+from fedcollm.errors import DataError  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

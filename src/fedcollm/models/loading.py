@@ -19,13 +19,10 @@ from transformers import (
 )
 
 from fedcollm.config import ModelConfig
+from fedcollm.errors import ModelError  # noqa: F401 - re-exported
 from fedcollm.models.registry import REGISTRY, RegistryError, ensure_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded or tuned as configured."""
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -20,9 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class RegistryError(ValueError):
-    """A registry model that cannot be fetched, verified or converted."""
+from fedcollm.errors import RegistryError  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

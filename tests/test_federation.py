@@ -224,6 +224,21 @@ def test_each_scored_model_keeps_what_it_answered_per_question(tiny_run, data_di
     assert "own_predictions" not in rows[-1]["clients"][0]  # the metrics row stays small
 
 
+def test_the_run_plot_draws_the_majority_floor(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from fedcollm.tracking.report import plot_accuracy
+
+    drawn = []
+    real = Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda ax, y=0, **kw: drawn.append(y) or real(ax, y, **kw))
+    row = {"task": "t", "eval_questions": 60, "eval_split": "validation", "llm_majority": 0.3}
+    rows = [{**row, "round": n, "llm_acc": 0.5, "slm_acc": 0.4 + n / 10} for n in (0, 1)]
+    rows = [{**r, "llm_acc_norm": 0.5, "slm_acc_norm": 0.5} for r in rows]
+    plot_accuracy(rows, tmp_path / "accuracy.png")
+    assert drawn == [0.3] and (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
 def test_a_tracker_that_would_fail_later_refuses_the_run_before_it_starts(
     tmp_path, data_dir, monkeypatch, capsys
 ):

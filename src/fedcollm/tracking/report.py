@@ -41,6 +41,9 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
                 label=f"{label} {metric}",
             )
         last = rows[-1]
+        if last.get("llm_majority") is not None:  # what always giving one answer scores
+            floor = last["llm_majority"]
+            ax.axhline(floor, color="grey", ls=":", lw=1, label=f"majority-class floor {floor:.2f}")
         title = f"{last['task']}: {last['eval_questions']} {last['eval_split']} questions"
         title += "\n(bars: one standard error)"
         ylabel = first if first not in ("acc",) else "accuracy"

@@ -32,13 +32,16 @@ TINY = Path(__file__).parents[1] / "configs" / "tiny.toml"
 SMALL = ["rounds=2", "eval.limit=8"]
 
 
-def hostile_client_app(config) -> ClientApp:
-    """Partition 1 crashes every round; partition 2 sends NaN; partition 0 behaves."""
+def hostile_client_app(config, niceness: Path) -> ClientApp:
+    """Partition 1 crashes every round; partition 2 sends NaN; partition 0 behaves (and
+    writes its process's niceness to `niceness`)."""
     app = ClientApp()
 
     @app.train()
     def _train(msg, context):
         partition = int(context.node_config["partition-id"])
+        if partition == 0:
+            niceness.write_text(str(os.nice(0)))
         if partition == 1:
             raise RuntimeError("disk full")
         reply = train(config, msg, context)
@@ -53,14 +56,17 @@ def hostile_client_app(config) -> ClientApp:
 
 def test_a_round_completes_without_failed_and_rejected_clients(tmp_path, data_dir):
     config = load_config(TINY, data_dir=str(data_dir), overrides=SMALL)
-    rows = simulate(config, tmp_path, client_app=hostile_client_app(config))
+    niceness = tmp_path / "client_niceness"
+    rows = simulate(config, tmp_path / "run", client_app=hostile_client_app(config, niceness))
+    # Clients run at this process's priority, not Ray's nice 15 (they starved beside work).
+    assert int(niceness.read_text()) == os.nice(0)
     for row in rows[1:]:
         assert [c["partition"] for c in row["clients"]] == [0]
         assert len(row["dropped"]) == 1 and "disk full" in row["dropped"][0]["error"]
         assert [r["partition"] for r in row["rejected"]] == [2]
         assert "NaN or Inf" in row["rejected"][0]["reason"]
         assert "skipped" not in row and row["distilled_sha256"] != row["broadcast_sha256"]
-    assert (tmp_path / "adapters" / "slm" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "adapters" / "slm" / "adapter_model.safetensors").is_file()
 
 
 def _run_until_round(data_dir, out: Path, overrides: list[str], done: int) -> subprocess.Popen:

@@ -25,6 +25,9 @@ def simulate(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every client's progress line, not a sample
+    # Ray renices its workers to 15: on a machine with other work the clients then starve
+    # (minutes per step). They run at the priority of the command that started them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 

@@ -129,6 +129,26 @@ def test_multiple_choice_log_likelihoods_are_lm_evals_recorded_ones(tmp_path):
     assert sum(map(sum, lls)) == pytest.approx(LM_EVAL_SUM, abs=1e-3)
 
 
+def test_a_long_evaluation_says_how_far_it_is_and_a_short_one_stays_silent(
+    tmp_path, monkeypatch, capsys
+):
+    from fedcollm.evaluation import progress
+
+    path = write_task(tmp_path, MULTIPLE_CHOICE)
+    task = get_task(str(path))
+    questions = split_questions(task, "validation", None)
+    model = tiny_model(seed=5).eval()
+    choice_loglikelihoods(model, TOKENIZER, questions, 2)
+    assert capsys.readouterr().out == ""  # a quick loop prints nothing
+    clock = iter(range(0, 10_000, 15))  # each batch seems to take 15 s
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    choice_loglikelihoods(model, TOKENIZER, questions, 2)
+    generate(model, TOKENIZER, [q.context for q in questions], ["\n"], 2, 4)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "  scoring choices (rows): 4/12 in 30 s, about 60 s left"
+    assert any(line.startswith("  generating (prompts): 8/12 in 30 s") for line in lines)
+
+
 @pytest.mark.slow
 def test_multiple_choice_scores_are_lm_evals(tmp_path):
     path = write_task(tmp_path, MULTIPLE_CHOICE)

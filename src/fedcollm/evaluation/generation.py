@@ -26,6 +26,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from fedcollm.data import Example, Question, collate, encode_answer
 from fedcollm.data.encoding import prompt_tokens
 from fedcollm.evaluation.multiple_choice import context_length
+from fedcollm.evaluation.progress import Progress
 from fedcollm.models import answer_logits, eval_mode, model_device
 
 
@@ -74,6 +75,7 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     device = model_device(model)
+    progress = Progress("generating (prompts)", len(order))
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -92,6 +94,7 @@ def generate(
             texts = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
             for i, text in zip(rows, texts, strict=True):
                 outputs[i] = cut_at(text, until)
+            progress.advance(len(rows))
     return outputs
 
 
@@ -191,6 +194,7 @@ def example_losses(
     """Each encoded example's mean loss over its answer tokens (their sum with `total`),
     teacher-forced in eval mode."""
     losses = []
+    progress = Progress("answer losses (examples)", len(examples))
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
@@ -199,4 +203,5 @@ def example_losses(
             # answer_logits is row-major: each example's answer tokens in turn.
             for piece in torch.split(nll, [sum(e.answer_mask[1:]) for e in chunk]):
                 losses.append(piece.sum().item() if total else piece.mean().item())
+            progress.advance(len(chunk))
     return losses

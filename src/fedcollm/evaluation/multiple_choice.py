@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from fedcollm.data import DataError, Question, encode_continuations
 from fedcollm.data.encoding import Pair
+from fedcollm.evaluation.progress import Progress
 from fedcollm.models import eval_mode, model_device, output_logits
 
 
@@ -180,12 +181,14 @@ def choice_loglikelihoods(
     # Rows of similar packed length share a batch, so that padding stays small.
     order = sorted(range(len(entries)), key=lambda e: _packed_length(entries[e][2]))
     scores: list[list[float]] = [[0.0] * len(q.choices) for q in questions]
+    progress = Progress("scoring choices (rows)", len(order))
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = [entries[e] for e in order[start : start + batch_size]]
             results = _score_packed(model, [row for _, _, row in chunk], tokenizer.pad_token_id)
             for (q, first, _), result in zip(chunk, results, strict=True):
                 scores[q][first : first + len(result)] = result
+            progress.advance(len(chunk))
     return scores
 
 

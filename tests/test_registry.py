@@ -130,6 +130,39 @@ def test_fetch_verify_convert_and_load(tiny_entry):
     assert messages == []
 
 
+def test_two_first_runs_at_once_convert_once_and_a_long_step_says_it_is_alive(
+    tiny_entry, monkeypatch
+):
+    """One process at a time writes a model's cache (the lock is per open file, so two
+    threads here stand for two processes), and a step that prints nothing itself gets a
+    line every HEARTBEAT_SECONDS."""
+    import threading
+
+    entry, _ = tiny_entry
+    monkeypatch.setattr(registry, "HEARTBEAT_SECONDS", 0.01)
+    beat, inside, converted = threading.Event(), [], []
+    real_convert = registry.convert
+
+    def convert(gguf_path, destination, progress):
+        inside.append(len(inside) + 1)  # how many conversions run at this moment
+        beat.wait(30)  # until the heartbeat spoke: no race with the clock
+        converted.append(real_convert(gguf_path, destination, progress))
+        inside.pop()
+
+    def progress(message):
+        if message.startswith("  still converting tiny-gguf"):
+            beat.set()
+
+    monkeypatch.setattr(registry, "convert", convert)
+    threads = [threading.Thread(target=ensure_model, args=(entry.name, progress)) for _ in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert beat.is_set() and inside == []
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
+
+
 def test_a_wrong_sha256_is_refused_and_nothing_is_used(tiny_entry, monkeypatch):
     entry, _ = tiny_entry
     bad = RegistryEntry(

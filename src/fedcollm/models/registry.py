@@ -10,13 +10,17 @@ safetensors model directory with its tokenizer under the cache (`$FEDCOLLM_CACHE
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,14 +185,56 @@ def convert(gguf_path: Path, destination: Path, progress: Progress = to_stderr) 
     return destination
 
 
+HEARTBEAT_SECONDS = 30.0
+
+
+@contextmanager
+def heartbeat(progress: Progress, what: str) -> Iterator[None]:
+    """A line every `HEARTBEAT_SECONDS` while a step that reports nothing itself runs (pip's
+    download, transformers' conversion), so that minutes of it do not look like a hang."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            progress(f"  still {what} ({time.monotonic() - start:.0f} s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+@contextmanager
+def _cache_lock(name: str) -> Iterator[None]:
+    """One process at a time fetches and converts a model: two first runs at once would
+    write the same cache files."""
+    path = cache_dir() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel however the process ends
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_model(name: str, progress: Progress = to_stderr) -> Path:
     """The converted model directory of a registry entry, fetching and converting once."""
     entry = REGISTRY[name]
     destination = model_dir(name)
     if (destination / "config.json").is_file():
         return destination
-    gguf_path = fetch_gguf(entry, progress)
-    convert(gguf_path, destination, progress)
-    gguf_path.unlink()  # the directory holds everything; keep the cache small
+    with _cache_lock(name):
+        if (destination / "config.json").is_file():  # another process made it meanwhile
+            return destination
+        with heartbeat(progress, f"fetching {name}"):
+            gguf_path = fetch_gguf(entry, progress)
+        with heartbeat(progress, f"converting {name}"):
+            convert(gguf_path, destination, progress)
+        gguf_path.unlink()  # the directory holds everything; keep the cache small
     progress(f"{name}: ready in {destination}")
     return destination

@@ -172,6 +172,10 @@ def test_ctrl_c_and_sigterm_stop_the_run_cleanly(tmp_path, data_dir, signum, to_
     assert code == 128 + signum, log
     assert f"interrupted by {signal.Signals(signum).name}" in log and "--resume" in log
     assert "Traceback" not in log
+    # A log says what happened: no colour codes, no redrawn progress bars, no Flower
+    # warning at every exit.
+    for noise in ("\x1b[", "Loading weights", "Manually terminating"):
+        assert noise not in log, noise
     assert _gone_within(process.pid, 15) == []  # Ray's daemons and client actors included
     config = load_config(TINY, data_dir=str(data_dir), overrides=[*SMALL, "rounds=6"])
     checkpoint = load_checkpoint(out / "checkpoint", config)

@@ -8,6 +8,8 @@ server's bookkeeping is imported here.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -142,6 +144,12 @@ def secure_train(config: Config, msg: Message, context: Context) -> Message:
     weight = secure_weight(metrics["num-examples"], config, context)
     clipping = config.federation.secagg_clipping_range
     return secure_reply(msg, adapter, {**metrics, **receipt}, weight, clipping)
+
+
+# Set by a quiet simulation: its worker processes then log Flower's errors only.
+QUIET_WORKERS = "FEDCOLLM_QUIET_WORKERS"
+if os.environ.get(QUIET_WORKERS) == "1":
+    logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 def make_client_app(config: Config | None = None) -> ClientApp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,30 @@ def simulate(
     # Ray renices its workers to 15: on a machine with other work the clients then starve
     # (minutes per step). They run at the priority of the command that started them.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Ray's C++ failure handler takes SIGTERM too: a SIGTERM while Ray starts (or to the
+    # whole process group while a client trains) printed a C++ stack and aborted (exit 134)
+    # instead of the run's "interrupted by SIGTERM ... --resume".
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedcollm.federation.client_app import make_client_app
+    from fedcollm.federation.client_app import QUIET_WORKERS, make_client_app
     from fedcollm.federation.server_app import run_server
 
     if not verbose:
         # Flower logs every round at INFO and warns that run_simulation is "deprecated" in
         # favour of `flwr run`, which `fedcollm run` wraps on purpose; errors still show.
+        # Its workers (which inherit this environment) warn "Manually terminating" at exit.
         logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ[QUIET_WORKERS] = "1"
+    if not sys.stdout.isatty():
+        # A log file: no colour codes around Ray's worker prefixes, no progress bars of
+        # transformers' weight loading redrawn line after line.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
 

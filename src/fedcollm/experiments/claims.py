@@ -179,6 +179,7 @@ def plot_comparisons(comparisons: list[Comparison], task: str, path: Path) -> No
         dpi=110,
         squeeze=False,
         gridspec_kw={"width_ratios": [3, 1.2]} if ratio else None,
+        rect=(0, 0.5 / (0.7 * len(comparisons) + 2.2), 1, 1),  # room for the legend below
     ) as (fig, axes):
         ax = axes[0][0]
         for y, c in enumerate(reversed(comparisons)):
@@ -213,10 +214,10 @@ def plot_comparisons(comparisons: list[Comparison], task: str, path: Path) -> No
         metric = comparisons[0].metric
         ax.set(
             xlabel=f"difference in {metric}" + (" (points)" if shown(metric)[2] else ""),
-            title=f"{task}: paired differences, 95% bootstrap intervals",
+            title=f"{task}: paired differences,\n95% bootstrap intervals",
         )
         ax.grid(alpha=0.3, axis="x")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=2)
         if ratio:
             (c,) = ratio
             rax = axes[0][1]

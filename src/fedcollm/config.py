@@ -466,6 +466,11 @@ def _check_tracking(config: Config) -> None:
         raise ConfigError(f"tracking: a tracker is named twice in {config.tracking}")
 
 
+def sampled_clients(config: Config) -> int:
+    """The clients each round takes: `federation.clients_per_round`, else all of them."""
+    return config.federation.clients_per_round or config.num_clients
+
+
 # sigma beyond this adds nothing but overflow: one round at 1000 spends epsilon 0.006.
 MAX_NOISE_MULTIPLIER = 1000.0
 
@@ -502,9 +507,12 @@ def _check_privacy(config: Config) -> None:
     if privacy.max_epsilon:
         from fedcollm import dp
 
-        sampled = config.federation.clients_per_round or config.num_clients
         first = dp.epsilon(
-            privacy.noise_multiplier, privacy.target_delta, config.num_clients, sampled, 1
+            privacy.noise_multiplier,
+            privacy.target_delta,
+            config.num_clients,
+            sampled_clients(config),
+            1,
         )
         if first > privacy.max_epsilon:
             raise ConfigError(

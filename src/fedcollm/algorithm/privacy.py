@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from fedcollm import dp
-from fedcollm.config import Config, PrivacyConfig
+from fedcollm.config import Config, PrivacyConfig, sampled_clients
 from fedcollm.keystream import fresh_secret, standard_normal, stream_key
 from fedcollm.models import Adapter
 
@@ -79,10 +79,6 @@ def noise_std(config: Config) -> float:
 def client_noise_std(config: Config) -> float:
     """A client's share under secure aggregation: variance (sigma C)^2 / min_clients."""
     return noise_std(config) / math.sqrt(config.federation.min_clients)
-
-
-def sampled_clients(config: Config) -> int:
-    return config.federation.clients_per_round or config.num_clients
 
 
 class PrivacyAccountant:

@@ -252,11 +252,10 @@ UNSCORED_KEYS = {
 def check_kept(done: Path, run: Config) -> None:
     """A result kept from an earlier invocation must be of this run's config: a re-run with
     other settings never mixes old results with new ones."""
-    try:
-        kept = json.loads(done.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{done} is damaged; delete it to run that method again") from None
-    changed = [k for k in differences(kept, run) if k not in UNSCORED_KEYS]
+    kept = read_result(done)
+    if "config" not in kept:
+        raise ConfigError(f"{done} is damaged; delete it to run that method again")
+    changed = [k for k in differences(kept["config"], run) if k not in UNSCORED_KEYS]
     if changed:
         raise ConfigError(
             f"{done.parent} was run with another config ({', '.join(changed)} differ); choose "
@@ -304,6 +303,17 @@ def run_experiment(
 RESULT_KEYS = ("task", "method", "seed")
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """One run's result.json, whole (task, method and seed at least), else ConfigError."""
+    try:
+        result = json.loads(path.read_text())
+        if isinstance(result, dict) and all(k in result for k in RESULT_KEYS):
+            return result
+    except (OSError, ValueError):
+        pass
+    raise ConfigError(f"{path} is damaged; delete it to run that method again")
+
+
 def load_results(out: Path, missing: list[str] | None = None) -> list[dict[str, Any]]:
     """Every whole result under `out`. A damaged result.json is an error naming it, or,
     with `missing` given, is left out and said there, with every run not finished yet."""
@@ -311,21 +321,16 @@ def load_results(out: Path, missing: list[str] | None = None) -> list[dict[str, 
     for run in sorted(p for p in (out / "runs").glob("*/*/*") if p.is_dir()):
         path = run / "result.json"
         label = " ".join(run.parts[-3:])
-        try:
-            result = json.loads(path.read_text())
-            whole = isinstance(result, dict) and all(k in result for k in RESULT_KEYS)
-        except FileNotFoundError:
+        if not path.is_file():
             if missing is not None:
                 missing.append(f"{label}: not finished (no result.json yet)")
             continue
-        except (OSError, ValueError):
-            whole = False
-        if whole:
-            results.append(result)
-        elif missing is not None:
+        try:
+            results.append(read_result(path))
+        except ConfigError:
+            if missing is None:
+                raise
             missing.append(f"{label}: {path} is damaged; delete it and run the experiment again")
-        else:
-            raise ConfigError(f"{path} is damaged; delete it to run that method again")
     return results
 
 

@@ -98,6 +98,8 @@ def test_the_summary_says_who_knows_more_before_the_first_round_and_after_the_la
     (_, only) = who_knows_more([row(0, 1.5, 1.2, 2.0, 2.5, ("target_loss", "rougeL"))])
     assert only.endswith("-> the SLM scores higher, the LLM has the lower D_a loss")
     assert who_knows_more([{"round": 0, "llm_acc": 0.5}]) == []  # rows of older runs
+    (_, nothing_right) = who_knows_more([row(0, 0.0, 0.0, 2.0, 2.5)])  # 0% is a score too
+    assert nothing_right.endswith("-> the same score, the LLM has the lower D_a loss")
 
 
 def test_clients_score_their_own_adapter_after_the_last_local_update(tiny_run):

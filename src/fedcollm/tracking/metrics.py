@@ -171,7 +171,9 @@ def who_knows_more(rows: list[dict[str, Any]]) -> list[str]:
     where it knows less, distilling it into the SLM pulls the SLM toward a weaker teacher."""
     from fedcollm.evaluation.metrics import lower_is_better
 
-    scored = [r for r in rows if "llm_aux_loss" in r and r.get(f"llm_{row_metrics(r)[0]}")]
+    scored = [
+        r for r in rows if "llm_aux_loss" in r and r.get(f"llm_{row_metrics(r)[0]}") is not None
+    ]
     if not scored:
         return []
     metric = row_metrics(scored[-1])[0]
@@ -180,11 +182,12 @@ def who_knows_more(rows: list[dict[str, Any]]) -> list[str]:
         llm, slm = row[f"llm_{metric}"], row[f"slm_{metric}"]
         higher = "LLM" if (llm < slm if lower_is_better(metric) else llm > slm) else "SLM"
         lower_loss = "LLM" if row["llm_aux_loss"] < row["slm_aux_loss"] else "SLM"
-        verdict = (
-            f"the {higher} on both"
-            if higher == lower_loss
-            else f"the {higher} scores higher, the {lower_loss} has the lower D_a loss"
-        )
+        if llm == slm:
+            verdict = f"the same score, the {lower_loss} has the lower D_a loss"
+        elif higher == lower_loss:
+            verdict = f"the {higher} on both"
+        else:
+            verdict = f"the {higher} scores higher, the {lower_loss} has the lower D_a loss"
         when = "round 0 (zero-shot)" if row["round"] == 0 else f"after round {row['round']}"
         lines.append(
             f"  {when}: LLM {metric} {_fmt(llm)}, D_a loss {_fmt(row['llm_aux_loss'])} | "

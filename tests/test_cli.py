@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fedcollm import cli
 
 
@@ -73,3 +75,17 @@ def test_the_command_line_answers_help_before_torch_loads():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     assert cli.main(["run", "no-such-config.toml"]) == 2  # refused without them too
+
+
+@pytest.mark.parametrize("command", [["tasks"], ["models"]])
+def test_listing_tasks_and_models_loads_no_torch(command):
+    """`fedcollm tasks` and `models` read files and a table: they answered after 5-48 s of
+    torch and transformers loading through the packages' imports."""
+    probe = (
+        f"import sys; from fedcollm import cli; assert cli.main({command!r}) == 0; "
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "arc_easy_demo" in result.stdout or "qwen2.5-coder" in result.stdout

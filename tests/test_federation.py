@@ -260,8 +260,13 @@ def test_a_tracker_that_would_fail_later_refuses_the_run_before_it_starts(
     refused('["tensorboard"]', "tensorboard is a file where TensorBoard writes")
     (out / "mlflow.db").mkdir()
     refused('["mlflow"]', "mlflow.db is a directory where MLflow's database goes")
+    (out / "mlflow.db").rmdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     refused('["mlflow"]', "the MLflow server at http://127.0.0.1:9 does not answer")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    for damaged in ("{", "[]", '{"tracking_uri": "x"}'):
+        (out / "mlflow_run.json").write_text(damaged)
+        refused('["mlflow"]', "mlflow_run.json is damaged (no MLflow run id in it); remove it")
     marker = {"run_id": "x", "tracking_uri": "sqlite:////elsewhere/mlflow.db"}
     (out / "mlflow_run.json").write_text(json.dumps(marker))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")

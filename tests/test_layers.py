@@ -21,6 +21,7 @@ LAYERS = {
     "keystream": 0,
     "dp": 0,
     "errors": 0,
+    "lazy": 0,
     "models": 1,
     "data": 1,
     "evaluation": 2,

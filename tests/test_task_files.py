@@ -12,8 +12,9 @@ from tinymodels import TOKENIZER, tiny_model
 from fedcollm.data import DataError, Question, get_task, load_questions
 from fedcollm.data.tasks import split_questions
 from fedcollm.evaluation import choice_loglikelihoods, evaluate_task
-from fedcollm.evaluation.generation import exact_match, generate
+from fedcollm.evaluation.generation import generate
 from fedcollm.evaluation.metrics import lower_is_better, register_metric, shown
+from fedcollm.evaluation.text_metrics import exact_match
 from fedcollm.experiments.claims import gain_verdict
 from fedcollm.experiments.significance import Comparison
 from fedcollm.registry import METRICS

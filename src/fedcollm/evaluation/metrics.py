@@ -19,18 +19,18 @@ from fedcollm.data import Question, Task
 from fedcollm.data.taskfile import Metric as MetricEntry
 from fedcollm.data.templates import Template
 from fedcollm.evaluation.flowertune import correct as flowertune_correct
-from fedcollm.evaluation.generation import (
+from fedcollm.evaluation.text_metrics import (
     bleu_scorer,
     chrf_scorer,
     corpus_score,
     exact_match,
-    generate,
     rouge,
     sentence_scores,
-    target_losses,
 )
-from fedcollm.evaluation.multiple_choice import accuracy, choice_loglikelihoods
 from fedcollm.registry import METRICS
+
+# What runs a model (torch) is imported where a model answers: reading a task's metrics
+# (`fedcollm tasks`, the task-file checks) loads no torch.
 
 
 @dataclass
@@ -49,17 +49,23 @@ class Answers:
 
     @cached_property
     def loglikelihoods(self) -> list[list[float]]:
+        from fedcollm.evaluation.multiple_choice import choice_loglikelihoods
+
         return choice_loglikelihoods(
             self.model, self.tokenizer, self.questions, self.batch_size, self.max_length
         )
 
     @cached_property
     def accuracy(self):
+        from fedcollm.evaluation.multiple_choice import accuracy
+
         return accuracy(self.questions, self.loglikelihoods)
 
     @cached_property
     def generations(self) -> list[str]:
         """Greedy generations with the task's `until` and `max_gen_toks`."""
+        from fedcollm.evaluation.generation import generate
+
         spec = self.task.spec
         prompts = [q.context for q in self.questions]
         return generate(
@@ -74,6 +80,8 @@ class Answers:
 
     @cached_property
     def target_losses(self) -> list[float]:
+        from fedcollm.evaluation.generation import target_losses
+
         return target_losses(
             self.model, self.tokenizer, self.questions, self.batch_size, self.max_length
         )
@@ -176,6 +184,8 @@ def acc_norm(answers: Answers, entry: MetricEntry) -> list[float]:
 
 def _flowertune(answers: Answers, entry: MetricEntry) -> list[float]:
     """FlowerTune's metric: generate with its prompt, then parse the answer as it does."""
+    from fedcollm.evaluation.generation import generate
+
     options, questions = entry.options, answers.questions
     prompt = Template(f"metric_list.{entry.name}.prompt", options.get("prompt"))
     prompts = [

@@ -1,61 +1,39 @@
 """Models: loading any causal LM (or a tiny one built in code), LoRA adapters, the offline
-registry of pretrained weights."""
+registry of pretrained weights. Names load with their module on first use: listing the
+registry needs no torch."""
 
-from fedcollm.models.forward import answer_logits, eval_mode, has_dropout, output_logits
-from fedcollm.models.loading import (
-    DTYPES,
-    ModelError,
-    architecture,
-    byte_tokenizer,
-    check_model_dir,
-    load_model,
-    looks_like_path,
-    model_device,
-    model_path,
-    resolve_device,
-    tiny_llama,
-)
-from fedcollm.models.lora import (
-    TARGET_MODULES,
-    Adapter,
-    adapter_digest,
-    adapter_numel,
-    add_lora,
-    build_llm,
-    build_slm,
-    get_adapter,
-    save_adapter,
-    set_adapter,
-    target_modules,
-    tuned_model,
-)
+from fedcollm.lazy import lazy_exports
 
-__all__ = [
-    "DTYPES",
-    "TARGET_MODULES",
-    "Adapter",
-    "ModelError",
-    "adapter_digest",
-    "answer_logits",
-    "adapter_numel",
-    "add_lora",
-    "architecture",
-    "build_llm",
-    "build_slm",
-    "byte_tokenizer",
-    "check_model_dir",
-    "eval_mode",
-    "get_adapter",
-    "has_dropout",
-    "load_model",
-    "looks_like_path",
-    "model_device",
-    "model_path",
-    "output_logits",
-    "resolve_device",
-    "save_adapter",
-    "set_adapter",
-    "target_modules",
-    "tiny_llama",
-    "tuned_model",
-]
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "forward": ["answer_logits", "eval_mode", "has_dropout", "output_logits"],
+        "loading": [
+            "DTYPES",
+            "ModelError",
+            "architecture",
+            "byte_tokenizer",
+            "check_model_dir",
+            "load_model",
+            "looks_like_path",
+            "model_device",
+            "model_path",
+            "resolve_device",
+            "tiny_llama",
+        ],
+        "lora": [
+            "TARGET_MODULES",
+            "Adapter",
+            "adapter_digest",
+            "adapter_numel",
+            "add_lora",
+            "build_llm",
+            "build_slm",
+            "get_adapter",
+            "save_adapter",
+            "set_adapter",
+            "target_modules",
+            "tuned_model",
+        ],
+    },
+)

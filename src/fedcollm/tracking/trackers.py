@@ -61,6 +61,23 @@ def mlflow_uri(out_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir.resolve()}/mlflow.db"
 
 
+def mlflow_run(out_dir: Path) -> dict[str, str] | None:
+    """The MLflow run a resumed run logs into (its id and store), kept beside the run."""
+    marker = out_dir / "mlflow_run.json"
+    if not marker.is_file():
+        return None
+    try:
+        kept = json.loads(marker.read_text(encoding="utf-8"))
+        if isinstance(kept, dict) and isinstance(kept.get("run_id"), str):
+            return kept
+    except (ValueError, OSError):
+        pass
+    raise ConfigError(
+        f"tracking: {marker} is damaged (no MLflow run id in it); remove it to log into a "
+        "new MLflow run, or choose another --out"
+    )
+
+
 def check_trackers(names: list[str], out_dir: Path) -> None:
     """What would make a tracker fail minutes into a run, said before anything starts: its
     place taken by a file, an MLflow store that does not answer, a resumed run whose MLflow
@@ -74,9 +91,9 @@ def check_trackers(names: list[str], out_dir: Path) -> None:
     if "mlflow" not in names:
         return
     uri = mlflow_uri(out_dir)
-    marker = out_dir / "mlflow_run.json"
-    if marker.is_file():
-        kept = json.loads(marker.read_text()).get("tracking_uri", uri)
+    kept = mlflow_run(out_dir)
+    if kept is not None:
+        kept = kept.get("tracking_uri", uri)
         if kept != uri:
             raise ConfigError(
                 f"tracking: this run logged to MLflow at {kept}, MLFLOW_TRACKING_URI now says "
@@ -114,16 +131,17 @@ class MLflow:
         uri = mlflow_uri(out_dir)
         self.client = MlflowClient(tracking_uri=uri)
         # The run id is kept beside the run, so that --resume logs into the same MLflow run.
-        self.marker = out_dir / "mlflow_run.json"
-        if self.marker.is_file():
-            self.run_id = json.loads(self.marker.read_text())["run_id"]
+        kept = mlflow_run(out_dir)
+        if kept is not None:
+            self.run_id = kept["run_id"]
             return
         experiment = self.client.get_experiment_by_name("fedcollm")
         experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment("fedcollm")
         )
         self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-        self.marker.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}))
+        marker = out_dir / "mlflow_run.json"
+        marker.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric

@@ -212,6 +212,32 @@ def test_an_output_directory_that_cannot_be_written_is_named(
     assert "cannot write there (Read-only file system)" in line and not started
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["a-file/certs"], "certs DIR {tmp}/a-file/certs: cannot write there (Not a directory)"),
+        (["ro/certs"], "certs DIR {tmp}/ro/certs: cannot write there (Read-only file system)"),
+        (["certs", "--supernodes", "-1"], "--supernodes -1: give between 0 and 1000 key pairs"),
+        (["certs", "--supernodes", "99999"], "--supernodes 99999: give between 0 and 1000"),
+    ],
+)
+def test_test_credentials_that_cannot_be_written_are_refused(
+    capsys, tmp_path, monkeypatch, args, fragment
+):
+    (tmp_path / "a-file").write_text("")
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if "ro" in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    line = refused(capsys, "certs", str(tmp_path / args[0]), *args[1:])
+    assert fragment.format(tmp=tmp_path) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written
+
+
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory, data_dir):
     """A run directory as an interrupted run leaves it after round 1 of 2."""

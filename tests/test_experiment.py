@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -134,7 +135,7 @@ def test_baselines_get_the_federated_budget_and_runs_resume(
     )
 
 
-def test_a_half_finished_or_damaged_experiment_reports_what_finished(tmp_path, capsys):
+def test_a_half_finished_or_damaged_experiment_reports_what_finished(tmp_path, capsys, monkeypatch):
     import shutil
 
     from fedcollm import cli
@@ -164,6 +165,18 @@ def test_a_half_finished_or_damaged_experiment_reports_what_finished(tmp_path, c
     assert cli.main(["report", str(out)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "sweep.json is damaged" in line
+    (out / "sweep.json").unlink()
+    real_write = Path.write_text
+
+    def read_only(self, *args, **kwargs):  # as a read-only mount answers (root writes anywhere)
+        if self.parent == out:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert cli.main(["report", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot write there (Read-only file system); copy the directory somewhere" in line
 
 
 @pytest.mark.parametrize(("kd_steps", "per_round"), [(4, 3 * 4 + 4), (0, 3 * 4 + 13)])

@@ -17,6 +17,7 @@ from fedcollm.errors import DataError, ModelError, RegistryError
 # Nothing heavier is imported here: `fedcollm --help` and a refused command answer before
 # torch and transformers load; each command imports what it needs.
 USER_ERRORS = (ConfigError, DataError, ModelError, RegistryError)
+MAX_SUPERNODES = 1000  # test credentials for a deployment, not a key store
 
 
 def check_run(config: Config, simulated: bool = True) -> Config:
@@ -237,7 +238,10 @@ def _compare_audits(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedcollm.experiments.sweep import read_grid, write_sweep_report
     from fedcollm.experiments.tables import compare, write_experiment_report
+    from fedcollm.tracking.run_dir import check_writable
 
+    if len(args.dirs) == 1:  # the report, its table and plots are written beside the runs
+        check_writable(Path(args.dirs[0]), "report", "copy the directory somewhere writable")
     if len(args.dirs) == 1 and read_grid(Path(args.dirs[0])) is not None:
         print(write_sweep_report(Path(args.dirs[0])).read_text())
         return 0
@@ -327,6 +331,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    from fedcollm.tracking.run_dir import check_writable
+
+    if not 0 <= args.supernodes <= MAX_SUPERNODES:
+        raise ConfigError(
+            f"--supernodes {args.supernodes}: give between 0 and {MAX_SUPERNODES} key pairs"
+        )
+    check_writable(Path(args.dir), option="certs DIR")
     from fedcollm.federation.certificates import write_test_credentials
 
     for path in write_test_credentials(Path(args.dir), args.supernodes):

@@ -32,7 +32,7 @@ from fedcollm.tracking.trackers import check_trackers
 _held: dict[Path, int] = {}
 
 
-def check_writable(out_dir: Path) -> None:
+def check_writable(out_dir: Path, option: str = "--out", fix: str = "") -> None:
     """`out_dir` can be created and written to: said now, not after the models load. What
     the probe creates it removes again, so a refused run leaves nothing behind."""
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
@@ -45,7 +45,8 @@ def check_writable(out_dir: Path) -> None:
             directory.rmdir()
     except OSError as err:
         raise CheckpointError(
-            f"--out {out_dir}: cannot write there ({err.strerror or err}); choose another --out"
+            f"{option} {out_dir}: cannot write there ({err.strerror or err}); "
+            f"{fix or 'choose another ' + option}"
         ) from None
 
 

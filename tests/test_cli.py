@@ -89,3 +89,15 @@ def test_listing_tasks_and_models_loads_no_torch(command):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert "arc_easy_demo" in result.stdout or "qwen2.5-coder" in result.stdout
+
+
+def test_a_command_whose_output_goes_to_a_file_draws_no_progress_bars():
+    """`fedcollm evaluate ... 2> log` wrote transformers' weight-loading bar into the log."""
+    probe = (
+        "from fedcollm import cli; cli.main(['tasks']); "
+        "from transformers.utils import logging; "
+        "import os; print(logging.is_progress_bar_enabled(), os.environ['RAY_COLOR_PREFIX'])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False 0"

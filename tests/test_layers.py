@@ -22,6 +22,7 @@ LAYERS = {
     "dp": 0,
     "errors": 0,
     "lazy": 0,
+    "console": 0,
     "models": 1,
     "data": 1,
     "evaluation": 2,

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from fedcollm.config import Config, ConfigError, ModelConfig, load_config
+from fedcollm.console import plain_when_logged
 from fedcollm.errors import DataError, ModelError, RegistryError
 
 # Nothing heavier is imported here: `fedcollm --help` and a refused command answer before
@@ -486,6 +487,7 @@ def _terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    plain_when_logged()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)  # a clean exit, not the default kill
     try:

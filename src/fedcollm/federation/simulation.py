@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from fedcollm.config import Config
+from fedcollm.console import plain_when_logged
 from fedcollm.federation import processes
 
 
@@ -45,14 +45,7 @@ def simulate(
         # Its workers (which inherit this environment) warn "Manually terminating" at exit.
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ[QUIET_WORKERS] = "1"
-    if not sys.stdout.isatty():
-        # A log file: no colour codes around Ray's worker prefixes, no progress bars of
-        # transformers' weight loading redrawn line after line.
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    plain_when_logged()  # Ray's workers inherit it
     outcome: dict[str, Any] = {}
     server_app = ServerApp()
 

@@ -140,12 +140,14 @@ def test_a_long_evaluation_says_how_far_it_is_and_a_short_one_stays_silent(
     questions = split_questions(task, "validation", None)
     model = tiny_model(seed=5).eval()
     choice_loglikelihoods(model, TOKENIZER, questions, 2)
-    assert capsys.readouterr().out == ""  # a quick loop prints nothing
+    assert capsys.readouterr() == ("", "")  # a quick loop prints nothing
     clock = iter(range(0, 10_000, 15))  # each batch seems to take 15 s
     monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
     choice_loglikelihoods(model, TOKENIZER, questions, 2)
     generate(model, TOKENIZER, [q.context for q in questions], ["\n"], 2, 4)
-    lines = capsys.readouterr().out.splitlines()
+    said = capsys.readouterr()
+    assert said.out == ""  # stdout stays what a command answers (`evaluate --json`)
+    lines = said.err.splitlines()
     assert lines[0] == "  scoring choices (rows): 4/12 in 30 s, about 60 s left"
     assert any(line.startswith("  generating (prompts): 8/12 in 30 s") for line in lines)
 

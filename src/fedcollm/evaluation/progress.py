@@ -1,8 +1,10 @@
 """A line every so often from a long evaluation loop, with an estimate of what is left:
-scoring a 1.5B model on a CPU takes minutes, and a silent minute looks like a hang."""
+scoring a 1.5B model on a CPU takes minutes, and a silent minute looks like a hang. On
+stderr: stdout may be a result someone parses (`evaluate --json`)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 EVERY_SECONDS = 20.0
@@ -26,5 +28,6 @@ class Progress:
         left = elapsed * (self.total - self.done) / self.done
         print(
             f"  {self.what}: {self.done}/{self.total} in {elapsed:.0f} s, about {left:.0f} s left",
+            file=sys.stderr,
             flush=True,
         )

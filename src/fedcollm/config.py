@@ -97,15 +97,43 @@ class OptimConfig:
 
 
 @dataclass
+class ClientProfile:
+    """A group of clients with their own compute: a `[[client.profiles]]` table. A key it
+    leaves out is the `[client]` table's."""
+
+    clients: list[int] = field(default_factory=list)  # partitions
+    name: str = ""
+    local_epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 4
+    speed: float = 1.0
+
+    INHERITED = ("local_epochs", "max_steps", "batch_size", "speed")
+
+
+@dataclass
 class ClientConfig:
     local_epochs: int = 1
     # 0: no cap; N: at most N optimiser steps per round (a step budget).
     max_steps: int = 0
     batch_size: int = 4
     lr: float = 3e-4
-    # The paper averages with 1/K; "num_examples" weights by client data size (FedAvg). More
-    # rules: register one (algorithm/aggregation.py).
+    # The paper averages with 1/K; "num_examples" weights by client data size (FedAvg);
+    # "fednova" normalises each update by its steps (FedNova). More rules: register one
+    # (algorithm/aggregation.py).
     aggregation: str = field(default="uniform", metadata={"registry": AGGREGATIONS})
+    # Heterogeneous compute (algorithm/compute.py). A client's speed in optimiser steps per
+    # second of the round's clock; `profiles` give groups of clients their own budget and
+    # speed.
+    speed: float = 1.0
+    profiles: list[ClientProfile] = field(default_factory=list)
+    # 0: no deadline. D: the round closes D seconds after the broadcast, on the "simulated"
+    # clock (steps / speed: deterministic) or the "wall" clock (a deployment's real time).
+    deadline_s: float = 0.0
+    clock: Literal["simulated", "wall"] = "simulated"
+    # A client that cannot finish its budget by the deadline: "wait" for it, "drop" it (its
+    # update is not aggregated), or take its "partial" work (the steps done by then).
+    late: Literal["wait", "drop", "partial"] = "wait"
 
 
 @dataclass
@@ -284,6 +312,7 @@ _POSITIVE = {
     "data.max_length",
     "client.batch_size",
     "client.local_epochs",
+    "client.speed",
     "distill.batch_size",
     "eval.batch_size",
     "client.lr",
@@ -299,6 +328,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "data.train_limit",
     "client.max_steps",
+    "client.deadline_s",
     "distill.kd_steps",
     "distill.top_k",
     "eval.limit",
@@ -364,7 +394,15 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             allowed = ", ".join(prefix + f for f in fields)
             raise ConfigError(f"unknown key '{key}'; allowed here: {allowed}")
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(item):  # [[table]]: each a table, inheriting keys
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{key}: expected tables [[{key}]], got {value!r}")
+            inherited = {k: values[k] for k in item.INHERITED if k in values}
+            kwargs[name] = [
+                _build(item, {**inherited, **v}, f"{key}[{i}].") for i, v in enumerate(value)
+            ]
+        elif dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a table [{key}], got {value!r}")
             kwargs[name] = _build(tp, value, key + ".")
@@ -440,10 +478,42 @@ def _check_meaning(config: Config) -> None:
             f"federation.min_clients: {config.federation.min_clients} is more than "
             f"federation.clients_per_round = {sampled}; no round could ever complete"
         )
+    _check_profiles(config)
     if config.federation.secure_aggregation:
         _check_secure_aggregation(config)
     _check_privacy(config)
     _check_tracking(config)
+
+
+def _check_profiles(config: Config) -> None:
+    """Each profile names clients that exist, each client in one profile at most, and a
+    budget and a speed that can run."""
+    owner: dict[int, int] = {}
+    for i, profile in enumerate(config.client.profiles):
+        key = f"client.profiles[{i}]"
+        if not profile.clients:
+            raise ConfigError(f"{key}.clients: empty; list the partitions this profile holds")
+        for k in profile.clients:
+            if not 0 <= k < config.num_clients:
+                last = config.num_clients - 1
+                raise ConfigError(f"{key}.clients: {k} is not a client; partitions are 0..{last}")
+            if k in owner:
+                raise ConfigError(
+                    f"{key}.clients: client {k} is already in client.profiles[{owner[k]}]; "
+                    "give each client one profile"
+                )
+            owner[k] = i
+        for name in ("local_epochs", "batch_size", "speed"):
+            if getattr(profile, name) <= 0:
+                raise ConfigError(
+                    f"{key}.{name}: must be greater than 0, got {getattr(profile, name)}"
+                )
+        if profile.max_steps < 0:
+            raise ConfigError(f"{key}.max_steps: must be 0 or more, got {profile.max_steps}")
+    if config.client.late != "wait" and not config.client.deadline_s:
+        raise ConfigError(
+            f'client.late = "{config.client.late}" needs a deadline: set client.deadline_s'
+        )
 
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # name -> the package it needs
@@ -534,6 +604,11 @@ def _check_secure_aggregation(config: Config) -> None:
         raise ConfigError(
             "federation.adapter_dtype: SecAgg+ quantises float32 values (float16 overflows "
             'there); set it to "float32" with secure_aggregation'
+        )
+    if config.client.late == "drop":
+        raise ConfigError(
+            'client.late = "drop" is not available with secure_aggregation (a dropped client '
+            'would still have to take part in the masking); use "partial" or "wait"'
         )
     if federation.min_clients < 2:
         raise ConfigError(

@@ -6,7 +6,10 @@ alike by the in-process reference, the plain Flower path (the server combines th
 screened updates) and the secure one (each client scales its upload by `weight` before
 masking, SecAgg+ sums, and the server divides); the arithmetic never imports Flower.
 A rule that is not a weighted mean of the uploads cannot run under secure aggregation:
-it says so with `secure = False`, and the config is refused.
+it says so with `secure = False`, and the config is refused. A rule that needs more of an
+update than its adapter and size (FedNova: its steps) overrides `aggregate`; under secure
+aggregation such a rule transforms each upload before masking (`upload`) and the mean
+after unmasking (`from_mean`), from what the clients report in the clear.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING
 from fedcollm.registry import AGGREGATIONS
 
 if TYPE_CHECKING:  # checking a rule's name in a config imports this module: keep it light
+    from fedcollm.algorithm.client import ClientUpdate
     from fedcollm.models import Adapter
 
 
@@ -39,6 +43,26 @@ class AggregationRule:
         total = sum(raw)
         return [w / total for w in raw]
 
+    def aggregate(self, updates: Sequence[ClientUpdate], broadcast: Adapter) -> Adapter:
+        """theta from the round's updates of the `broadcast` theta."""
+        weights = self.weights([u.num_examples for u in updates])
+        return self.combine([u.adapter for u in updates], weights)
+
+    def upload(self, adapter: Adapter, broadcast: Adapter, steps: int, scale: float) -> Adapter:
+        """What a client masks under secure aggregation (the rule's weight is applied by
+        SecAgg+ itself); `scale` is the number the server sent with theta."""
+        return adapter
+
+    def from_mean(
+        self, mean: Adapter, broadcast: Adapter, steps: Sequence[int], weights, scale: float
+    ) -> Adapter:
+        """theta from the unmasked weighted mean of the uploads."""
+        return mean
+
+    def upload_scale(self, planned_steps: Sequence[int]) -> float:
+        """The number the server sends with theta under secure aggregation."""
+        return 1.0
+
 
 @AGGREGATIONS.register("uniform")
 class Uniform(AggregationRule):
@@ -51,6 +75,42 @@ class NumExamples(AggregationRule):
 
     def weight(self, num_examples: int) -> float:
         return num_examples
+
+
+@AGGREGATIONS.register("fednova")
+class FedNova(NumExamples):
+    """FedNova (Wang et al., NeurIPS 2020) with local SGD's normaliser a_k = tau_k:
+    theta + tau_eff sum_k p_k (theta_k - theta) / tau_k, with tau_eff = sum_k p_k tau_k and
+    p_k = n_k / n. A client that took more steps moves theta no further than one that took
+    fewer in the same direction; with equal steps it is FedAvg's weighted mean."""
+
+    def aggregate(self, updates: Sequence[ClientUpdate], broadcast: Adapter) -> Adapter:
+        weights = self.weights([u.num_examples for u in updates])
+        tau_eff = sum(p * u.steps for p, u in zip(weights, updates, strict=True))
+        rescaled = [rescale(u.adapter, broadcast, tau_eff / u.steps) for u in updates]
+        return weighted_mean(rescaled, weights)
+
+    def upload(self, adapter: Adapter, broadcast: Adapter, steps: int, scale: float) -> Adapter:
+        # theta + (c / tau_k)(theta_k - theta), c the round's planned mean steps, so the
+        # masked values stay of theta_k's size (SecAgg+ quantises to a fixed grid).
+        return rescale(adapter, broadcast, scale / steps)
+
+    def from_mean(
+        self, mean: Adapter, broadcast: Adapter, steps: Sequence[int], weights, scale: float
+    ) -> Adapter:
+        tau_eff = sum(p * t for p, t in zip(weights, steps, strict=True))
+        return rescale(mean, broadcast, tau_eff / scale)
+
+    def upload_scale(self, planned_steps: Sequence[int]) -> float:
+        return sum(planned_steps) / len(planned_steps)
+
+
+def rescale(adapter: Adapter, broadcast: Adapter, factor: float) -> Adapter:
+    """broadcast + factor * (adapter - broadcast), key by key, in float64."""
+    return {
+        k: (broadcast[k].double() + factor * (v.double() - broadcast[k].double())).float()
+        for k, v in adapter.items()
+    }
 
 
 def aggregation_rule(name: str) -> AggregationRule:

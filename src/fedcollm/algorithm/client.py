@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedcollm import seeds
+from fedcollm.algorithm.compute import (
+    DROPPED,
+    ON_TIME,
+    Schedule,
+    client_budget,
+    simulated_schedule,
+    wall_outcome,
+)
 from fedcollm.algorithm.privacy import add, client_noise_std, clip_update, gaussian_noise, noise_key
 from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config
@@ -23,6 +33,14 @@ class ClientUpdate:
     num_examples: int
     train_loss: float
     steps: int
+    # On the round's clock (algorithm/compute.py): the seconds its steps took, and whether
+    # it was on time, late and waited for, partial, or dropped (then not aggregated).
+    seconds: float = 0.0
+    outcome: str = ON_TIME
+
+    @property
+    def contributes(self) -> bool:
+        return self.outcome != DROPPED
 
 
 def client_update(
@@ -33,22 +51,49 @@ def client_update(
     pad_id: int,
     seed: int,
     on_step: StepCallback | None = None,
+    partition: int = 0,
 ) -> ClientUpdate:
-    """Start from the broadcast theta and tune it on the client's private data."""
+    """Start from the broadcast theta and tune it on the client's private data, with the
+    client's own budget, as far as the round's deadline lets it."""
     set_adapter(slm, slm_adapter)
+    budget = client_budget(config, partition)
+    planned = budget.planned_steps(len(client_data))
+    wall = config.client.clock == "wall"
+    plan = (
+        Schedule(planned, 0.0, ON_TIME)
+        if wall
+        else simulated_schedule(config, budget, len(client_data))
+    )
+    if not plan.contributes:  # dropped on the simulated clock: no work would count
+        return ClientUpdate(
+            get_adapter(slm), len(client_data), math.nan, 0, plan.seconds, plan.outcome
+        )
+    stop = config.client.deadline_s if wall and config.client.late == "partial" else 0.0
+    start = time.perf_counter()
     result = fine_tune(
         slm,
         client_data,
-        epochs=config.client.local_epochs,
-        max_steps=config.client.max_steps,
-        batch_size=config.client.batch_size,
+        epochs=budget.local_epochs,
+        max_steps=plan.steps,
+        batch_size=budget.batch_size,
         lr=config.client.lr,
         optim=config.optim,
         pad_id=pad_id,
         seed=seed,
         on_step=on_step,
+        stop_after_s=stop,
     )
-    return ClientUpdate(get_adapter(slm), result.num_examples, result.mean_loss, result.steps)
+    if wall:
+        seconds = time.perf_counter() - start
+        plan = Schedule(result.steps, seconds, wall_outcome(config, planned, result.steps, seconds))
+    return ClientUpdate(
+        get_adapter(slm),
+        result.num_examples,
+        result.mean_loss,
+        result.steps,
+        plan.seconds,
+        plan.outcome,
+    )
 
 
 def private_adapter(
@@ -82,7 +127,14 @@ class Client:
     ) -> ClientUpdate:
         seed = seeds.client_round(self.config.seed, server_round, self.partition)
         update = client_update(
-            self.slm, slm_adapter, self.client_data, self.config, self.pad_id, seed, on_step
+            self.slm,
+            slm_adapter,
+            self.client_data,
+            self.config,
+            self.pad_id,
+            seed,
+            on_step,
+            self.partition,
         )
         if self.config.privacy.enabled:
             update.adapter = private_adapter(

@@ -39,7 +39,8 @@ def fedcollm_round(
     wire = server.config.federation.adapter_dtype
     broadcast = transmitted(slm_adapter, wire)  # 1
     updates = [client.update(broadcast, server_round) for client in clients]  # 2
-    received = [replace(u, adapter=transmitted(u.adapter, wire)) for u in updates]
+    # A client the round's deadline dropped sends nothing the server aggregates.
+    received = [replace(u, adapter=transmitted(u.adapter, wire)) for u in updates if u.contributes]
     return server.server_update(received, broadcast, server_round)  # 3 and 4; theta is 5
 
 

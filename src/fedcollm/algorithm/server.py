@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,18 +142,20 @@ class CoTuningServer:
         aggregation each update is clipped again (a client that did not clip gains nothing)
         and the noise is added to the sum: theta + (sum of clipped updates + N(0, (sigma
         C)^2)) / m."""
-        adapters = [u.adapter for u in updates]
         privacy = self.config.privacy
         # Under secure aggregation (here: the in-process reference of it) the clients have
         # clipped and added their noise shares; clipping again would cut the noise.
         server_noise = privacy.enabled and not self.config.federation.secure_aggregation
         if server_noise:
-            adapters = [clip_update(a, broadcast, privacy.clip_norm)[0] for a in adapters]
-        aggregate = self.rule.combine(adapters, self._weights(updates))
+            updates = [
+                replace(u, adapter=clip_update(u.adapter, broadcast, privacy.clip_norm)[0])
+                for u in updates
+            ]
+        aggregate = self.rule.aggregate(updates, broadcast)
         if server_noise and privacy.noise_multiplier:
             key = noise_key(privacy, self.config.seed, server_round, "server")
             noise = gaussian_noise(aggregate, noise_std(self.config), key)
-            aggregate = add(aggregate, noise, 1 / len(adapters))
+            aggregate = add(aggregate, noise, 1 / len(updates))
         return aggregate
 
     def server_update(

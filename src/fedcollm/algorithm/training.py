@@ -4,6 +4,7 @@ centralised baselines, which are the same loop on other data."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,8 +58,10 @@ def fine_tune(
     pad_id: int,
     seed: int,
     on_step: Callable[[int, int, float], None] | None = None,
+    stop_after_s: float = 0.0,
 ) -> TrainResult:
-    """E epochs (at most `max_steps` steps when > 0) of AdamW on the answer-token loss."""
+    """E epochs (at most `max_steps` steps when > 0) of AdamW on the answer-token loss;
+    with `stop_after_s`, no step begins after that many seconds (a wall-clock deadline)."""
     total = epochs * math.ceil(len(examples) / batch_size)
     if max_steps:
         total = min(total, max_steps)
@@ -67,7 +70,10 @@ def fine_tune(
     torch.manual_seed(seed)  # LoRA dropout
     losses = []
     batches = training_batches(examples, batch_size, pad_id, epochs, seed)
+    start = time.perf_counter()
     for step, batch in zip(range(1, total + 1), batches, strict=False):
+        if stop_after_s and time.perf_counter() - start > stop_after_s:
+            break
         loss = answer_loss(model, batch)
         optimizer_step(optimizer, loss, optim.max_grad_norm)
         losses.append(loss.item())

@@ -15,6 +15,7 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.client import Client
 from fedcollm.config import Config
 from fedcollm.data import encode_examples, evaluation_questions, load_questions, training_split
@@ -98,6 +99,7 @@ def tune(
             )
 
     update = client.update(slm_adapter, server_round, on_step=progress)
+    receipt["outcome"] = update.outcome  # on time, late, partial or dropped
     own = {}
     if instructions.get("evaluate-own"):
         # The client's own adapter after its last local update, scored where it lives.
@@ -112,6 +114,7 @@ def tune(
         "num-examples": update.num_examples,
         "train_loss": update.train_loss,
         "steps": update.steps,
+        "clock_seconds": update.seconds,  # on the round's clock (client.clock)
         "partition": client.partition,
         "seconds": time.perf_counter() - start,
     }
@@ -142,6 +145,9 @@ def secure_train(config: Config, msg: Message, context: Context) -> Message:
     slm_adapter, instructions = read_secure_broadcast(msg, get_adapter(client.slm))
     adapter, metrics, receipt = tune(config, context, slm_adapter, instructions)
     weight = secure_weight(metrics["num-examples"], config, context)
+    rule = aggregation_rule(config.client.aggregation)
+    scale = float(instructions.get("upload-scale", 1.0))
+    adapter = rule.upload(adapter, slm_adapter, metrics["steps"], scale)
     clipping = config.federation.secagg_clipping_range
     return secure_reply(msg, adapter, {**metrics, **receipt}, weight, clipping)
 

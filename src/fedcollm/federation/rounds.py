@@ -112,6 +112,13 @@ class RoundBookkeeping:
             if "own_predictions" in client:
                 self.client_predictions[str(client["partition"])] = client.pop("own_predictions")
         self.row.update(clients=clients, **row)
+        # The round's length on its clock (client.clock): its slowest client, or the
+        # deadline that closed it.
+        timed = [
+            c["clock_seconds"] for c in [*clients, *row.get("dropped", [])] if "clock_seconds" in c
+        ]
+        if timed:
+            self.row["clock_seconds"] = max(timed)
         quorum = self.config.federation.min_clients
         if contributors < quorum:
             self.skip(

@@ -22,6 +22,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fedcollm.algorithm.aggregation import aggregation_rule
+from fedcollm.algorithm.compute import planned_steps
 from fedcollm.config import Config
 from fedcollm.data import DataSplit
 from fedcollm.federation.masks import SERVER_MODULE, replace_generator
@@ -57,6 +58,8 @@ class SecureFedCoLLM(LegacyFedAvg):
             initial_parameters=parameters_from_adapter(self.keys),
         )
         self.sent: Adapter = {}
+        self.rule = aggregation_rule(self.config.client.aggregation)
+        self.scale = 1.0  # what the clients scale their uploads by (FedNova), per round
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Step 1: broadcast theta with the round number (clients seed from it)."""
@@ -67,15 +70,26 @@ class SecureFedCoLLM(LegacyFedAvg):
         if self.config.federation.clients_per_round:
             chosen = {self.owners.get(p) for p in self.rounds.sampled}
             instructions = [(p, fit) for p, fit in instructions if int(p.cid) in chosen]
+        self.scale = self.rule.upload_scale(
+            [planned_steps(self.config, self.server.split, p) for p in self.rounds.sampled]
+        )
         for _, fit in instructions:
-            fit.config = {"server-round": server_round, "evaluate-own": evaluate_own}
+            fit.config = {
+                "server-round": server_round,
+                "evaluate-own": evaluate_own,
+                "upload-scale": self.scale,
+            }
         return instructions
 
     def _aggregate(self, results) -> Adapter:
-        """Every result carries the same vector, the clients' mean; checked like an update."""
-        aggregate = adapter_from_parameters(results[0][1].parameters, self.keys)
-        check_update(aggregate, self.sent, torch.float32, self.config.federation.max_update_norm)
-        return aggregate
+        """Every result carries the same vector, the weighted mean of the uploads; checked
+        like an update, then turned into theta by the rule (the identity for a plain mean)
+        from the steps and sizes the clients report in the clear."""
+        mean = adapter_from_parameters(results[0][1].parameters, self.keys)
+        check_update(mean, self.sent, torch.float32, self.config.federation.max_update_norm)
+        steps = [int(res.metrics["steps"]) for _, res in results]
+        weights = self.rule.weights([int(res.metrics["num-examples"]) for _, res in results])
+        return self.rule.from_mean(mean, self.sent, steps, weights, self.scale)
 
     def aggregate_fit(self, server_round, results, failures):
         """Steps 3-4: SecAgg+ has already summed the masked updates into their mean."""

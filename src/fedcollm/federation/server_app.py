@@ -57,6 +57,10 @@ def _partition(reply: Message) -> int:
         return -1
 
 
+def _late(config: Config) -> str:
+    return f"late: its budget needs more than client.deadline_s = {config.client.deadline_s:g} s"
+
+
 def read_update(
     reply: Message, sent: Adapter, sent_digest: str, config: Config
 ) -> tuple[ClientUpdate, dict]:
@@ -83,11 +87,13 @@ def read_update(
             "bytes_received": int(metrics["bytes_received"]),
             "bytes_sent": record_bytes(arrays),
             "seconds": float(metrics["seconds"]),
+            "clock_seconds": float(metrics["clock_seconds"]),
             "update_norm": norm,
             # A client's own scores: the task's metrics and their stderrs, nothing else.
             **{k: float(v) for k, v in metrics.items() if k in own},
         }
         receipt = content.config_records["receipt"]
+        row["outcome"] = str(receipt["outcome"])
         row["received_sha256"] = str(receipt["received_sha256"])
         if "scored_sha256" in receipt:
             row["scored_sha256"] = str(receipt["scored_sha256"])
@@ -111,6 +117,8 @@ def read_update(
         num_examples=row["num_examples"],
         train_loss=row["train_loss"],
         steps=row["steps"],
+        seconds=row["clock_seconds"],
+        outcome=row["outcome"],
     )
     return update, row
 
@@ -196,6 +204,10 @@ class FedCoLLM(FedAvg):
             # (docs/SECURITY.md says what that leaves open).
             self.node_partitions[node] = client["partition"]
             self.partition_nodes.setdefault(client["partition"], node)
+            if not update.contributes:  # past the round's deadline (client.late = "drop")
+                client.pop("train_loss")  # it trained on nothing that counts
+                dropped.append({"node": node, **client, "error": _late(self.config)})
+                continue
             updates.append(update)
             clients.append({"node": node, **client})
         return updates, clients, dropped, rejected

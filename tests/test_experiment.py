@@ -345,3 +345,19 @@ def test_a_method_registered_in_one_place_runs_and_is_reported(tmp_path, data_di
     assert "| LLM | Zero-shot, LLM only |" in report
     assert "| SLM, clients' own adapters | Zero-shot, LLM only |" not in report
     assert "LLM: Zero-shot LLM - Zero-shot | acc | 1 x 4 |" in report
+
+
+def test_baselines_take_each_clients_own_budget_under_heterogeneous_compute(
+    tmp_path, data_dir, monkeypatch
+):
+    """Standalone client k does what it does in the federation, round for round: its
+    profile's batch size and the steps the deadline leaves it; Centralized the sum."""
+    profiles = "client.profiles=[{clients=[1, 2], speed=0.25, batch_size=2}]"
+    overrides = [profiles, "client.deadline_s=8", 'client.late="partial"', "distill.kd_steps=3"]
+    config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)
+    seen = _record_budgets(monkeypatch)
+    run_experiment(config, ["standalone", "centralized"], [0], ["arc_easy"], tmp_path)
+    *clients, central = seen
+    # rounds = 2; client 0: 4 steps a round at batch 4; clients 1, 2: 8 s x 0.25 = 2 steps.
+    assert [(c["max_steps"], c["batch_size"]) for c in clients] == [(8, 4), (4, 2), (4, 2)]
+    assert central["max_steps"] == 2 * (4 + 2 + 2 + 3)

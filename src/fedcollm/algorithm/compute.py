@@ -34,8 +34,8 @@ class Budget:
         return min(steps, self.max_steps) if self.max_steps else steps
 
 
-def client_budget(config: Config, partition: int) -> Budget:
-    """Client `partition`'s budget: its profile's, else the [client] table's."""
+def client_budget(config: Config, partition: int | None) -> Budget:
+    """Client `partition`'s budget: its profile's, else (or for None) the [client] table's."""
     for profile in config.client.profiles:
         if partition in profile.clients:
             source = profile

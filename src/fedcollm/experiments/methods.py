@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm import seeds
+from fedcollm.algorithm.compute import Budget, client_budget, simulated_schedule
 from fedcollm.algorithm.distillation import distillation_steps
 from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config, ConfigError, differences
@@ -108,8 +109,21 @@ def _result(
 
 
 def _sft(
-    model, tokenizer, examples, config: Config, *, lr: float, max_steps: int, seed: int, label: str
+    model,
+    tokenizer,
+    examples,
+    config: Config,
+    *,
+    lr: float,
+    max_steps: int,
+    seed: int,
+    label: str,
+    budget: Budget | None = None,
 ) -> None:
+    """`config.rounds` rounds' worth of local epochs (the [client] table's, or a client's
+    own `budget`) in one run."""
+    budget = budget or client_budget(config, None)
+
     def progress(step: int, total: int, loss: float) -> None:
         if worth_reporting(step, total):
             print(f"  {label}: step {step}/{total} loss {loss:.3f}", flush=True)
@@ -117,9 +131,9 @@ def _sft(
     fine_tune(
         model,
         examples,
-        epochs=config.rounds * config.client.local_epochs,
+        epochs=config.rounds * budget.local_epochs,
         max_steps=max_steps,
-        batch_size=config.client.batch_size,
+        batch_size=budget.batch_size,
         lr=lr,
         optim=config.optim,
         pad_id=tokenizer.pad_token_id,
@@ -138,24 +152,29 @@ def zero_shot(config: Config, _out: Path) -> dict[str, Any]:
 
 
 def standalone(config: Config, out: Path) -> dict[str, Any]:
-    """Each client tunes alone on its D_k with the federated run's local budget; each
-    client's final adapter is kept (`adapters/client<k>`, PEFT format)."""
+    """Each client tunes alone on its D_k with the federated run's local budget (its own
+    profile's, and the steps the round's deadline leaves it); each client's final adapter is
+    kept (`adapters/client<k>`, PEFT format)."""
     slm, tokenizer = build_slm(config)
     initial = get_adapter(slm)
     questions, split = training_split(config)
     scores = []
     for k, indices in enumerate(split.clients):
         set_adapter(slm, initial)
-        _sft(
-            slm,
-            tokenizer,
-            encode_examples(questions, indices, tokenizer, config),
-            config,
-            lr=config.client.lr,
-            max_steps=config.rounds * config.client.max_steps,
-            seed=seeds.standalone_client(config.seed, k),
-            label=f"client {k}",
-        )
+        budget = client_budget(config, k)
+        per_round = simulated_schedule(config, budget, len(indices)).steps
+        if per_round:  # a client the deadline always drops learns nothing
+            _sft(
+                slm,
+                tokenizer,
+                encode_examples(questions, indices, tokenizer, config),
+                config,
+                lr=config.client.lr,
+                max_steps=config.rounds * per_round,
+                seed=seeds.standalone_client(config.seed, k),
+                label=f"client {k}",
+                budget=budget,
+            )
         save_adapter(slm, out / "adapters" / f"client{k}")
         scores.append(_score(slm, tokenizer, config, f"client {k}"))
     return _result(None, None, scores)
@@ -171,6 +190,12 @@ def centralized(config: Config, out: Path) -> dict[str, Any]:
     kd_steps = distillation_steps(config.distill, len(split.aux))
     steps_per_round = config.num_clients * config.client.max_steps + kd_steps
     max_steps = config.rounds * steps_per_round if config.client.max_steps else 0
+    if config.client.profiles or config.client.deadline_s:  # each client's own steps
+        local = [
+            simulated_schedule(config, client_budget(config, k), len(part)).steps
+            for k, part in enumerate(split.clients)
+        ]
+        max_steps = config.rounds * (sum(local) + kd_steps)
     _sft(
         llm,
         tokenizer,

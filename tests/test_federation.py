@@ -160,12 +160,13 @@ def test_replies_hold_only_what_docs_messages_lists(tiny_run):
         "steps",
         "bytes_received",
         "seconds",
+        "clock_seconds",
         "own_acc",
         "own_acc_stderr",
         "own_acc_norm",
         "own_acc_norm_stderr",
     }
-    receipt = {"received_sha256", "scored_sha256", "own_predictions"}
+    receipt = {"received_sha256", "outcome", "scored_sha256", "own_predictions"}
     for reply in pulled:
         assert set(dict(reply.content.items())) == {"arrays", "metrics", "receipt"}
         assert set(reply.content["metrics"]) <= documented

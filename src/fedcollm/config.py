@@ -60,6 +60,11 @@ class LoraConfig:
     # at the shared seeded init, only B trained and sent; the mean of the clients' B A is
     # then exactly (mean of B) A, secure aggregation and DP included; half of theta or less goes.
     variant: Literal["lora", "ffa"] = "lora"
+    # With clients of several ranks (client.profiles' lora_r; r above is theta's, the
+    # largest): "slices" averages each rank slice over the clients that hold it (HetLoRA);
+    # "flexlora" averages the clients' products B A and refactorises them by truncated SVD
+    # (FlexLoRA; not with secure aggregation).
+    rank_aggregation: Literal["slices", "flexlora"] = "slices"
 
 
 @dataclass
@@ -107,6 +112,8 @@ class ClientProfile:
     max_steps: int = 0
     batch_size: int = 4
     speed: float = 1.0
+    # This group's LoRA rank, at most lora.r (theta's); 0: lora.r (algorithm/ranks.py).
+    lora_r: int = 0
 
     INHERITED = ("local_epochs", "max_steps", "batch_size", "speed")
 
@@ -510,6 +517,28 @@ def _check_profiles(config: Config) -> None:
                 )
         if profile.max_steps < 0:
             raise ConfigError(f"{key}.max_steps: must be 0 or more, got {profile.max_steps}")
+        if not 0 <= profile.lora_r <= config.lora.r:
+            raise ConfigError(
+                f"{key}.lora_r: {profile.lora_r} is not a rank up to lora.r = {config.lora.r} "
+                "(theta's rank, the largest); raise lora.r or lower the profile's"
+            )
+    ranks = {p.lora_r for p in config.client.profiles if p.lora_r and p.lora_r < config.lora.r}
+    if ranks and config.lora.variant == "ffa":
+        raise ConfigError(
+            'client.profiles: lora_r below lora.r needs lora.variant = "lora" (FFA-LoRA\'s '
+            "frozen A would keep the slices a client does not hold alive)"
+        )
+    if config.lora.rank_aggregation == "flexlora":
+        if config.lora.variant == "ffa":
+            raise ConfigError(
+                'lora.rank_aggregation = "flexlora" refactorises B A: it needs lora.variant '
+                '= "lora"'
+            )
+        if config.federation.secure_aggregation:
+            raise ConfigError(
+                'lora.rank_aggregation = "flexlora" needs every client\'s product B_k A_k, '
+                'which secure aggregation hides; use "slices" or secure_aggregation = false'
+            )
     if config.client.late != "wait" and not config.client.deadline_s:
         raise ConfigError(
             f'client.late = "{config.client.late}" needs a deadline: set client.deadline_s'

@@ -17,6 +17,7 @@ from fedcollm.algorithm.compute import (
     wall_outcome,
 )
 from fedcollm.algorithm.privacy import add, client_noise_std, clip_update, gaussian_noise, noise_key
+from fedcollm.algorithm.ranks import client_rank, pad, truncate
 from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import Config
 from fedcollm.data import Example
@@ -37,6 +38,7 @@ class ClientUpdate:
     # it was on time, late and waited for, partial, or dropped (then not aggregated).
     seconds: float = 0.0
     outcome: str = ON_TIME
+    rank: int = 0  # its LoRA rank; 0: theta's (lora.r)
 
     @property
     def contributes(self) -> bool:
@@ -53,9 +55,11 @@ def client_update(
     on_step: StepCallback | None = None,
     partition: int = 0,
 ) -> ClientUpdate:
-    """Start from the broadcast theta and tune it on the client's private data, with the
-    client's own budget, as far as the round's deadline lets it."""
-    set_adapter(slm, slm_adapter)
+    """Start from the broadcast theta (its leading slices, at the client's own rank) and
+    tune it on the client's private data, with the client's own budget, as far as the
+    round's deadline lets it."""
+    rank = client_rank(config, partition)
+    set_adapter(slm, truncate(slm_adapter, rank) if rank < config.lora.r else slm_adapter)
     budget = client_budget(config, partition)
     planned = budget.planned_steps(len(client_data))
     wall = config.client.clock == "wall"
@@ -65,9 +69,7 @@ def client_update(
         else simulated_schedule(config, budget, len(client_data))
     )
     if not plan.contributes:  # dropped on the simulated clock: no work would count
-        return ClientUpdate(
-            get_adapter(slm), len(client_data), math.nan, 0, plan.seconds, plan.outcome
-        )
+        return ClientUpdate(slm_adapter, len(client_data), math.nan, 0, plan.seconds, plan.outcome)
     stop = config.client.deadline_s if wall and config.client.late == "partial" else 0.0
     start = time.perf_counter()
     result = fine_tune(
@@ -86,13 +88,15 @@ def client_update(
     if wall:
         seconds = time.perf_counter() - start
         plan = Schedule(result.steps, seconds, wall_outcome(config, planned, result.steps, seconds))
+    tuned = get_adapter(slm)
     return ClientUpdate(
-        get_adapter(slm),
+        pad(tuned, slm_adapter, rank) if rank < config.lora.r else tuned,
         result.num_examples,
         result.mean_loss,
         result.steps,
         plan.seconds,
         plan.outcome,
+        rank,
     )
 
 
@@ -140,5 +144,7 @@ class Client:
             update.adapter = private_adapter(
                 update.adapter, slm_adapter, self.config, server_round, self.partition
             )
-            set_adapter(self.slm, update.adapter)  # what it scores is what it sends
+            # What it scores is what it sends (at its own rank).
+            rank = client_rank(self.config, self.partition)
+            set_adapter(self.slm, truncate(update.adapter, rank))
         return update

@@ -31,6 +31,7 @@ from fedcollm.algorithm.privacy import (
     noise_key,
     noise_std,
 )
+from fedcollm.algorithm.ranks import flexlora, holder_share, per_slice_mean, product_error
 from fedcollm.config import Config
 from fedcollm.data import DataSplit, Example, Question, encode_examples, training_split
 from fedcollm.data.alignment import AlignedExample, encode_aligned
@@ -151,12 +152,28 @@ class CoTuningServer:
                 replace(u, adapter=clip_update(u.adapter, broadcast, privacy.clip_norm)[0])
                 for u in updates
             ]
-        aggregate = self.rule.aggregate(updates, broadcast)
+        aggregate = self.combine(updates, broadcast)
         if server_noise and privacy.noise_multiplier:
             key = noise_key(privacy, self.config.seed, server_round, "server")
             noise = gaussian_noise(aggregate, noise_std(self.config), key)
             aggregate = add(aggregate, noise, 1 / len(updates))
         return aggregate
+
+    def combine(self, updates: Sequence[ClientUpdate], broadcast: Adapter) -> Adapter:
+        """The rule's aggregate; with clients of several LoRA ranks each slice averaged over
+        its holders, or FlexLoRA's refactorised mean product (algorithm/ranks.py)."""
+        ranks = self._ranks(updates)
+        if self.config.lora.rank_aggregation == "flexlora":
+            adapters = [u.adapter for u in updates]
+            return flexlora(adapters, self._weights(updates), ranks, self.config.lora.r)
+        aggregate = self.rule.aggregate(updates, broadcast)
+        if min(ranks) < self.config.lora.r:
+            share = holder_share(ranks, self._weights(updates), self.config.lora.r)
+            aggregate = per_slice_mean(aggregate, broadcast, share)
+        return aggregate
+
+    def _ranks(self, updates: Sequence[ClientUpdate]) -> list[int]:
+        return [u.rank or self.config.lora.r for u in updates]
 
     def server_update(
         self,
@@ -170,9 +187,12 @@ class CoTuningServer:
         start = time.perf_counter()
         aggregate = self.aggregate(updates, broadcast, server_round)
         result = self.co_tune(aggregate, server_round, on_step, time.perf_counter() - start)
-        if self.config.lora.variant == "lora":
-            result.measured["lora_aggregation_error"] = lora_aggregation_error(
-                [u.adapter for u in updates], self._weights(updates)
+        if self.config.lora.variant == "lora":  # on what was sent, before DP's clipping
+            clean = (
+                aggregate if not self.config.privacy.enabled else self.combine(updates, broadcast)
+            )
+            result.measured["lora_aggregation_error"] = product_error(
+                [u.adapter for u in updates], self._weights(updates), self._ranks(updates), clean
             )
         return result
 
@@ -242,19 +262,3 @@ class CoTuningServer:
     def save_adapters(self, out_dir: Path) -> None:
         save_adapter(self.slm, out_dir / "adapters" / "slm")
         save_adapter(self.llm, out_dir / "adapters" / "llm")
-
-
-def lora_aggregation_error(adapters: Sequence[Adapter], weights: Sequence[float]) -> float:
-    """||mean(B_k A_k) - mean(B_k) mean(A_k)|| / ||mean(B_k A_k)|| over all LoRA modules
-    (Frobenius): what averaging A and B apart costs plain LoRA. 0 for one client or for
-    FFA-LoRA's shared A. Without secure aggregation only: it needs every B_k and A_k."""
-    exact = approx = 0.0
-    for a_key in (k for k in adapters[0] if "lora_A" in k):
-        b_key = a_key.replace("lora_A", "lora_B")
-        products = [a[b_key].double() @ a[a_key].double() for a in adapters]
-        mean_product = sum(w * p for w, p in zip(weights, products, strict=True))
-        mean_b = sum(w * a[b_key].double() for w, a in zip(weights, adapters, strict=True))
-        mean_a = sum(w * a[a_key].double() for w, a in zip(weights, adapters, strict=True))
-        exact += float(mean_product.pow(2).sum())
-        approx += float((mean_product - mean_b @ mean_a).pow(2).sum())
-    return (approx / exact) ** 0.5 if exact > 0 else 0.0

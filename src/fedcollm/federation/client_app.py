@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.client import Client
+from fedcollm.algorithm.ranks import HOLDERS, client_rank, held, heterogeneous
 from fedcollm.config import Config
 from fedcollm.data import encode_examples, evaluation_questions, load_questions, training_split
 from fedcollm.evaluation import score
@@ -148,6 +149,8 @@ def secure_train(config: Config, msg: Message, context: Context) -> Message:
     rule = aggregation_rule(config.client.aggregation)
     scale = float(instructions.get("upload-scale", 1.0))
     adapter = rule.upload(adapter, slm_adapter, metrics["steps"], scale)
+    if heterogeneous(config):  # the slices it holds, counted under the masks too
+        adapter = {**adapter, HOLDERS: held(client_rank(config, client.partition), config.lora.r)}
     clipping = config.federation.secagg_clipping_range
     return secure_reply(msg, adapter, {**metrics, **receipt}, weight, clipping)
 

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.compute import planned_steps
+from fedcollm.algorithm.ranks import HOLDERS, heterogeneous, per_slice_mean
 from fedcollm.config import Config
 from fedcollm.data import DataSplit
 from fedcollm.federation.masks import SERVER_MODULE, replace_generator
@@ -85,11 +86,16 @@ class SecureFedCoLLM(LegacyFedAvg):
         """Every result carries the same vector, the weighted mean of the uploads; checked
         like an update, then turned into theta by the rule (the identity for a plain mean)
         from the steps and sizes the clients report in the clear."""
-        mean = adapter_from_parameters(results[0][1].parameters, self.keys)
+        uploads = self.keys
+        if heterogeneous(self.config):  # each slice's holders' share came masked beside it
+            uploads = {**self.keys, HOLDERS: torch.zeros(self.config.lora.r)}
+        mean = adapter_from_parameters(results[0][1].parameters, uploads)
+        share = mean.pop(HOLDERS, None)
         check_update(mean, self.sent, torch.float32, self.config.federation.max_update_norm)
         steps = [int(res.metrics["steps"]) for _, res in results]
         weights = self.rule.weights([int(res.metrics["num-examples"]) for _, res in results])
-        return self.rule.from_mean(mean, self.sent, steps, weights, self.scale)
+        theta = self.rule.from_mean(mean, self.sent, steps, weights, self.scale)
+        return theta if share is None else per_slice_mean(theta, self.sent, share.double())
 
     def aggregate_fit(self, server_round, results, failures):
         """Steps 3-4: SecAgg+ has already summed the masked updates into their mean."""

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedcollm.algorithm.client import ClientUpdate
+from fedcollm.algorithm.ranks import client_rank
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
 from fedcollm.data import get_task
@@ -119,6 +120,7 @@ def read_update(
         steps=row["steps"],
         seconds=row["clock_seconds"],
         outcome=row["outcome"],
+        rank=client_rank(config, row["partition"]),  # the config's, not the client's word
     )
     return update, row
 

@@ -24,3 +24,20 @@ def data_dir() -> Path:
             "(the workspace's shared/data directory)"
         )
     return DATA_DIR
+
+
+@pytest.fixture
+def distilled_aggregates(monkeypatch) -> list:
+    """Every aggregate theta the server hands to distillation (what secure aggregation
+    produced, where no single update is visible), in order."""
+    from fedcollm.algorithm.server import CoTuningServer
+
+    seen: list = []
+    co_tune = CoTuningServer.co_tune
+
+    def recording(self, aggregate, *args, **kwargs):
+        seen.append(aggregate)
+        return co_tune(self, aggregate, *args, **kwargs)
+
+    monkeypatch.setattr(CoTuningServer, "co_tune", recording)
+    return seen

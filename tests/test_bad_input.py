@@ -194,20 +194,26 @@ def test_repeated_rows_are_left_out_and_the_run_says_so(capsys, tmp_path, starte
 # --- the output directory and its checkpoint ----------------------------------------------
 
 
+def read_only_under(monkeypatch, name: str) -> None:
+    """Directories under a path part `name` cannot be made, as on a read-only mount (this
+    machine runs as root, which writes anywhere)."""
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if name in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+
+
 def test_an_output_directory_that_cannot_be_written_is_named(
     capsys, tmp_path, data_dir, started, monkeypatch
 ):
     (tmp_path / "a-file").write_text("")
     line = refused(capsys, *run_args(data_dir, tmp_path / "a-file" / "out"))
     assert "cannot write there" in line
-    real_mkdir = Path.mkdir
-
-    def read_only(self, *args, **kwargs):
-        if "ro" in self.parts:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", read_only)
+    read_only_under(monkeypatch, "ro")
     line = refused(capsys, *run_args(data_dir, tmp_path / "ro" / "out"))
     assert "cannot write there (Read-only file system)" in line and not started
 
@@ -225,14 +231,7 @@ def test_test_credentials_that_cannot_be_written_are_refused(
     capsys, tmp_path, monkeypatch, args, fragment
 ):
     (tmp_path / "a-file").write_text("")
-    real_mkdir = Path.mkdir
-
-    def read_only(self, *args, **kwargs):
-        if "ro" in self.parts:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", read_only)
+    read_only_under(monkeypatch, "ro")
     line = refused(capsys, "certs", str(tmp_path / args[0]), *args[1:])
     assert fragment.format(tmp=tmp_path) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written

@@ -283,10 +283,25 @@ def test_ffa_lora_sends_only_b_and_keeps_a_at_its_init(tmp_path, data_dir):
             assert not torch.equal(saved[key], value)  # B trained
 
 
+def test_dp_noise_under_secagg_needs_a_clipping_range_that_holds_it():
+    """sigma 2, C 0.5, two clients: each share has std 0.71, so values reach about 5.4; with
+    the default range of 1 every client refused to send, and the run had no updates."""
+    secure = ["federation.secure_aggregation=true", "federation.min_clients=2"]
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides=[*DP, *secure])
+    assert str(err.value) == (
+        "federation.secagg_clipping_range = 1 is below what a client's noised update reaches "
+        "(about 5.4: clip_norm 0.5 + 7 x its noise share's std 0.71); set it to 6 or more on "
+        "every party"
+    )
+    load_config(TINY, overrides=[*DP, *secure, "federation.secagg_clipping_range=6"])
+
+
 def test_under_secure_aggregation_the_server_adds_no_noise_and_clips_nothing(data_dir):
     """The clients' noise shares are the noise: the in-process reference of a secure round
     must neither add the server's nor clip the noised updates (which would cut the noise)."""
-    overrides = [*DP, "federation.secure_aggregation=true", "federation.min_clients=2"]
+    secure = ["federation.secure_aggregation=true", "federation.min_clients=2"]
+    overrides = [*DP, *secure, "federation.secagg_clipping_range=6"]
     server = CoTuningServer.from_config(
         load_config(TINY, data_dir=str(data_dir), overrides=overrides)
     )

@@ -21,7 +21,6 @@ from fedcollm.algorithm.ranks import (
     truncate,
 )
 from fedcollm.algorithm.round import in_process_clients, reference_rounds
-from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import ConfigError, load_config
 from fedcollm.federation.simulation import simulate
 from fedcollm.models import adapter_digest, get_adapter
@@ -165,22 +164,15 @@ def test_a_run_with_three_ranks_is_the_reference_round(tmp_path, data_dir, mode)
 
 
 @pytest.mark.slow
-def test_three_ranks_under_secagg_give_the_plain_slice_mean(tmp_path, data_dir):
-    seen = []
-    co_tune = CoTuningServer.co_tune
-
-    def recording(self, aggregate, *args, **kwargs):
-        seen.append(aggregate)
-        return co_tune(self, aggregate, *args, **kwargs)
-
+def test_three_ranks_under_secagg_give_the_plain_slice_mean(
+    tmp_path, data_dir, distilled_aggregates
+):
     base = [RANKS, "rounds=1", "eval.limit=4", 'data.partition="dirichlet"']
     secure = ["federation.secure_aggregation=true", "federation.min_clients=2"]
     config = load_config(TINY, data_dir=str(data_dir), overrides=[*base, *secure])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(CoTuningServer, "co_tune", recording)
-        simulate(config, tmp_path / "secure")
+    simulate(config, tmp_path / "secure")
+    (secure_aggregate,) = distilled_aggregates  # before the reference adds its own
     (plain,) = reference_rounds(load_config(TINY, data_dir=str(data_dir), overrides=base))
-    (secure_aggregate,) = seen
     errors = [(plain.aggregate[k] - v).abs().max().item() for k, v in secure_aggregate.items()]
     # Quantisation of the uploads and of the counts, then divided by a share of 1/3 at least.
     assert 0 < max(errors) <= 3 * 3 * 2 / 2**22 * 4

@@ -621,6 +621,11 @@ def _check_privacy(config: Config) -> None:
             )
 
 
+# Standard deviations of Gaussian noise that no value of an adapter is expected to pass:
+# P(|Z| > 7) = 2.6e-12, so among 10^8 values one passes with probability 3e-4.
+NOISE_PEAK_SDS = 7
+
+
 def _check_secure_aggregation(config: Config) -> None:
     federation = config.federation
     if not AGGREGATIONS[config.client.aggregation].secure:
@@ -644,6 +649,21 @@ def _check_secure_aggregation(config: Config) -> None:
             "federation.min_clients: must be at least 2 with secure_aggregation; the mean of "
             "one client's update is that update"
         )
+    privacy = config.privacy
+    if privacy.clip_norm and privacy.noise_multiplier:
+        # Each client masks theta + its clipped update (norm <= C, so no value beyond C) +
+        # its noise share N(0, s^2), s = sigma C / sqrt(min_clients); SecAgg+ would clip a
+        # value beyond the range silently, so a client refuses to send it, and with the
+        # range too small every client refuses every round.
+        share = privacy.noise_multiplier * privacy.clip_norm / math.sqrt(federation.min_clients)
+        peak = privacy.clip_norm + NOISE_PEAK_SDS * share
+        if peak > federation.secagg_clipping_range:
+            raise ConfigError(
+                f"federation.secagg_clipping_range = {federation.secagg_clipping_range:g} is "
+                f"below what a client's noised update reaches (about {peak:.2g}: clip_norm "
+                f"{privacy.clip_norm:g} + {NOISE_PEAK_SDS} x its noise share's std "
+                f"{share:.2g}); set it to {math.ceil(peak)} or more on every party"
+            )
     if not 0 < federation.secagg_reconstruction_threshold <= 1:
         raise ConfigError(
             "federation.secagg_reconstruction_threshold: a share of the clients in (0, 1], "

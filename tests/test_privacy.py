@@ -3,6 +3,7 @@ sampling, and the post-processing argument; FFA-LoRA plain, secure and with DP."
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -309,3 +310,59 @@ def test_under_secure_aggregation_the_server_adds_no_noise_and_clips_nothing(dat
     far = [ClientUpdate({k: v + 1.0 for k, v in broadcast.items()}, 50, 1.0, 4) for _ in "ab"]
     aggregate = server.aggregate(far, broadcast, 1)
     assert all(torch.allclose(aggregate[k], broadcast[k] + 1.0) for k in broadcast)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ([*DP, "eval.clients=true"], "the clients' own scores are among what it withholds"),
+        (['client.aggregation="fednova"'], "weighs by the sizes or steps it withholds"),
+    ],
+)
+def test_withheld_metrics_refuse_what_would_need_them(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(TINY, overrides=["privacy.withhold_metrics=true", *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("secure", [False, True])
+def test_withheld_metrics_leave_only_the_partition_and_the_bytes_in_a_reply(
+    tmp_path, data_dir, monkeypatch, secure
+):
+    """Under DP the training loss, size, steps and timings of a client are outside the
+    guarantee (docs/PRIVACY.md): with privacy.withhold_metrics no reply carries them."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    pulled = []
+    pull = InMemoryGrid.pull_messages
+
+    def recording(self, message_ids):
+        replies = list(pull(self, message_ids))
+        pulled.extend(replies)
+        return replies
+
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", recording)
+    overrides = [
+        "privacy.clip_norm=0.05",
+        "privacy.noise_multiplier=0.5",
+        "privacy.withhold_metrics=true",
+        "rounds=1",
+        "eval.limit=4",
+    ]
+    if secure:
+        overrides += ["federation.secure_aggregation=true", "federation.min_clients=2"]
+    config = load_config(TINY, data_dir=str(data_dir), overrides=overrides)
+    row = simulate(config, tmp_path / "run")[1]
+    assert len(row["clients"]) == 3 and all(c.get("train_loss") is None for c in row["clients"])
+    for client in row["clients"]:
+        assert not {"num_examples", "steps", "seconds", "clock_seconds"} & {
+            k for k, v in client.items() if v
+        }
+    said = set()
+    for reply in pulled:
+        for name in ("metrics",):
+            if name in reply.content.metric_records:
+                said |= set(reply.content.metric_records[name])
+    if not secure:
+        assert said == {"partition", "bytes_received"}
+    assert "train_loss" not in json.dumps([c for c in row["clients"] if c.get("train_loss")])

@@ -260,6 +260,10 @@ class PrivacyConfig:
     # config's seed, so a run repeats bit for bit; anyone who knows the seed can subtract the
     # noise, so it guarantees nothing (tests and comparisons only).
     noise_source: Literal["system", "seeded"] = "system"
+    # true: clients send nothing that depends on their data beside the (noised) adapter:
+    # no training loss, size, step count or timing, no scores of their own adapter; only
+    # their partition, the bytes they received and whether the deadline dropped them.
+    withhold_metrics: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -578,6 +582,18 @@ def _check_privacy(config: Config) -> None:
     privacy = config.privacy
     if not 0 < privacy.target_delta < 1:
         raise ConfigError(f"privacy.target_delta: must be in (0, 1), got {privacy.target_delta}")
+    if privacy.withhold_metrics:
+        if config.eval.clients:
+            raise ConfigError(
+                "privacy.withhold_metrics: the clients' own scores are among what it "
+                "withholds; set eval.clients = false"
+            )
+        if config.client.aggregation != "uniform":
+            raise ConfigError(
+                f"privacy.withhold_metrics: client.aggregation = "
+                f'"{config.client.aggregation}" weighs by the sizes or steps it withholds; '
+                'use "uniform"'
+            )
     if not privacy.enabled:
         for key in ("noise_multiplier", "max_epsilon"):
             if getattr(privacy, key):

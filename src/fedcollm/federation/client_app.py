@@ -122,6 +122,14 @@ def tune(
     return update.adapter, metrics, receipt
 
 
+def sent_metrics(metrics: dict, config: Config) -> dict:
+    """What the reply says of this round: with `privacy.withhold_metrics` nothing shaped by
+    D_k (outside DP's guarantee), only the partition and the bytes received."""
+    if config.privacy.withhold_metrics:
+        return {k: v for k, v in metrics.items() if k in ("partition", "bytes_received")}
+    return metrics
+
+
 def train(config: Config, msg: Message, context: Context) -> Message:
     """A round with plain aggregation: theta in, the tuned adapter and metrics out."""
     if asks_for_secure_aggregation(msg):
@@ -133,7 +141,7 @@ def train(config: Config, msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": adapter_to_record(adapter, config.federation.adapter_dtype),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(sent_metrics(metrics, config)),
             "receipt": ConfigRecord(receipt),
         }
     )
@@ -152,7 +160,9 @@ def secure_train(config: Config, msg: Message, context: Context) -> Message:
     if heterogeneous(config):  # the slices it holds, counted under the masks too
         adapter = {**adapter, HOLDERS: held(client_rank(config, client.partition), config.lora.r)}
     clipping = config.federation.secagg_clipping_range
-    return secure_reply(msg, adapter, {**metrics, **receipt}, weight, clipping)
+    return secure_reply(
+        msg, adapter, {**sent_metrics(metrics, config), **receipt}, weight, clipping
+    )
 
 
 # Set by a quiet simulation: its worker processes then log Flower's errors only.

@@ -92,8 +92,9 @@ class SecureFedCoLLM(LegacyFedAvg):
         mean = adapter_from_parameters(results[0][1].parameters, uploads)
         share = mean.pop(HOLDERS, None)
         check_update(mean, self.sent, torch.float32, self.config.federation.max_update_norm)
-        steps = [int(res.metrics["steps"]) for _, res in results]
-        weights = self.rule.weights([int(res.metrics["num-examples"]) for _, res in results])
+        # Steps and sizes as reported (a client withholding them leaves the uniform mean).
+        steps = [int(res.metrics.get("steps", 1)) for _, res in results]
+        weights = self.rule.weights([int(res.metrics.get("num-examples", 1)) for _, res in results])
         theta = self.rule.from_mean(mean, self.sent, steps, weights, self.scale)
         return theta if share is None else per_slice_mean(theta, self.sent, share.double())
 

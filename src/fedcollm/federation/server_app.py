@@ -58,6 +58,20 @@ def _partition(reply: Message) -> int:
         return -1
 
 
+def _data_metrics(metrics, config: Config) -> dict[str, Any]:
+    """What a client says of its training, all of it shaped by D_k; with
+    `privacy.withhold_metrics` it says none of it (the row records that, not zeros)."""
+    if config.privacy.withhold_metrics:
+        return {"num_examples": 0, "train_loss": None, "steps": 0, "withheld": True}
+    return {
+        "num_examples": int(metrics["num-examples"]),
+        "train_loss": float(metrics["train_loss"]),
+        "steps": int(metrics["steps"]),
+        "seconds": float(metrics["seconds"]),
+        "clock_seconds": float(metrics["clock_seconds"]),
+    }
+
+
 def _late(config: Config) -> str:
     return f"late: its budget needs more than client.deadline_s = {config.client.deadline_s:g} s"
 
@@ -82,13 +96,9 @@ def read_update(
     try:
         row = {
             "partition": int(metrics["partition"]),
-            "num_examples": int(metrics["num-examples"]),
-            "train_loss": float(metrics["train_loss"]),
-            "steps": int(metrics["steps"]),
+            **_data_metrics(metrics, config),
             "bytes_received": int(metrics["bytes_received"]),
             "bytes_sent": record_bytes(arrays),
-            "seconds": float(metrics["seconds"]),
-            "clock_seconds": float(metrics["clock_seconds"]),
             "update_norm": norm,
             # A client's own scores: the task's metrics and their stderrs, nothing else.
             **{k: float(v) for k, v in metrics.items() if k in own},
@@ -106,7 +116,7 @@ def read_update(
         raise UpdateRejected(
             f"partition {row['partition']} is not one of the {config.num_clients} partitions"
         )
-    if row["num_examples"] < 1:
+    if row["num_examples"] < 1 and not config.privacy.withhold_metrics:
         raise UpdateRejected(f"num-examples {row['num_examples']}: a client trains on some")
     if row["received_sha256"] != sent_digest:
         raise UpdateRejected(
@@ -118,7 +128,7 @@ def read_update(
         num_examples=row["num_examples"],
         train_loss=row["train_loss"],
         steps=row["steps"],
-        seconds=row["clock_seconds"],
+        seconds=row.get("clock_seconds", 0.0),
         outcome=row["outcome"],
         rank=client_rank(config, row["partition"]),  # the config's, not the client's word
     )
@@ -231,7 +241,8 @@ class FedCoLLM(FedAvg):
         if theta is None:
             return None, None
         next_theta = adapter_to_record(theta, self.config.federation.adapter_dtype)
-        return next_theta, MetricRecord({"train_loss": self.row["client_train_loss"]})
+        loss = self.row["client_train_loss"]  # None when the clients withhold it
+        return next_theta, MetricRecord({} if loss is None else {"train_loss": loss})
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         row = self.rounds.evaluate(server_round, record_to_adapter(arrays))

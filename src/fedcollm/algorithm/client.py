@@ -8,14 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedcollm import seeds
-from fedcollm.algorithm.compute import (
-    DROPPED,
-    ON_TIME,
-    Schedule,
-    client_budget,
-    simulated_schedule,
-    wall_outcome,
-)
+from fedcollm.algorithm.compute import DROPPED, ON_TIME, finished, round_plan, wall_stop
 from fedcollm.algorithm.privacy import add, client_noise_std, clip_update, gaussian_noise, noise_key
 from fedcollm.algorithm.ranks import client_rank, pad, truncate
 from fedcollm.algorithm.training import fine_tune
@@ -59,18 +52,10 @@ def client_update(
     tune it on the client's private data, with the client's own budget, as far as the
     round's deadline lets it."""
     rank = client_rank(config, partition)
-    set_adapter(slm, truncate(slm_adapter, rank) if rank < config.lora.r else slm_adapter)
-    budget = client_budget(config, partition)
-    planned = budget.planned_steps(len(client_data))
-    wall = config.client.clock == "wall"
-    plan = (
-        Schedule(planned, 0.0, ON_TIME)
-        if wall
-        else simulated_schedule(config, budget, len(client_data))
-    )
+    set_adapter(slm, truncate(slm_adapter, rank))
+    budget, plan = round_plan(config, partition, len(client_data))
     if not plan.contributes:  # dropped on the simulated clock: no work would count
         return ClientUpdate(slm_adapter, len(client_data), math.nan, 0, plan.seconds, plan.outcome)
-    stop = config.client.deadline_s if wall and config.client.late == "partial" else 0.0
     start = time.perf_counter()
     result = fine_tune(
         slm,
@@ -83,19 +68,16 @@ def client_update(
         pad_id=pad_id,
         seed=seed,
         on_step=on_step,
-        stop_after_s=stop,
+        stop_after_s=wall_stop(config),
     )
-    if wall:
-        seconds = time.perf_counter() - start
-        plan = Schedule(result.steps, seconds, wall_outcome(config, planned, result.steps, seconds))
-    tuned = get_adapter(slm)
+    done = finished(config, plan, result.steps, time.perf_counter() - start)
     return ClientUpdate(
-        pad(tuned, slm_adapter, rank) if rank < config.lora.r else tuned,
+        pad(get_adapter(slm), slm_adapter, rank),
         result.num_examples,
         result.mean_loss,
         result.steps,
-        plan.seconds,
-        plan.outcome,
+        done.seconds,
+        done.outcome,
         rank,
     )
 

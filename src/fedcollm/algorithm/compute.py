@@ -90,3 +90,26 @@ def wall_outcome(config: Config, planned: int, steps: int, seconds: float) -> st
     if config.client.late == "drop" or not steps:
         return DROPPED
     return PARTIAL if steps < planned else ON_TIME  # its last step ended past the deadline
+
+
+def round_plan(config: Config, partition: int, num_examples: int) -> tuple[Budget, Schedule]:
+    """Client `partition`'s budget and what it will do this round: on the simulated clock
+    known now, on the wall clock its whole budget until `finished` says otherwise."""
+    budget = client_budget(config, partition)
+    if config.client.clock == "wall":
+        return budget, Schedule(budget.planned_steps(num_examples), 0.0, ON_TIME)
+    return budget, simulated_schedule(config, budget, num_examples)
+
+
+def wall_stop(config: Config) -> float:
+    """Seconds after which a client stops training (0: it does not stop)."""
+    wall = config.client.clock == "wall" and config.client.late == "partial"
+    return config.client.deadline_s if wall else 0.0
+
+
+def finished(config: Config, plan: Schedule, steps: int, seconds: float) -> Schedule:
+    """What the client did: the plan on the simulated clock, its real steps and seconds on
+    the wall clock."""
+    if config.client.clock != "wall":
+        return plan
+    return Schedule(steps, seconds, wall_outcome(config, plan.steps, steps, seconds))

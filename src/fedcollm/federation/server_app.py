@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedcollm.algorithm.client import ClientUpdate
+from fedcollm.algorithm.compute import ON_TIME
 from fedcollm.algorithm.ranks import client_rank
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
@@ -63,13 +64,15 @@ def _data_metrics(metrics, config: Config) -> dict[str, Any]:
     `privacy.withhold_metrics` it says none of it (the row records that, not zeros)."""
     if config.privacy.withhold_metrics:
         return {"num_examples": 0, "train_loss": None, "steps": 0, "withheld": True}
-    return {
+    said = {
         "num_examples": int(metrics["num-examples"]),
         "train_loss": float(metrics["train_loss"]),
         "steps": int(metrics["steps"]),
         "seconds": float(metrics["seconds"]),
-        "clock_seconds": float(metrics["clock_seconds"]),
     }
+    if "clock_seconds" in metrics:  # a client of an earlier version does not send it
+        said["clock_seconds"] = float(metrics["clock_seconds"])
+    return said
 
 
 def _late(config: Config) -> str:
@@ -104,7 +107,7 @@ def read_update(
             **{k: float(v) for k, v in metrics.items() if k in own},
         }
         receipt = content.config_records["receipt"]
-        row["outcome"] = str(receipt["outcome"])
+        row["outcome"] = str(receipt.get("outcome", ON_TIME))  # earlier clients: on time
         row["received_sha256"] = str(receipt["received_sha256"])
         if "scored_sha256" in receipt:
             row["scored_sha256"] = str(receipt["scored_sha256"])

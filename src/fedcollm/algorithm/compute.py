@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedcollm.config import Config
+from fedcollm.config import ClientProfile, Config
 
 ON_TIME, WAITED, PARTIAL, DROPPED = "on time", "late, waited for", "partial", "dropped"
 
@@ -34,14 +34,14 @@ class Budget:
         return min(steps, self.max_steps) if self.max_steps else steps
 
 
+def client_profile(config: Config, partition: int | None) -> ClientProfile | None:
+    """The `[[client.profiles]]` entry holding client `partition` (None: none holds it)."""
+    return next((p for p in config.client.profiles if partition in p.clients), None)
+
+
 def client_budget(config: Config, partition: int | None) -> Budget:
     """Client `partition`'s budget: its profile's, else (or for None) the [client] table's."""
-    for profile in config.client.profiles:
-        if partition in profile.clients:
-            source = profile
-            break
-    else:
-        source = config.client
+    source = client_profile(config, partition) or config.client
     return Budget(source.local_epochs, source.max_steps, source.batch_size, source.speed)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedcollm.algorithm.compute import client_profile
 from fedcollm.config import Config
 from fedcollm.models import Adapter
 
@@ -33,10 +34,8 @@ HOLDERS = "rank_slices_held"  # the per-slice count's key in a secure upload
 
 def client_rank(config: Config, partition: int | None) -> int:
     """Client `partition`'s LoRA rank: its profile's `lora_r`, else `lora.r`."""
-    for profile in config.client.profiles:
-        if partition in profile.clients and profile.lora_r:
-            return profile.lora_r
-    return config.lora.r
+    profile = client_profile(config, partition)
+    return profile.lora_r if profile and profile.lora_r else config.lora.r
 
 
 def heterogeneous(config: Config) -> bool:

@@ -82,16 +82,27 @@ def _finished(out_dir: Path, checkpoint, config) -> bool:
 def _prepare_models(config) -> None:
     """Fetch and convert registry models once, before any server or client loads them."""
     from fedcollm.models import model_path
+    from fedcollm.preflight import model_specs
 
-    for spec in (config.llm, config.slm):
+    for _, spec in model_specs(config):
         if spec.name != "tiny":
             model_path(spec.name)
+
+
+def _one_slm(config: Config, command: str) -> None:
+    """`experiment` and `audit` compare or attack one SLM: refuse clients of several."""
+    if any(profile.slm for profile in config.client.profiles):
+        raise ConfigError(
+            f"{command}: not yet for clients of several SLMs (client.profiles' slm); use "
+            "`fedcollm run` on the config, and on each group alone (configs/hetero_models.toml)"
+        )
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from fedcollm.registry import METHODS
 
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
+    _one_slm(config, "experiment")
     chosen = args.methods or ",".join(m.name for m in METHODS.values() if m.default)
     methods = [m.strip() for m in chosen.split(",") if m.strip()]
     if not methods:
@@ -173,6 +184,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_audits(args)
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
+    _one_slm(config, "audit")
     from fedcollm.experiments.audit import (
         NAMES,
         SECRETS,

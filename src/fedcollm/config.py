@@ -114,6 +114,9 @@ class ClientProfile:
     speed: float = 1.0
     # This group's LoRA rank, at most lora.r (theta's); 0: lora.r (algorithm/ranks.py).
     lora_r: int = 0
+    # This group's SLM: the [slm] keys it changes, e.g. {name = "smollm2-135m"}; empty: the
+    # [slm] table's. Clients of one SLM form a group with its own theta (algorithm/groups.py).
+    slm: dict[str, Any] = field(default_factory=dict)
 
     INHERITED = ("local_epochs", "max_steps", "batch_size", "speed")
 
@@ -377,6 +380,10 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {_type_name(tp)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
@@ -450,11 +457,7 @@ def _check_meaning(config: Config) -> None:
             f"got {config.data.max_length}"
         )
     for role in ("llm", "slm"):
-        device = _get(config, f"{role}.device")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            raise ConfigError(
-                f'{role}.device: {device!r} is not a device; use "auto", "cpu", "cuda" or "cuda:N"'
-            )
+        _check_device(f"{role}.device", _get(config, f"{role}.device"))
     if not 0 <= config.data.aux_fraction < 1:
         raise ConfigError(
             f"data.aux_fraction: must be in [0, 1) (0: the paper's 1/(K+1)), got "
@@ -496,6 +499,13 @@ def _check_meaning(config: Config) -> None:
     _check_tracking(config)
 
 
+def _check_device(key: str, device: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(
+            f'{key}: {device!r} is not a device; use "auto", "cpu", "cuda" or "cuda:N"'
+        )
+
+
 def _check_profiles(config: Config) -> None:
     """Each profile names clients that exist, each client in one profile at most, and a
     budget and a speed that can run."""
@@ -526,6 +536,8 @@ def _check_profiles(config: Config) -> None:
                 f"{key}.lora_r: {profile.lora_r} is not a rank up to lora.r = {config.lora.r} "
                 "(theta's rank, the largest); raise lora.r or lower the profile's"
             )
+        _check_device(f"{key}.slm.device", profile_slm(config, profile, f"{key}.slm.").device)
+    _check_groups(config)
     ranks = {p.lora_r for p in config.client.profiles if p.lora_r and p.lora_r < config.lora.r}
     if ranks and config.lora.variant == "ffa":
         raise ConfigError(
@@ -547,6 +559,37 @@ def _check_profiles(config: Config) -> None:
         raise ConfigError(
             f'client.late = "{config.client.late}" needs a deadline: set client.deadline_s'
         )
+
+
+def _check_groups(config: Config) -> None:
+    """Clients of several SLMs (algorithm/groups.py): what their distillation and their
+    transport do not support yet is refused before anything loads."""
+    if all(profile_slm(config, p) == config.slm for p in config.client.profiles):
+        return
+    if config.distill.schedule != "alternating":
+        raise ConfigError(
+            f'distill.schedule = "{config.distill.schedule}": clients of several SLMs '
+            '(client.profiles\' slm) distil with the "alternating" schedule only'
+        )
+    if config.federation.secure_aggregation:
+        raise ConfigError(
+            "federation.secure_aggregation: not yet with clients of several SLMs "
+            "(client.profiles' slm); give every client one SLM, or aggregate plainly"
+        )
+
+
+def profile_slm(config: Config, profile: ClientProfile, key: str = "") -> ModelConfig:
+    """A profile's SLM: the [slm] table with the profile's `slm` keys over it."""
+    if not profile.slm:
+        return config.slm
+
+    def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+            for k, v in {**base, **over}.items()
+        }
+
+    return _build(ModelConfig, merged(dataclasses.asdict(config.slm), profile.slm), key)
 
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # name -> the package it needs

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fedcollm.config import Config, ConfigError
+from fedcollm.config import Config, ConfigError, ModelConfig, profile_slm
 from fedcollm.data import (
     DataError,
     DataSplit,
@@ -60,9 +60,19 @@ def check_task(config: Config) -> None:
                 )
 
 
+def model_specs(config: Config) -> list[tuple[str, ModelConfig]]:
+    """Every model a run loads, by the config key that sets it: the LLM, the SLM, and the
+    SLM of each client profile that names its own (a group, algorithm/groups.py)."""
+    specs = [("llm", config.llm), ("slm", config.slm)]
+    for i, profile in enumerate(config.client.profiles):
+        if profile.slm:
+            specs.append((f"client.profiles[{i}].slm", profile_slm(config, profile)))
+    return specs
+
+
 def check_model_names(config: Config) -> None:
-    for role in ("llm", "slm"):
-        name = getattr(config, role).name
+    for role, spec in model_specs(config):
+        name = spec.name
         if name == "tiny" or name in REGISTRY:
             continue
         if looks_like_path(name) and not (Path(name).expanduser() / "config.json").is_file():
@@ -75,9 +85,9 @@ def check_model_names(config: Config) -> None:
 def check_resources(config: Config, simulated: bool = True) -> None:
     """Devices and, in the simulation engine, the CPU and GPU shares Ray hands out: asking
     for more than there is makes Ray wait for ever."""
-    for role in ("llm", "slm"):
+    for role, spec in model_specs(config):
         try:
-            resolve_device(getattr(config, role).device)
+            resolve_device(spec.device)
         except ModelError as err:
             raise ConfigError(f"{role}.device: {err}") from None
     if not simulated:
@@ -178,8 +188,7 @@ def check_models(config: Config) -> None:
     from their config files only (registry models must be fetched by now). A hub id has
     nothing here to read before it is loaded."""
     vocab_sizes = []
-    for role in ("llm", "slm"):
-        spec = getattr(config, role)
+    for role, spec in model_specs(config):
         if spec.name != "tiny":
             if spec.name not in REGISTRY and not looks_like_path(spec.name):
                 continue
@@ -190,9 +199,10 @@ def check_models(config: Config) -> None:
             _check_chat_template(role, spec.name)
         vocab_sizes.append((getattr(arch, "text_config", None) or arch).vocab_size)
     top_k = config.distill.top_k
-    specs = [config.llm, config.slm]
+    specs = [spec for _, spec in model_specs(config)]
     readable = all(s.name == "tiny" or s.name in REGISTRY or looks_like_path(s.name) for s in specs)
-    if top_k and readable and not same_vocabulary(*map(_tokenizer, specs)):
+    tokenizers = list(map(_tokenizer, specs)) if top_k and readable else []
+    if any(not same_vocabulary(tokenizers[0], t) for t in tokenizers[1:]):
         check_cross_family(config.distill)
     if vocab_sizes and top_k > min(vocab_sizes):
         raise ConfigError(

@@ -32,6 +32,7 @@ class ClientUpdate:
     seconds: float = 0.0
     outcome: str = ON_TIME
     rank: int = 0  # its LoRA rank; 0: theta's (lora.r)
+    partition: int = -1  # whose: which group it belongs to (algorithm/groups.py)
 
     @property
     def contributes(self) -> bool:
@@ -55,7 +56,9 @@ def client_update(
     set_adapter(slm, truncate(slm_adapter, rank))
     budget, plan = round_plan(config, partition, len(client_data))
     if not plan.contributes:  # dropped on the simulated clock: no work would count
-        return ClientUpdate(slm_adapter, len(client_data), math.nan, 0, plan.seconds, plan.outcome)
+        return ClientUpdate(
+            slm_adapter, len(client_data), math.nan, 0, plan.seconds, plan.outcome, rank, partition
+        )
     start = time.perf_counter()
     result = fine_tune(
         slm,
@@ -79,6 +82,7 @@ def client_update(
         done.seconds,
         done.outcome,
         rank,
+        partition,
     )
 
 

@@ -199,6 +199,13 @@ class MutualDistillation:
             self._slm_step(slm_optimizer, batch, slm_out, llm_teacher, losses)
         self._llm_step(batch, llm_out, slm_teacher, losses)
 
+    def batches(self, aux_data, pad_id, seed: int) -> list[Batch | AlignedBatch]:
+        """The R batches of D_a one round distils on, in the seed's order."""
+        steps = distillation_steps(self.cfg, len(aux_data))
+        aligned = bool(aux_data) and isinstance(aux_data[0], AlignedExample)
+        make_batch = collate_aligned if aligned else collate
+        return list(cycle_batches(aux_data, self.cfg.batch_size, pad_id, steps, seed, make_batch))
+
     def run(
         self,
         aux_data: Sequence[Example] | Sequence[AlignedExample],
@@ -207,12 +214,8 @@ class MutualDistillation:
         on_step: Callable[[int, int, DistillLosses], None] | None = None,
     ) -> DistillLosses:
         """R steps on D_a; `pad_id`: (SLM's, LLM's) when D_a is aligned."""
-        steps = distillation_steps(self.cfg, len(aux_data))
-        aligned = bool(aux_data) and isinstance(aux_data[0], AlignedExample)
-        make_batch = collate_aligned if aligned else collate
-        batches = list(
-            cycle_batches(aux_data, self.cfg.batch_size, pad_id, steps, seed, make_batch)
-        )
+        batches = self.batches(aux_data, pad_id, seed)
+        steps = len(batches)
         slm_optimizer = self._make_slm_optimizer()
         self.llm.train()
         self.slm.train()
@@ -235,3 +238,51 @@ class MutualDistillation:
             if on_step:
                 on_step(step, steps, losses)
         return losses
+
+
+def distil_groups(
+    groups: Sequence[MutualDistillation],
+    aux_data: Sequence[Sequence],
+    pad_ids: Sequence,
+    seed: int,
+    on_step: Callable[[int, int, DistillLosses], None] | None = None,
+) -> list[DistillLosses]:
+    """One round's mutual distillation of one LLM with the SLMs of several groups (clients of
+    several SLM families): each step every group's SLM steps toward the LLM as in Algorithm 1,
+    then the LLM steps once on its cross-entropy plus kd_weight times the mean of its
+    distances toward the updated SLMs (each group's gate and vocabulary map its own).
+
+    All groups share the LLM and its optimiser; `aux_data[g]` is D_a encoded for group g,
+    the same questions in the same order, so that every step's batches hold the same
+    examples. The first group's losses carry the LLM's."""
+    lead = groups[0]
+    batches = [
+        g.batches(data, pad, seed) for g, data, pad in zip(groups, aux_data, pad_ids, strict=True)
+    ]
+    optimizers = [g._make_slm_optimizer() for g in groups]
+    for model in (lead.llm, *(g.slm for g in groups)):
+        model.train()
+    torch.manual_seed(seed)  # LoRA dropout
+    losses = [DistillLosses() for _ in groups]
+    for step, step_batches in enumerate(zip(*batches, strict=True), start=1):
+        llm_batch = _model_batch(step_batches[0], "llm")
+        for batch in step_batches[1:]:
+            if not torch.equal(_model_batch(batch, "llm").input_ids, llm_batch.input_ids):
+                raise ValueError("the groups' D_a gives the LLM different inputs")
+        llm_out = answer_logits(lead.llm, llm_batch)
+        llm_teacher = lead._teacher(lead.llm, llm_batch, llm_out)
+        terms = []
+        for group, optimizer, batch, record in zip(
+            groups, optimizers, step_batches, losses, strict=True
+        ):
+            group._slm_step(optimizer, batch, None, llm_teacher, record)
+            slm_teacher = teacher_logits(group.slm, _model_batch(batch, "slm"))
+            terms.append(group._loss("llm", *llm_out, slm_teacher, batch))
+        loss = sum(t[0] for t in terms) / len(terms)
+        optimizer_step(lead.llm_optimizer, loss, lead.optim.max_grad_norm)
+        losses[0].llm_ce.append(terms[0][1])
+        losses[0].llm_kd.append(sum(t[2] for t in terms) / len(terms))
+        losses[0].llm_learned.append(sum(t[3] for t in terms) / len(terms))
+        if on_step:
+            on_step(step, len(batches[0]), losses[0])
+    return losses

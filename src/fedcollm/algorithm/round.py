@@ -21,6 +21,7 @@ from dataclasses import replace
 
 from fedcollm import seeds
 from fedcollm.algorithm.client import Client
+from fedcollm.algorithm.groups import GroupedServer, server_for, slm_groups
 from fedcollm.algorithm.server import CoTuningServer, ServerRound
 from fedcollm.config import Config
 from fedcollm.data import encode_examples, training_split
@@ -33,12 +34,18 @@ def transmitted(adapter: Adapter, dtype: str) -> Adapter:
 
 
 def fedcollm_round(
-    server: CoTuningServer, clients: Sequence[Client], slm_adapter: Adapter, server_round: int
+    server: CoTuningServer | GroupedServer,
+    clients: Sequence[Client],
+    slm_adapter: Adapter,
+    server_round: int,
 ) -> ServerRound:
     """Steps 1-5 of one round; the result's `slm_adapter` is the theta to broadcast next."""
     wire = server.config.federation.adapter_dtype
     broadcast = transmitted(slm_adapter, wire)  # 1
-    updates = [client.update(broadcast, server_round) for client in clients]  # 2
+    updates = [  # 2: each client tunes the theta it receives (its group's, with several SLMs)
+        client.update(server.broadcast_to(client.partition, broadcast), server_round)
+        for client in clients
+    ]
     # A client the round's deadline dropped sends nothing the server aggregates.
     received = [replace(u, adapter=transmitted(u.adapter, wire)) for u in updates if u.contributes]
     return server.server_update(received, broadcast, server_round)  # 3 and 4; theta is 5
@@ -55,29 +62,26 @@ def sampled_partitions(config: Config, server_round: int) -> list[int]:
 
 
 def in_process_clients(config: Config) -> list[Client]:
-    """The K clients of a config in this process, sharing one SLM."""
-    slm, tokenizer = build_slm(config)
+    """The K clients of a config in this process, those of one SLM sharing it."""
     questions, split = training_split(config)
-    return [
-        Client(
-            k,
-            slm,
-            tokenizer.pad_token_id,
-            encode_examples(questions, part, tokenizer, config),
-            config,
-        )
-        for k, part in enumerate(split.clients)
-    ]
+    clients = []
+    for group in slm_groups(config):
+        group_config = replace(config, slm=group.slm)
+        slm, tokenizer = build_slm(group_config)
+        for k in group.clients:
+            data = encode_examples(questions, split.clients[k], tokenizer, group_config)
+            clients.append(Client(k, slm, tokenizer.pad_token_id, data, group_config))
+    return sorted(clients, key=lambda c: c.partition)
 
 
 def reference_rounds(
     config: Config,
-    server: CoTuningServer | None = None,
+    server: CoTuningServer | GroupedServer | None = None,
     clients: Sequence[Client] | None = None,
 ) -> Iterator[ServerRound]:
     """All T rounds in this process, every sampled client answering: the run without
     Flower (of the config's own server and clients unless given)."""
-    server = server or CoTuningServer.from_config(config)
+    server = server or server_for(config)
     clients = clients or in_process_clients(config)
     slm_adapter = server.slm_adapter
     for server_round in range(1, config.rounds + 1):

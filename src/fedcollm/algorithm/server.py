@@ -93,9 +93,14 @@ class CoTuningServer:
 
     @classmethod
     def from_config(
-        cls, config: Config, progress: Callable[[str], None] = lambda _: None
+        cls,
+        config: Config,
+        progress: Callable[[str], None] = lambda _: None,
+        llm: tuple | None = None,
     ) -> CoTuningServer:
-        llm, llm_tokenizer = build_llm(config)
+        """The server of `config`; `llm`: an (LLM, tokenizer) already built (a grouped server
+        shares one among its groups)."""
+        llm, llm_tokenizer = llm or build_llm(config)
         slm, tokenizer = build_slm(config)
         questions, split = training_split(config)
         if same_vocabulary(llm_tokenizer, tokenizer):
@@ -185,16 +190,32 @@ class CoTuningServer:
         """Steps 3-4 on the updates of the theta `broadcast`; the returned `slm_adapter`
         (theta after distillation) is step 5's."""
         start = time.perf_counter()
-        aggregate = self.aggregate(updates, broadcast, server_round)
+        aggregate, measured = self.aggregate_round(updates, broadcast, server_round)
         result = self.co_tune(aggregate, server_round, on_step, time.perf_counter() - start)
-        if self.config.lora.variant == "lora":  # on what was sent, before DP's clipping
-            clean = (
-                aggregate if not self.config.privacy.enabled else self.combine(updates, broadcast)
-            )
-            result.measured["lora_aggregation_error"] = product_error(
-                [u.adapter for u in updates], self._weights(updates), self._ranks(updates), clean
-            )
+        result.measured.update(measured)
         return result
+
+    def aggregate_round(
+        self, updates: Sequence[ClientUpdate], broadcast: Adapter, server_round: int
+    ) -> tuple[Adapter, dict[str, float]]:
+        """Step 3, and what it measured: plain LoRA's aggregation error, on what was sent
+        (before DP's clipping)."""
+        aggregate = self.aggregate(updates, broadcast, server_round)
+        if self.config.lora.variant != "lora":
+            return aggregate, {}
+        clean = aggregate if not self.config.privacy.enabled else self.combine(updates, broadcast)
+        error = product_error(
+            [u.adapter for u in updates], self._weights(updates), self._ranks(updates), clean
+        )
+        return aggregate, {"lora_aggregation_error": error}
+
+    def broadcast_to(self, partition: int, slm_adapter: Adapter) -> Adapter:
+        """What client `partition` receives: theta (a grouped server sends a part)."""
+        return slm_adapter
+
+    def slm_params(self) -> int:
+        """The SLM's base parameters (LoRA's excluded)."""
+        return sum(p.numel() for name, p in self.slm.named_parameters() if "lora_" not in name)
 
     def co_tune(
         self,
@@ -222,7 +243,7 @@ class CoTuningServer:
         models = {"llm": (self.llm, self.llm_tokenizer), "slm": (self.slm, self.tokenizer)}
         return {role: score(*models[role], self.config, questions) for role in roles}
 
-    def aux_losses(self) -> dict[str, float]:
+    def aux_losses(self, roles: Sequence[str] = ("llm", "slm")) -> dict[str, float]:
         """Each model's mean answer loss on D_a (the per-example mean token loss, as
         `target_loss`): which of the two knows D_a's answers better, the premise of
         distilling the LLM into the SLM."""
@@ -238,6 +259,8 @@ class CoTuningServer:
             ("llm", self.llm, llm_data, self.llm_tokenizer),
             ("slm", self.slm, slm_data, self.tokenizer),
         ):
+            if role not in roles:
+                continue
             per_example = example_losses(model, data, tokenizer.pad_token_id, batch_size)
             losses[f"{role}_aux_loss"] = statistics.fmean(per_example)
         return losses

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.client import Client
+from fedcollm.algorithm.groups import member_config
 from fedcollm.algorithm.ranks import HOLDERS, client_rank, held, heterogeneous
 from fedcollm.config import Config
 from fedcollm.data import encode_examples, evaluation_questions, load_questions, training_split
@@ -79,7 +80,8 @@ def node_client(config: Config, context: Context) -> tuple[Client, object]:
             f"this node has partition-id {partition}, but the config has num_clients = "
             f"{config.num_clients}: start as many SuperNodes as num_clients"
         )
-    return client_state(config, partition, uses_own_data(context))
+    # Its group's SLM (algorithm/groups.py): with one SLM, the config as it is.
+    return client_state(member_config(config, partition), partition, uses_own_data(context))
 
 
 def tune(

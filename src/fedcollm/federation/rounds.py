@@ -201,9 +201,7 @@ class RoundBookkeeping:
         # rounds, Flower's own work and the previous checkpoint included.
         seconds["since_start"] = time.perf_counter() - self.created
         row["adapter_params"] = adapter_numel(slm_adapter)
-        row["slm_params"] = sum(
-            p.numel() for name, p in self.server.slm.named_parameters() if "lora_" not in name
-        )
+        row["slm_params"] = self.server.slm_params()
         return row, predictions
 
     def record(self, server_round: int, row: dict[str, Any], predictions: dict) -> None:

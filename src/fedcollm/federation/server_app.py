@@ -22,12 +22,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.compute import ON_TIME
+from fedcollm.algorithm.groups import GroupedServer, server_for
 from fedcollm.algorithm.ranks import client_rank
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
@@ -134,6 +135,7 @@ def read_update(
         seconds=row.get("clock_seconds", 0.0),
         outcome=row["outcome"],
         rank=client_rank(config, row["partition"]),  # the config's, not the client's word
+        partition=row["partition"],
     )
     return update, row
 
@@ -152,6 +154,9 @@ class FedCoLLM(FedAvg):
         self.rounds, self.server, self.config = rounds, rounds.server, rounds.config
         self.sent = {}
         self.sent_to: set[int] = set()
+        # With clients of several SLMs (algorithm/groups.py): partition -> (theta_g, digest).
+        self.grouped = isinstance(self.server, GroupedServer)
+        self.parts: dict[int, tuple[Adapter, str]] = {}
         self.node_partitions: dict[int, int] = {}
         self.partition_nodes: dict[int, int] = {}
 
@@ -177,11 +182,24 @@ class FedCoLLM(FedAvg):
         server_round = self.rounds.begin(server_round, self.sent)
         config["evaluate-own"] = self.config.eval.clients and self.rounds.is_last(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.config.federation.clients_per_round:
+        if self.config.federation.clients_per_round or self.grouped:
             chosen = {self.partition_nodes.get(p) for p in self.rounds.sampled}
             messages = [m for m in messages if m.metadata.dst_node_id in chosen]
         self.sent_to = {m.metadata.dst_node_id for m in messages}
+        if self.grouped:  # each node its own group's theta, nothing of the other groups'
+            self.parts = {}
+            for message in messages:
+                partition = self.node_partitions[message.metadata.dst_node_id]
+                theta = self.server.broadcast_to(partition, self.sent)
+                self.parts[partition] = theta, adapter_digest(theta)
+                wire = adapter_to_record(theta, self.config.federation.adapter_dtype)
+                message.content = RecordDict({"arrays": wire, "config": config})
         return messages
+
+    def _sent_for(self, node: int) -> tuple[Adapter, str]:
+        """The theta this round sent to `node`, and its digest."""
+        partition = self.node_partitions.get(node, -1)
+        return self.parts.get(partition, (self.sent, self.sent_digest))
 
     def _screen(self, server_round: int, replies: Iterable[Message]):
         """Valid updates in partition order, and what was dropped or rejected, and why."""
@@ -200,7 +218,7 @@ class FedCoLLM(FedAvg):
                 dropped.append({**who, "error": str(reply.error)})
                 continue
             try:
-                update, client = read_update(reply, self.sent, self.sent_digest, self.config)
+                update, client = read_update(reply, *self._sent_for(node), self.config)
                 partition = client["partition"]
                 owner = self.partition_nodes.get(partition, node)
                 if owner != node:
@@ -268,7 +286,7 @@ def run_rounds(grid: MeteredGrid, rounds: RoundBookkeeping, owners: dict[int, in
     )
 
 
-def privacy_budget_rounds(server: CoTuningServer, config: Config) -> int:
+def privacy_budget_rounds(server: CoTuningServer | GroupedServer, config: Config) -> int:
     """The last round privacy.max_epsilon allows (config.rounds without a limit); says so
     when the budget stops the run early."""
     max_epsilon = config.privacy.max_epsilon
@@ -309,7 +327,7 @@ def run_server(
     start = start or prepare_run(config, out_dir, resume)
     checkpoints, checkpoint = out_dir / "checkpoint", start.checkpoint
     print(f"loading the server LLM ({config.llm.name}) and SLM ({config.slm.name})", flush=True)
-    server = CoTuningServer.from_config(config, progress=lambda m: print(m, flush=True))
+    server = server_for(config, progress=lambda m: print(m, flush=True))
     if checkpoint:
         restore(server, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +347,9 @@ def run_server(
         resumed_after = checkpoint.server_round
         print(f"resuming after round {resumed_after} of {config.rounds}", flush=True)
     # The roll call goes before the meter: its bytes belong to no round.
-    owners = roll_call(grid, config) if config.federation.clients_per_round else {}
+    # Sampling, and groups (whose theta a node gets), need each node's partition up front.
+    bound = config.federation.clients_per_round or isinstance(server, GroupedServer)
+    owners = roll_call(grid, config) if bound else {}
     grid = MeteredGrid(grid)
     rounds = RoundBookkeeping(
         server, start.eval_questions, metrics, checkpoints, resumed_after, grid

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,32 +84,46 @@ def row_metrics(row: dict[str, Any]) -> list[str]:
     return row.get("metrics") or ["acc", "acc_norm"]
 
 
+def slm_roles(row: dict[str, Any]) -> list[str]:
+    """The global SLMs a row scores: "slm", or with clients of several SLMs one per group,
+    "slm[<group>]" (algorithm/groups.py)."""
+    found = [m.group(1) for k in row if (m := re.match(r"(slm\[.+\])_", k))]
+    return list(dict.fromkeys(found)) or ["slm"]
+
+
 def headline_scores(row: dict[str, Any]) -> dict[str, float]:
-    """The LLM's and the global SLM's headline metric, for Flower's own evaluation record."""
+    """The LLM's and the global SLMs' headline metric, for Flower's own evaluation record."""
     metric = row_metrics(row)[0]
-    keys = (f"llm_{metric}", f"slm_{metric}")
+    keys = [f"{role}_{metric}" for role in ("llm", *slm_roles(row))]
     return {key: row[key] for key in keys if row.get(key) is not None}  # none: not scored
 
 
 def progress_line(row: dict[str, Any], rounds: int) -> str:
     """One line per round while the run goes on."""
     parts = [f"round {row['round']}/{rounds}"]
+    roles = slm_roles(row)
     if row["round"] > 0:
         parts.append(f"client loss {_fmt(row['client_train_loss'])}")
-        if row.get("distill_slm_kd") is not None:
-            parts.append(
-                f"KD(slm) {_fmt(row['distill_slm_kd'])} KD(llm) {_fmt(row['distill_llm_kd'])}"
-            )
+        if row.get("distill_llm_kd") is not None:
+            slm_kd = " ".join(_fmt(row.get(f"distill_{role}_kd")) for role in roles)
+            parts.append(f"KD(slm) {slm_kd} KD(llm) {_fmt(row['distill_llm_kd'])}")
     metric = row_metrics(row)[0]
     parts.append(
-        f"LLM {metric} {_fmt(row.get(f'llm_{metric}'))} / "
-        f"SLM {metric} {_fmt(row.get(f'slm_{metric}'))}"
+        " / ".join(
+            f"{_label(role)} {metric} {_fmt(row.get(f'{role}_{metric}'))}"
+            for role in ("llm", *roles)
+        )
     )
     if "epsilon" in row:
         epsilon = "inf (no noise)" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
         parts.append(f"epsilon {epsilon} at delta {row['delta']:g}")
     parts.append(f"{_fmt(row['seconds']['round'], '.1f')} s")
     return " | ".join(parts)
+
+
+def _label(role: str) -> str:
+    """ "LLM", "SLM", "SLM[<group>]": a role as a person reads it."""
+    return role.upper() if "[" not in role else "SLM" + role[3:]
 
 
 def _with_stderr(row: dict[str, Any], key: str) -> str:
@@ -120,8 +135,11 @@ def _with_stderr(row: dict[str, Any], key: str) -> str:
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The table printed at the end of a run: the task's metrics and communication per round."""
     first, second = row_metrics(rows[-1])[:2]
+    roles = ["llm", *slm_roles(rows[-1])]
+    width = max(11, *(len(_label(r)) + len(first) + 1 for r in roles))
+    scored = "  ".join(f"{_label(r) + ' ' + first:>{width}} {second:>11}" for r in roles)
     head = (
-        f"{'round':>5}  {'LLM ' + first:>11} {second:>11}  {'SLM ' + first:>11} {second:>11}  "
+        f"{'round':>5}  {scored}  "
         f"{'client loss':>11}  {'sent/client':>11} {'recv/client':>11}  {'seconds':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -132,10 +150,13 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         received = sum(c["bytes_received"] for c in clients)
         total_bytes += sent + received
         per_client = max(len(clients), 1)
+        scores = "  ".join(
+            f"{_with_stderr(r, f'{role}_{first}'):>{width}} "
+            f"{_with_stderr(r, f'{role}_{second}'):>11}"
+            for role in roles
+        )
         lines.append(
-            f"{r['round']:>5}  {_with_stderr(r, f'llm_{first}'):>11} "
-            f"{_with_stderr(r, f'llm_{second}'):>11}  "
-            f"{_with_stderr(r, f'slm_{first}'):>11} {_with_stderr(r, f'slm_{second}'):>11}  "
+            f"{r['round']:>5}  {scores}  "
             f"{_fmt(r.get('client_train_loss')):>11}  "
             f"{human_bytes(sent / per_client) if clients else '-':>11} "
             f"{human_bytes(received / per_client) if clients else '-':>11}  "
@@ -179,18 +200,21 @@ def who_knows_more(rows: list[dict[str, Any]]) -> list[str]:
     metric = row_metrics(scored[-1])[0]
     lines = ["who knows more (the task's score; the mean answer loss on D_a, lower is better):"]
     for row in scored[:1] + scored[1:][-1:]:  # the first and the last (once if one)
-        llm, slm = row[f"llm_{metric}"], row[f"slm_{metric}"]
-        higher = "LLM" if (llm < slm if lower_is_better(metric) else llm > slm) else "SLM"
-        lower_loss = "LLM" if row["llm_aux_loss"] < row["slm_aux_loss"] else "SLM"
-        if llm == slm:
-            verdict = f"the same score, the {lower_loss} has the lower D_a loss"
-        elif higher == lower_loss:
-            verdict = f"the {higher} on both"
-        else:
-            verdict = f"the {higher} scores higher, the {lower_loss} has the lower D_a loss"
         when = "round 0 (zero-shot)" if row["round"] == 0 else f"after round {row['round']}"
-        lines.append(
-            f"  {when}: LLM {metric} {_fmt(llm)}, D_a loss {_fmt(row['llm_aux_loss'])} | "
-            f"SLM {metric} {_fmt(slm)}, D_a loss {_fmt(row['slm_aux_loss'])} -> {verdict}"
-        )
+        for role in slm_roles(row):
+            llm, slm = row[f"llm_{metric}"], row[f"{role}_{metric}"]
+            name = _label(role)
+            higher = "LLM" if (llm < slm if lower_is_better(metric) else llm > slm) else name
+            slm_loss = row[f"{role}_aux_loss"]
+            lower_loss = "LLM" if row["llm_aux_loss"] < slm_loss else name
+            if llm == slm:
+                verdict = f"the same score, the {lower_loss} has the lower D_a loss"
+            elif higher == lower_loss:
+                verdict = f"the {higher} on both"
+            else:
+                verdict = f"the {higher} scores higher, the {lower_loss} has the lower D_a loss"
+            lines.append(
+                f"  {when}: LLM {metric} {_fmt(llm)}, D_a loss {_fmt(row['llm_aux_loss'])} | "
+                f"{name} {metric} {_fmt(slm)}, D_a loss {_fmt(slm_loss)} -> {verdict}"
+            )
     return lines

@@ -6,23 +6,26 @@ from pathlib import Path
 from typing import Any
 
 from fedcollm.evaluation.metrics import is_share
-from fedcollm.tracking.metrics import row_metrics, summary_table
+from fedcollm.tracking.metrics import row_metrics, slm_roles, summary_table
 from fedcollm.tracking.plots import figure
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     """The task's two metrics of the server LLM and the global SLM per round (round 0:
     zero-shot), with error bars of one standard error; a loss on an axis of its own."""
-    rows = [r for r in rows if r.get(f"slm_{row_metrics(r)[0]}") is not None]  # scored ones
+    roles = slm_roles(rows[-1]) if rows else ["slm"]
+    rows = [r for r in rows if r.get(f"{roles[0]}_{row_metrics(r)[0]}") is not None]  # scored
     rounds = [r["round"] for r in rows]
     first, second = row_metrics(rows[-1])[:2]
     with figure(path, figsize=(6, 4), dpi=120) as (fig, ax):
         loss_ax = ax.twinx() if not is_share(second) else ax
+        models = [("llm", "server LLM", "tab:blue")] + [
+            (role, f"global SLM{role[3:]}", f"C{k}") for k, role in enumerate(roles, start=1)
+        ]
         series = [
-            ("llm", "server LLM", "tab:blue", first, "o-", 1.0),
-            ("llm", "server LLM", "tab:blue", second, "s--", 0.6),
-            ("slm", "global SLM", "tab:orange", first, "o-", 1.0),
-            ("slm", "global SLM", "tab:orange", second, "s--", 0.6),
+            (role, label, colour, metric, style, alpha)
+            for role, label, colour in models
+            for metric, style, alpha in ((first, "o-", 1.0), (second, "s--", 0.6))
         ]
         for k, (role, label, colour, metric, style, alpha) in enumerate(series):
             key = f"{role}_{metric}"
@@ -31,7 +34,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
             scored = [r for r in rows if key in r]  # FedAvg's LLM is scored at round 0 only
             errors = [r.get(f"{key}_stderr") for r in scored]
             (loss_ax if not is_share(metric) else ax).errorbar(
-                [r["round"] + 0.03 * (k - 1.5) for r in scored],
+                [r["round"] + 0.03 * (k - (len(series) - 1) / 2) for r in scored],
                 [r[key] for r in scored],
                 yerr=errors if None not in errors else None,
                 fmt=style,
@@ -66,7 +69,13 @@ _METRICS_NOTE = (
 
 def write_report(rows: list[dict[str, Any]], config: dict[str, Any], out_dir: Path) -> Path:
     plot_accuracy(rows, out_dir / "accuracy.png")
-    models = f"server LLM `{config['llm']['name']}`, client SLM `{config['slm']['name']}`"
+    roles = slm_roles(rows[-1])
+    slms = ", ".join(f"`{r[4:-1]}`" for r in roles) if roles != ["slm"] else ""
+    models = f"server LLM `{config['llm']['name']}`, " + (
+        f"client SLMs in groups {slms} (one global adapter each)"
+        if slms
+        else f"client SLM `{config['slm']['name']}`"
+    )
     setting = f"{config['num_clients']} clients, {config['rounds']} rounds, task `{config['task']}`"
     text = "\n".join(
         [

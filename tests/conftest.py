@@ -29,15 +29,16 @@ def data_dir() -> Path:
 @pytest.fixture
 def distilled_aggregates(monkeypatch) -> list:
     """Every aggregate theta the server hands to distillation (what secure aggregation
-    produced, where no single update is visible), in order."""
+    produced, where no single update is visible), in order; a grouped server's joined."""
+    from fedcollm.algorithm.groups import GroupedServer
     from fedcollm.algorithm.server import CoTuningServer
 
     seen: list = []
-    co_tune = CoTuningServer.co_tune
+    for server in (CoTuningServer, GroupedServer):
 
-    def recording(self, aggregate, *args, **kwargs):
-        seen.append(aggregate)
-        return co_tune(self, aggregate, *args, **kwargs)
+        def recording(self, aggregate, *args, _co_tune=server.co_tune, **kwargs):
+            seen.append(aggregate)
+            return _co_tune(self, aggregate, *args, **kwargs)
 
-    monkeypatch.setattr(CoTuningServer, "co_tune", recording)
+        monkeypatch.setattr(server, "co_tune", recording)
     return seen

@@ -198,3 +198,30 @@ def test_commands_of_one_slm_refuse_a_grouped_config_in_one_line(capsys, tmp_pat
     assert code == 2 and len(err) == 1, err
     assert f"{command}: not yet for clients of several SLMs" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_under_secagg_each_group_gets_its_own_clients_weighted_mean(tmp_path, distilled_aggregates):
+    # One SecAgg+ over every group's block: the unmasked vector, divided block by block by
+    # the group's masked share of the weight, is each group's plain weighted mean. Sizes
+    # differ (Dirichlet), so the weights matter; client 3 also holds a lower rank.
+    profiles = '[{clients=[2, 3], slm={tiny={tokenizer="pieces"}}}, {clients=[1], lora_r=4}]'
+    plain = {
+        "rounds": "1",
+        "client.aggregation": '"num_examples"',
+        "data.partition": '"dirichlet"',
+        "client.profiles": profiles,
+    }
+    secure = {"federation.secure_aggregation": "true", "federation.min_clients": "2"}
+    simulate(_tiny_hetero_models(**plain, **secure), tmp_path / "secure")
+    (secure_aggregate,) = distilled_aggregates  # before the reference adds its own
+    (reference,) = reference_rounds(_tiny_hetero_models(**plain))
+    assert secure_aggregate.keys() == reference.aggregate.keys()
+    errors = [(reference.aggregate[k] - v).abs().max().item() for k, v in secure_aggregate.items()]
+    # SecAgg+ quantises to steps of 2 / 2**22 over [-1, 1]: four uploads' steps, divided by
+    # a group's weight share (a quarter at least here) and by a slice's holders' share.
+    assert 0 < max(errors) <= 4 * 2 / 2**22 * 4 * 4
+    # A group of one would hand its client's update over as the group's mean.
+    alone = '[{clients=[3], slm={tiny={tokenizer="pieces"}}}]'
+    with pytest.raises(ConfigError, match="holds client 3 alone"):
+        check_run(_tiny_hetero_models(**secure, **{"client.profiles": alone}))

@@ -571,10 +571,16 @@ def _check_groups(config: Config) -> None:
             f'distill.schedule = "{config.distill.schedule}": clients of several SLMs '
             '(client.profiles\' slm) distil with the "alternating" schedule only'
         )
-    if config.federation.secure_aggregation:
+    if config.federation.secure_aggregation and config.privacy.enabled:
         raise ConfigError(
-            "federation.secure_aggregation: not yet with clients of several SLMs "
-            "(client.profiles' slm); give every client one SLM, or aggregate plainly"
+            "privacy.clip_norm: DP under secure aggregation is not yet for clients of several "
+            "SLMs (client.profiles' slm): each group's noise would be a share of the whole "
+            "federation's; aggregate plainly, or give every client one SLM"
+        )
+    if config.federation.secure_aggregation and config.client.aggregation == "fednova":
+        raise ConfigError(
+            'client.aggregation = "fednova" under secure aggregation is not yet for clients '
+            "of several SLMs (client.profiles' slm); aggregate plainly or use another rule"
         )
 
 

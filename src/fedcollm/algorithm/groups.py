@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedcollm import seeds
 from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.compute import client_profile
@@ -96,6 +98,50 @@ def part(adapter: Adapter, group: str) -> Adapter:
     return {k[len(prefix) :]: v for k, v in adapter.items() if k.startswith(prefix)}
 
 
+# Under secure aggregation every client uploads one vector holding every group's block: its
+# own update in its group's block, zeros in the others, and 1 (times its weight, as SecAgg+
+# weights everything) under GROUP_SHARE in its own block. The unmasked weighted mean then
+# holds, per group, its clients' weighted sum over the federation's total weight and that
+# group's share of the weight: their ratio is the group's own weighted mean. The server
+# learns each group's mean and nothing of a single client, as with one SecAgg+ per group.
+GROUP_SHARE = "group_share"
+
+
+def upload_layout(templates: dict[str, Adapter]) -> dict[str, list]:
+    """Each group's upload keys and shapes, in order (JSON-able: sent to the clients)."""
+    return {
+        g: [[k, list(v.shape)] for k, v in {**t, GROUP_SHARE: torch.zeros(1)}.items()]
+        for g, t in templates.items()
+    }
+
+
+def secure_upload(upload: Adapter, group: str, layout: dict[str, list]) -> Adapter:
+    """A client's upload of group `group` placed in the federation's vector (above)."""
+    own = [k for k, _ in layout[group] if k != GROUP_SHARE]
+    if own != list(upload):
+        raise ValueError(f"own upload's keys are not group {group}'s in the server's layout")
+    blocks = {
+        g: {
+            k: upload[k] if g == group and k in upload else torch.zeros(shape)
+            for k, shape in entries
+        }
+        for g, entries in layout.items()
+    }
+    blocks[group][GROUP_SHARE] = torch.ones(1)
+    return join(blocks)
+
+
+def group_means(mean: Adapter, layout: dict[str, list]) -> dict[str, Adapter | None]:
+    """Each group's weighted mean out of the unmasked vector; None for a group none of whose
+    clients sent anything."""
+    means = {}
+    for g in layout:
+        block = part(mean, g)
+        share = block.pop(GROUP_SHARE).double().item()
+        means[g] = {k: (v.double() / share).float() for k, v in block.items()} if share else None
+    return means
+
+
 def role(group: str) -> str:
     """A group's SLM in a metrics row's keys: `slm[<group>]_acc`."""
     return f"slm[{group}]"
@@ -138,6 +184,9 @@ class GroupedServer:
     def broadcast_to(self, partition: int, slm_adapter: Adapter) -> Adapter:
         """What client `partition` receives: its group's theta only."""
         return part(slm_adapter, self._group_of[partition])
+
+    def group_of(self, partition: int) -> str:
+        return self._group_of[partition]
 
     def server_update(
         self,

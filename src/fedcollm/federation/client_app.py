@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.client import Client
-from fedcollm.algorithm.groups import member_config
+from fedcollm.algorithm.groups import member_config, secure_upload
 from fedcollm.algorithm.ranks import HOLDERS, client_rank, held, heterogeneous
 from fedcollm.config import Config
 from fedcollm.data import encode_examples, evaluation_questions, load_questions, training_split
@@ -161,6 +161,9 @@ def secure_train(config: Config, msg: Message, context: Context) -> Message:
     adapter = rule.upload(adapter, slm_adapter, metrics["steps"], scale)
     if heterogeneous(config):  # the slices it holds, counted under the masks too
         adapter = {**adapter, HOLDERS: held(client_rank(config, client.partition), config.lora.r)}
+    if "group-layout" in instructions:  # clients of several SLMs: every group's block
+        layout = json.loads(str(instructions["group-layout"]))
+        adapter = secure_upload(adapter, str(instructions["group"]), layout)
     clipping = config.federation.secagg_clipping_range
     return secure_reply(
         msg, adapter, {**sent_metrics(metrics, config), **receipt}, weight, clipping

@@ -15,6 +15,7 @@ import json
 
 import torch
 from flwr.app import Context
+from flwr.common import FitIns
 from flwr.server import ServerConfig
 from flwr.server.compat import LegacyContext
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -23,6 +24,7 @@ from flwr.serverapp import Grid
 
 from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.compute import planned_steps
+from fedcollm.algorithm.groups import GroupedServer, group_means, join, part, upload_layout
 from fedcollm.algorithm.ranks import HOLDERS, heterogeneous, per_slice_mean
 from fedcollm.config import Config
 from fedcollm.data import DataSplit
@@ -49,8 +51,14 @@ class SecureFedCoLLM(LegacyFedAvg):
     def __init__(self, rounds: RoundBookkeeping, owners: dict[int, int] | None = None):
         quorum = rounds.config.federation.min_clients
         self.rounds, self.server, self.config = rounds, rounds.server, rounds.config
-        self.owners = owners or {}  # partition -> node, from the roll call (sampling)
+        self.owners = owners or {}  # partition -> node, from the roll call (sampling, groups)
         self.keys = rounds.server.slm_adapter
+        # Clients of several SLMs: each uploads every group's block (algorithm/groups.py).
+        self.layout = None
+        if isinstance(self.server, GroupedServer):
+            held = {HOLDERS: torch.zeros(self.config.lora.r)} if heterogeneous(self.config) else {}
+            groups = {g: {**part(self.keys, g), **held} for g in self.server.servers}
+            self.layout = upload_layout(groups)
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -68,35 +76,60 @@ class SecureFedCoLLM(LegacyFedAvg):
         server_round = self.rounds.begin(server_round, self.sent)
         evaluate_own = self.config.eval.clients and self.rounds.is_last(server_round)
         instructions = super().configure_fit(server_round, parameters, client_manager)
-        if self.config.federation.clients_per_round:
+        if self.config.federation.clients_per_round or self.layout:
             chosen = {self.owners.get(p) for p in self.rounds.sampled}
             instructions = [(p, fit) for p, fit in instructions if int(p.cid) in chosen]
         self.scale = self.rule.upload_scale(
             [planned_steps(self.config, self.server.split, p) for p in self.rounds.sampled]
         )
-        for _, fit in instructions:
-            fit.config = {
-                "server-round": server_round,
-                "evaluate-own": evaluate_own,
-                "upload-scale": self.scale,
-            }
-        return instructions
+        config = {"server-round": server_round, "evaluate-own": evaluate_own}
+        config["upload-scale"] = self.scale
+        if not self.layout:
+            for _, fit in instructions:
+                fit.config = config
+            return instructions
+        # Each node its own group's theta and the layout of the vector it uploads.
+        partitions = {node: p for p, node in self.owners.items()}
+        config["group-layout"] = json.dumps(self.layout)
+        grouped = []
+        for proxy, _ in instructions:
+            group = self.server.group_of(partitions[int(proxy.cid)])
+            theta = parameters_from_adapter(part(self.sent, group))
+            grouped.append((proxy, FitIns(theta, {**config, "group": group})))
+        return grouped
 
     def _aggregate(self, results) -> Adapter:
         """Every result carries the same vector, the weighted mean of the uploads; checked
-        like an update, then turned into theta by the rule (the identity for a plain mean)
-        from the steps and sizes the clients report in the clear."""
-        uploads = self.keys
-        if heterogeneous(self.config):  # each slice's holders' share came masked beside it
-            uploads = {**self.keys, HOLDERS: torch.zeros(self.config.lora.r)}
-        mean = adapter_from_parameters(results[0][1].parameters, uploads)
+        like an update, then turned into theta by the rule. With clients of several SLMs,
+        each group's mean out of its block, turned into its theta alike (a group none of
+        whose clients sent keeps its theta)."""
+        if not self.layout:
+            uploads = self.keys
+            if heterogeneous(self.config):  # each slice's holders' share came masked beside it
+                uploads = {**self.keys, HOLDERS: torch.zeros(self.config.lora.r)}
+            mean = adapter_from_parameters(results[0][1].parameters, uploads)
+            return self._theta(mean, self.sent, results)
+        uploads = join({g: {k: torch.zeros(s) for k, s in e} for g, e in self.layout.items()})
+        means = group_means(adapter_from_parameters(results[0][1].parameters, uploads), self.layout)
+        return join(
+            {
+                g: part(self.sent, g)
+                if mean is None
+                else self._theta(mean, part(self.sent, g), results)
+                for g, mean in means.items()
+            }
+        )
+
+    def _theta(self, mean: Adapter, sent: Adapter, results) -> Adapter:
+        """theta from a (group's) mean upload, from the steps and sizes the clients report in
+        the clear (the identity for a plain mean)."""
         share = mean.pop(HOLDERS, None)
-        check_update(mean, self.sent, torch.float32, self.config.federation.max_update_norm)
+        check_update(mean, sent, torch.float32, self.config.federation.max_update_norm)
         # Steps and sizes as reported (a client withholding them leaves the uniform mean).
         steps = [int(res.metrics.get("steps", 1)) for _, res in results]
         weights = self.rule.weights([int(res.metrics.get("num-examples", 1)) for _, res in results])
-        theta = self.rule.from_mean(mean, self.sent, steps, weights, self.scale)
-        return theta if share is None else per_slice_mean(theta, self.sent, share.double())
+        theta = self.rule.from_mean(mean, sent, steps, weights, self.scale)
+        return theta if share is None else per_slice_mean(theta, sent, share.double())
 
     def aggregate_fit(self, server_round, results, failures):
         """Steps 3-4: SecAgg+ has already summed the masked updates into their mean."""

@@ -20,7 +20,7 @@ from fedcollm.algorithm.groups import (
     part,
     slm_groups,
 )
-from fedcollm.algorithm.round import reference_rounds
+from fedcollm.algorithm.round import reference_rounds, sampled_partitions
 from fedcollm.config import Config, ConfigError, DistillConfig, LoraConfig, OptimConfig, load_config
 from fedcollm.federation.simulation import simulate
 from fedcollm.models import adapter_digest, get_adapter
@@ -30,6 +30,7 @@ from fedcollm.tracking.metrics import summary_table
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = CONFIGS / "tiny.toml"
 PIECES = 'slm={tiny={tokenizer="pieces"}}'  # another tokenizer: another family, in tiny
+SECURE = ["federation.secure_aggregation=true", "federation.min_clients=2"]
 TWO_GROUPS = ["num_clients=4", f"client.profiles=[{{clients=[2, 3], {PIECES}}}]"]
 
 
@@ -171,7 +172,8 @@ def test_the_summary_has_a_column_per_group():
     "sets, error",
     [
         (['distill.schedule="sequential"'], 'distill.schedule = "sequential"'),
-        (["federation.secure_aggregation=true"], "federation.secure_aggregation: not yet"),
+        ([*SECURE, "privacy.clip_norm=1.0"], "DP under secure aggregation is not yet"),
+        ([*SECURE, 'client.aggregation="fednova"'], '"fednova" under secure aggregation'),
         (["client.profiles=[{clients=[2], slm={nme=1}}]"], "unknown key 'client.profiles[0].slm."),
         (["client.profiles=[{clients=[2], slm='smol'}]"], "client.profiles[0].slm: expected a"),
         (['client.profiles=[{clients=[2], slm={device="gpu"}}]'], "client.profiles[0].slm.device"),
@@ -225,3 +227,16 @@ def test_under_secagg_each_group_gets_its_own_clients_weighted_mean(tmp_path, di
     alone = '[{clients=[3], slm={tiny={tokenizer="pieces"}}}]'
     with pytest.raises(ConfigError, match="holds client 3 alone"):
         check_run(_tiny_hetero_models(**secure, **{"client.profiles": alone}))
+
+
+def test_a_group_none_of_whose_clients_was_sampled_keeps_its_theta():
+    config = _tiny_hetero_models(rounds="1", **{"federation.clients_per_round": "1"})
+    server = GroupedServer.from_config(config)
+    before = server.slm_adapter
+    (result,) = reference_rounds(config, server)
+    (sampled,) = sampled_partitions(config, 1)
+    for group in slm_groups(config):
+        kept = adapter_digest(part(result.aggregate, group.name)) == adapter_digest(
+            part(before, group.name)
+        )
+        assert kept == (sampled not in group.clients), group.name

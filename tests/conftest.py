@@ -30,7 +30,7 @@ def data_dir() -> Path:
 def distilled_aggregates(monkeypatch) -> list:
     """Every aggregate theta the server hands to distillation (what secure aggregation
     produced, where no single update is visible), in order; a grouped server's joined."""
-    from fedcollm.algorithm.groups import GroupedServer
+    from fedcollm.algorithm.grouped_server import GroupedServer
     from fedcollm.algorithm.server import CoTuningServer
 
     seen: list = []

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from fedcollm.config import ConfigError, load_config
 from fedcollm.experiments import methods as experiment
-from fedcollm.experiments.methods import Method, method_config, register_method, run_experiment
+from fedcollm.experiments.methods import Method, register_method
+from fedcollm.experiments.runs import load_results, method_config, run_experiment
 from fedcollm.experiments.tables import compare, mean_ci, table1, write_experiment_report
 from fedcollm.registry import METHODS
 
@@ -239,7 +240,7 @@ def test_a_sweep_runs_its_grid_and_reports_each_value_with_paired_verdicts(tmp_p
     assert cli.main(args) == 0
     points = sorted(p.name for p in (tmp_path / "sweep").iterdir())
     assert points == ["distill.kd_weight=0", "distill.kd_weight=1"]
-    results = [r for p in points for r in experiment.load_results(tmp_path / "sweep" / p)]
+    results = [r for p in points for r in load_results(tmp_path / "sweep" / p)]
     assert len(results) == 4
     assert {r["config"]["distill"]["kd_weight"] for r in results} == {0.0, 1.0}
     # FedCoLLM at kd_weight 0 is FedAvg + D_a (test_fedavg_aux_keeps_d_a_and_drops_only_...):
@@ -307,7 +308,7 @@ def test_a_swept_seed_moves_every_runs_seed(tmp_path, data_dir):
     ]  # fmt: skip
     assert cli.main(args) == 0
     for point, seeds in (("seed=0", [0, 1]), ("seed=5", [5, 6])):
-        results = experiment.load_results(tmp_path / "sweep" / point)
+        results = load_results(tmp_path / "sweep" / point)
         assert sorted(r["seed"] for r in results) == seeds
         assert sorted(r["config"]["seed"] for r in results) == seeds
 

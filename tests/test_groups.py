@@ -5,6 +5,7 @@ once, toward the mean of its distances to them."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from tinymodels import PAD, examples, nudge_lora_b, tiny_lora_model
 
 from fedcollm import cli
 from fedcollm.algorithm.distillation import MutualDistillation, distil_groups
+from fedcollm.algorithm.grouped_server import GroupedServer
 from fedcollm.algorithm.groups import (
-    GroupedServer,
     join,
     member_config,
     part,
@@ -22,6 +23,9 @@ from fedcollm.algorithm.groups import (
 )
 from fedcollm.algorithm.round import reference_rounds, sampled_partitions
 from fedcollm.config import Config, ConfigError, DistillConfig, LoraConfig, OptimConfig, load_config
+from fedcollm.experiments.grouped import _group_row
+from fedcollm.experiments.runs import run_experiment
+from fedcollm.experiments.tables import write_experiment_report
 from fedcollm.federation.simulation import simulate
 from fedcollm.models import adapter_digest, get_adapter
 from fedcollm.preflight import check_run
@@ -192,7 +196,7 @@ def test_an_unknown_slm_of_a_profile_is_refused_by_name():
         check_run(config)
 
 
-@pytest.mark.parametrize("command", ["experiment", "audit"])
+@pytest.mark.parametrize("command", ["audit"])
 def test_commands_of_one_slm_refuse_a_grouped_config_in_one_line(capsys, tmp_path, command):
     config = str(CONFIGS / "hetero_models.toml")
     code = cli.main([command, config, "--out", str(tmp_path / "out")])
@@ -225,8 +229,8 @@ def test_under_secagg_each_group_gets_its_own_clients_weighted_mean(tmp_path, di
     assert 0 < max(errors) <= 4 * 2 / 2**22 * 4 * 4
     # A group of one would hand its client's update over as the group's mean.
     alone = '[{clients=[3], slm={tiny={tokenizer="pieces"}}}]'
-    with pytest.raises(ConfigError, match="holds client 3 alone"):
-        check_run(_tiny_hetero_models(**secure, **{"client.profiles": alone}))
+    with pytest.raises(ConfigError, match="is held by client 3 alone"):
+        _tiny_hetero_models(**secure, **{"client.profiles": alone})
 
 
 def test_a_group_none_of_whose_clients_was_sampled_keeps_its_theta():
@@ -240,3 +244,40 @@ def test_a_group_none_of_whose_clients_was_sampled_keeps_its_theta():
             part(before, group.name)
         )
         assert kept == (sampled not in group.clients), group.name
+
+
+def test_an_experiment_compares_the_methods_within_each_group(tmp_path):
+    config = _tiny_hetero_models(rounds="1")
+    methods = ["zero-shot", "standalone", "fedavg", "fedcollm"]
+    results = run_experiment(config, methods, [0], [config.task], tmp_path)
+    blocks = {r["task"] for r in results}
+    assert blocks == {"arc_easy_demo [tiny]", "arc_easy_demo [tiny-2]"}
+    run = json.loads((tmp_path / "runs/arc_easy_demo/fedcollm/seed0/result.json").read_text())
+    last = run["history"][-1]
+    for group, members in (("tiny", 2), ("tiny-2", 2)):
+        mine = {r["method"]: r for r in results if r["task"].endswith(f"[{group}]")}
+        assert mine.keys() == set(methods)
+        # Each group's global SLM and clients are its own, not the other group's.
+        assert mine["fedcollm"]["slm_global"]["acc"] == last[f"slm[{group}]_acc"]
+        assert mine["fedcollm"]["history"][-1]["slm_acc"] == last[f"slm[{group}]_acc"]
+        own_size = mine["fedcollm"]["history"][-1]["adapter_params"]
+        assert own_size == last[f"adapter_params[{group}]"] == last["adapter_params"] // 2
+        for method in ("standalone", "fedavg", "fedcollm"):
+            assert len(mine[method]["slm_clients"]) == members, method
+        assert mine["fedcollm"]["config"]["slm"]["tiny"]["tokenizer"] == (
+            "pieces" if group == "tiny-2" else "bytes"
+        )
+    report = write_experiment_report(tmp_path).read_text()
+    assert "arc_easy_demo [tiny-2]" in report and "arc_easy_demo [tiny]" in report
+
+
+def test_a_groups_view_of_a_metrics_row_is_a_one_slm_row():
+    row = {
+        "round": 1, "llm_acc": 0.5, "slm[a]_acc": 0.25, "slm[a-2]_acc": 0.75,
+        "distill_slm[a]_kd": 1.0, "distill_slm[a-2]_kd": 3.0, "distill_llm_kd": 2.0,
+        "adapter_params": 30, "adapter_params[a]": 10, "adapter_params[a-2]": 20,
+    }  # fmt: skip
+    assert _group_row(row, "a") == {
+        "round": 1, "llm_acc": 0.5, "slm_acc": 0.25, "distill_slm_kd": 1.0,
+        "distill_llm_kd": 2.0, "adapter_params": 10,
+    }  # fmt: skip

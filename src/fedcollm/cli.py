@@ -90,11 +90,11 @@ def _prepare_models(config) -> None:
 
 
 def _one_slm(config: Config, command: str) -> None:
-    """`experiment` and `audit` compare or attack one SLM: refuse clients of several."""
+    """`audit` attacks one SLM's uploads: refuse clients of several."""
     if any(profile.slm for profile in config.client.profiles):
         raise ConfigError(
-            f"{command}: not yet for clients of several SLMs (client.profiles' slm); use "
-            "`fedcollm run` on the config, and on each group alone (configs/hetero_models.toml)"
+            f"{command}: not yet for clients of several SLMs (client.profiles' slm); audit "
+            "each group alone (configs/hetero_models.toml shows how)"
         )
 
 
@@ -102,7 +102,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from fedcollm.registry import METHODS
 
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
-    _one_slm(config, "experiment")
     chosen = args.methods or ",".join(m.name for m in METHODS.values() if m.default)
     methods = [m.strip() for m in chosen.split(",") if m.strip()]
     if not methods:
@@ -117,7 +116,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise ConfigError("--seeds: must be 1 or more")
     _check_task_names(tasks)
     from fedcollm.experiments import sweep
-    from fedcollm.experiments.methods import run_experiment
+    from fedcollm.experiments.runs import run_experiment
     from fedcollm.experiments.tables import write_experiment_report
     from fedcollm.preflight import check_data, check_models
     from fedcollm.tracking.run_dir import check_writable, hold

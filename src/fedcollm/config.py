@@ -564,7 +564,8 @@ def _check_profiles(config: Config) -> None:
 def _check_groups(config: Config) -> None:
     """Clients of several SLMs (algorithm/groups.py): what their distillation and their
     transport do not support yet is refused before anything loads."""
-    if all(profile_slm(config, p) == config.slm for p in config.client.profiles):
+    members = slm_members(config)
+    if len(members) < 2:
         return
     if config.distill.schedule != "alternating":
         raise ConfigError(
@@ -577,11 +578,39 @@ def _check_groups(config: Config) -> None:
             "SLMs (client.profiles' slm): each group's noise would be a share of the whole "
             "federation's; aggregate plainly, or give every client one SLM"
         )
+    for model, clients in members if config.federation.secure_aggregation else []:
+        if len(clients) < 2:
+            raise ConfigError(
+                f"client.profiles: the SLM {model.name!r} is held by client {clients[0]} "
+                "alone, and secure aggregation would reveal its update as its group's mean; "
+                "give the group two clients or more"
+            )
     if config.federation.secure_aggregation and config.client.aggregation == "fednova":
         raise ConfigError(
             'client.aggregation = "fednova" under secure aggregation is not yet for clients '
             "of several SLMs (client.profiles' slm); aggregate plainly or use another rule"
         )
+
+
+def client_profile(config: Config, partition: int | None) -> ClientProfile | None:
+    """The `[[client.profiles]]` entry holding client `partition` (None: none holds it)."""
+    return next((p for p in config.client.profiles if partition in p.clients), None)
+
+
+def client_slm(config: Config, partition: int) -> ModelConfig:
+    """Client `partition`'s SLM: its profile's, else the [slm] table's."""
+    profile = client_profile(config, partition)
+    return profile_slm(config, profile) if profile else config.slm
+
+
+def slm_members(config: Config) -> list[tuple[ModelConfig, list[int]]]:
+    """Each SLM the clients hold and its clients, in the order of their first client."""
+    members: dict[str, tuple[ModelConfig, list[int]]] = {}
+    for k in range(config.num_clients):
+        model = client_slm(config, k)
+        key = repr(dataclasses.asdict(model))
+        members.setdefault(key, (model, []))[1].append(k)
+    return list(members.values())
 
 
 def profile_slm(config: Config, profile: ClientProfile, key: str = "") -> ModelConfig:

@@ -105,28 +105,10 @@ def check_resources(config: Config, simulated: bool = True) -> None:
         )
 
 
-def check_groups(config: Config) -> None:
-    """Under secure aggregation a group's mean is what the server learns of its clients: a
-    group of one would hand over its client's update."""
-    from fedcollm.algorithm.groups import slm_groups
-
-    groups = slm_groups(config)
-    if not config.federation.secure_aggregation or len(groups) < 2:
-        return
-    for group in groups:
-        if len(group.clients) < 2:
-            raise ConfigError(
-                f"client.profiles: the group of SLM {group.name!r} holds client "
-                f"{group.clients[0]} alone, and secure aggregation would reveal its update as "
-                "the group's mean; give the group two clients or more"
-            )
-
-
 def check_run(config: Config, simulated: bool = True) -> Config:
     """The checks that read no data file and no model: names, paths, this machine."""
     check_task(config)
     check_model_names(config)
-    check_groups(config)
     check_resources(config, simulated)
     return config
 

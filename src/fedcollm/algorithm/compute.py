@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedcollm.config import ClientProfile, Config
+from fedcollm.config import Config, client_profile
 
 ON_TIME, WAITED, PARTIAL, DROPPED = "on time", "late, waited for", "partial", "dropped"
 
@@ -32,11 +32,6 @@ class Budget:
         """The steps of the whole budget: E passes over D_k, capped by max_steps."""
         steps = self.local_epochs * math.ceil(num_examples / self.batch_size)
         return min(steps, self.max_steps) if self.max_steps else steps
-
-
-def client_profile(config: Config, partition: int | None) -> ClientProfile | None:
-    """The `[[client.profiles]]` entry holding client `partition` (None: none holds it)."""
-    return next((p for p in config.client.profiles if partition in p.clients), None)
 
 
 def client_budget(config: Config, partition: int | None) -> Budget:

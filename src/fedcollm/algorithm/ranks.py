@@ -25,8 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedcollm.algorithm.compute import client_profile
-from fedcollm.config import Config
+from fedcollm.config import Config, client_profile
 from fedcollm.models import Adapter
 
 HOLDERS = "rank_slices_held"  # the per-slice count's key in a secure upload

@@ -21,7 +21,8 @@ from dataclasses import replace
 
 from fedcollm import seeds
 from fedcollm.algorithm.client import Client
-from fedcollm.algorithm.groups import GroupedServer, server_for, slm_groups
+from fedcollm.algorithm.grouped_server import GroupedServer, server_for
+from fedcollm.algorithm.groups import slm_groups
 from fedcollm.algorithm.server import CoTuningServer, ServerRound
 from fedcollm.config import Config
 from fedcollm.data import encode_examples, training_split

@@ -39,6 +39,7 @@ from fedcollm.evaluation import Scores, score
 from fedcollm.evaluation.generation import example_losses
 from fedcollm.models import (
     Adapter,
+    adapter_numel,
     build_llm,
     build_slm,
     get_adapter,
@@ -216,6 +217,10 @@ class CoTuningServer:
     def slm_params(self) -> int:
         """The SLM's base parameters (LoRA's excluded)."""
         return sum(p.numel() for name, p in self.slm.named_parameters() if "lora_" not in name)
+
+    def sizes(self, slm_adapter: Adapter) -> dict[str, int]:
+        """theta's parameters and the SLM's, for the metrics row (communication's share)."""
+        return {"adapter_params": adapter_numel(slm_adapter), "slm_params": self.slm_params()}
 
     def co_tune(
         self,

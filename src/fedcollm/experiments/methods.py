@@ -29,25 +29,27 @@ Each (task, method, seed) leaves `runs/<task>/<method>/seed<seed>/result.json`, 
 scored model's per-question predictions beside its scores, and the final PEFT adapters it
 trained under `adapters/` (federated: the global SLM's and the LLM's; standalone: each
 client's; centralized: the LLM's); a re-run on the same directory skips what is there.
+With clients of several SLMs, each method scores each group's SLMs and the report compares
+the methods within each group (`grouped.py`).
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedcollm import seeds
 from fedcollm.algorithm.compute import Budget, client_budget, simulated_schedule
 from fedcollm.algorithm.distillation import distillation_steps
+from fedcollm.algorithm.groups import role, slm_groups
 from fedcollm.algorithm.training import fine_tune
-from fedcollm.config import Config, ConfigError, differences
-from fedcollm.data import encode_examples, evaluation_questions, get_task, training_split
+from fedcollm.config import Config
+from fedcollm.data import encode_examples, evaluation_questions, training_split
 from fedcollm.evaluation import Scores, score
+from fedcollm.experiments.grouped import grouped_result
 from fedcollm.models import build_llm, build_slm, get_adapter, save_adapter, set_adapter
 from fedcollm.registry import METHODS, METRICS
 from fedcollm.tracking.metrics import worth_reporting
@@ -146,38 +148,47 @@ def zero_shot(config: Config, _out: Path) -> dict[str, Any]:
     llm, tokenizer = build_llm(config)
     llm_score = _score(llm, tokenizer, config, "LLM")
     del llm
-    slm, tokenizer = build_slm(config)
-    slm_score = _score(slm, tokenizer, config, "SLM")
-    return _result(llm_score, slm_score, [slm_score])
+    parts, groups = {}, slm_groups(config)
+    for group in groups:  # each SLM once (one group: the [slm] table's)
+        slm, tokenizer = build_slm(replace(config, slm=group.slm))
+        label = "SLM" if len(groups) == 1 else f"SLM {group.name}"
+        slm_score = _score(slm, tokenizer, config, label)
+        parts[group.name] = slm_score, [slm_score]
+    return grouped_result(_result, llm_score, parts)
 
 
 def standalone(config: Config, out: Path) -> dict[str, Any]:
     """Each client tunes alone on its D_k with the federated run's local budget (its own
-    profile's, and the steps the round's deadline leaves it); each client's final adapter is
-    kept (`adapters/client<k>`, PEFT format)."""
-    slm, tokenizer = build_slm(config)
-    initial = get_adapter(slm)
+    profile's, and the steps the round's deadline leaves it), on its own SLM; each client's
+    final adapter is kept (`adapters/client<k>`, PEFT format)."""
     questions, split = training_split(config)
-    scores = []
-    for k, indices in enumerate(split.clients):
-        set_adapter(slm, initial)
-        budget = client_budget(config, k)
-        per_round = simulated_schedule(config, budget, len(indices)).steps
-        if per_round:  # a client the deadline always drops learns nothing
-            _sft(
-                slm,
-                tokenizer,
-                encode_examples(questions, indices, tokenizer, config),
-                config,
-                lr=config.client.lr,
-                max_steps=config.rounds * per_round,
-                seed=seeds.standalone_client(config.seed, k),
-                label=f"client {k}",
-                budget=budget,
-            )
-        save_adapter(slm, out / "adapters" / f"client{k}")
-        scores.append(_score(slm, tokenizer, config, f"client {k}"))
-    return _result(None, None, scores)
+    parts = {}
+    for group in slm_groups(config):
+        group_config = replace(config, slm=group.slm)
+        slm, tokenizer = build_slm(group_config)
+        initial = get_adapter(slm)
+        scores = []
+        for k in group.clients:
+            indices = split.clients[k]
+            set_adapter(slm, initial)
+            budget = client_budget(config, k)
+            per_round = simulated_schedule(config, budget, len(indices)).steps
+            if per_round:  # a client the deadline always drops learns nothing
+                _sft(
+                    slm,
+                    tokenizer,
+                    encode_examples(questions, indices, tokenizer, group_config),
+                    config,
+                    lr=config.client.lr,
+                    max_steps=config.rounds * per_round,
+                    seed=seeds.standalone_client(config.seed, k),
+                    label=f"client {k}",
+                    budget=budget,
+                )
+            save_adapter(slm, out / "adapters" / f"client{k}")
+            scores.append(_score(slm, tokenizer, group_config, f"client {k}"))
+        parts[group.name] = None, scores
+    return grouped_result(_result, None, parts)
 
 
 def centralized(config: Config, out: Path) -> dict[str, Any]:
@@ -221,23 +232,38 @@ def federated(config: Config, out: Path) -> dict[str, Any]:
     trained_llm = config.distill.enabled
     answered = read_predictions(out, last["round"])
     clients = answered.get("clients", {})
-    return {
+    groups = slm_groups(config)
+
+    def scores(slm: str, members) -> dict[str, Any]:
+        """A global SLM's scores (`slm`: its role in the rows) and its clients' own."""
+        own = [c for c in last["clients"] if c["partition"] in members]
+        return {
+            "slm_global": _row_score(last, slm),
+            "slm_clients": [
+                {
+                    **{k[4:]: v for k, v in c.items() if k.startswith("own_")},
+                    "n": last["eval_questions"],
+                }
+                for c in own
+            ],
+            "predictions": {
+                "slm_global": answered.get(slm),
+                "slm_clients": [clients.get(str(c["partition"])) for c in own],
+            },
+        }
+
+    result = {
         "llm": _row_score(last, "llm") if trained_llm else None,
-        "slm_global": _row_score(last, "slm"),
-        "slm_clients": [
-            {
-                **{k[4:]: v for k, v in c.items() if k.startswith("own_")},
-                "n": last["eval_questions"],
-            }
-            for c in last["clients"]
-        ],
-        "predictions": {
-            "llm": answered.get("llm") if trained_llm else None,
-            "slm_global": answered.get("slm"),
-            "slm_clients": [clients.get(str(c["partition"])) for c in last["clients"]],
-        },
+        "predictions": {"llm": answered.get("llm") if trained_llm else None},
         "history": rows,
     }
+    if len(groups) == 1:
+        one = scores("slm", range(config.num_clients))
+        result["predictions"].update(one.pop("predictions"))
+        return {**result, **one}
+    result.update(slm_global=None, slm_clients=None)
+    result["groups"] = {g.name: scores(role(g.name), g.clients) for g in groups}
+    return result
 
 
 def _row_score(row: dict[str, Any], role: str) -> dict[str, float]:
@@ -249,114 +275,6 @@ def _row_score(row: dict[str, Any], role: str) -> dict[str, float]:
         if key.startswith(f"{role}_") and metric in names:
             scores[key.removeprefix(f"{role}_")] = value
     return {**scores, "n": row["eval_questions"]}
-
-
-def method_config(config: Config, task: str, method: str, seed: int) -> Config:
-    run = copy.deepcopy(config)
-    run.task, run.seed = task, seed
-    run.eval.clients = True
-    METHODS[method].configure(run)
-    return run
-
-
-def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
-    """Where one run lives; a task file's runs under the task's name."""
-    return out / "runs" / get_task(task).name / method / f"seed{seed}"
-
-
-# Config keys that change how a run is carried out or recorded, not what it computes.
-UNSCORED_KEYS = {
-    "federation.round_timeout",
-    "federation.client_cpus",
-    "federation.client_gpus",
-    "eval.every",
-    "tracking",
-}
-
-
-def check_kept(done: Path, run: Config) -> None:
-    """A result kept from an earlier invocation must be of this run's config: a re-run with
-    other settings never mixes old results with new ones."""
-    kept = read_result(done)
-    if "config" not in kept:
-        raise ConfigError(f"{done} is damaged; delete it to run that method again")
-    changed = [k for k in differences(kept["config"], run) if k not in UNSCORED_KEYS]
-    if changed:
-        raise ConfigError(
-            f"{done.parent} was run with another config ({', '.join(changed)} differ); choose "
-            f"another --out, or delete {done.parent} to run it with this one"
-        )
-
-
-def run_experiment(
-    config: Config, methods: list[str], seeds: list[int], tasks: list[str], out: Path
-) -> list[dict[str, Any]]:
-    """Run what is missing under `out`, then return every result there. Every result kept
-    there is checked against this config before anything runs."""
-    plan = [(t, s, m) for t in tasks for s in seeds for m in methods]
-    for task, seed, method in plan:
-        done = run_dir(out, task, method, seed) / "result.json"
-        if done.is_file():
-            check_kept(done, method_config(config, task, method, seed))
-    for number, (task, seed, method) in enumerate(plan, start=1):
-        directory = run_dir(out, task, method, seed)
-        done = directory / "result.json"
-        label = f"[{number}/{len(plan)}] {get_task(task).name} {method} seed {seed}"
-        if done.is_file():
-            print(f"{label}: done before, kept", flush=True)
-            continue
-        print(f"{label}: running", flush=True)
-        directory.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        run = method_config(config, task, method, seed)
-        result = METHODS[method].run(run, directory)
-        result.update(
-            task=get_task(task).name,
-            metrics=list(get_task(task).metric_names[:2]),
-            method=method,
-            seed=seed,
-            seconds=time.perf_counter() - start,
-            config=run.to_dict(),
-        )
-        partial = done.with_suffix(".partial")
-        partial.write_text(json.dumps(result, indent=1))
-        partial.rename(done)  # a result is there whole or not at all
-        print(f"{label}: finished in {result['seconds']:.0f} s", flush=True)
-    return load_results(out)
-
-
-RESULT_KEYS = ("task", "method", "seed")
-
-
-def read_result(path: Path) -> dict[str, Any]:
-    """One run's result.json, whole (task, method and seed at least), else ConfigError."""
-    try:
-        result = json.loads(path.read_text())
-        if isinstance(result, dict) and all(k in result for k in RESULT_KEYS):
-            return result
-    except (OSError, ValueError):
-        pass
-    raise ConfigError(f"{path} is damaged; delete it to run that method again")
-
-
-def load_results(out: Path, missing: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every whole result under `out`. A damaged result.json is an error naming it, or,
-    with `missing` given, is left out and said there, with every run not finished yet."""
-    results = []
-    for run in sorted(p for p in (out / "runs").glob("*/*/*") if p.is_dir()):
-        path = run / "result.json"
-        label = " ".join(run.parts[-3:])
-        if not path.is_file():
-            if missing is not None:
-                missing.append(f"{label}: not finished (no result.json yet)")
-            continue
-        try:
-            results.append(read_result(path))
-        except ConfigError:
-            if missing is None:
-                raise
-            missing.append(f"{label}: {path} is damaged; delete it and run the experiment again")
-    return results
 
 
 def _without_distillation(config: Config) -> None:

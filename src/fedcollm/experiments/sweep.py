@@ -18,7 +18,7 @@ from typing import Any
 from fedcollm.config import ConfigError
 from fedcollm.evaluation.metrics import shown
 from fedcollm.experiments.claims import significance_section
-from fedcollm.experiments.methods import load_results
+from fedcollm.experiments.runs import load_results
 from fedcollm.experiments.significance import seed_score
 from fedcollm.experiments.tables import mean_ci, table1_rows, write_experiment_report
 from fedcollm.tracking.metrics import row_metrics

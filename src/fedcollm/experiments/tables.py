@@ -16,7 +16,7 @@ from typing import Any
 from fedcollm.config import ConfigError
 from fedcollm.evaluation.metrics import is_share, shown
 from fedcollm.experiments.claims import significance_section
-from fedcollm.experiments.methods import load_results
+from fedcollm.experiments.runs import load_results
 from fedcollm.experiments.significance import RESAMPLES, seed_score
 from fedcollm.registry import METHODS
 from fedcollm.tracking.metrics import human_bytes, row_metrics

@@ -20,7 +20,7 @@ from fedcollm.data import Question, get_task
 from fedcollm.data.split import questions_digest
 from fedcollm.federation.screening import UpdateRejected
 from fedcollm.federation.wire import WireError
-from fedcollm.models import Adapter, adapter_digest, adapter_numel
+from fedcollm.models import Adapter, adapter_digest
 from fedcollm.tracking.checkpoint import save_checkpoint
 from fedcollm.tracking.metrics import (
     MetricsLog,
@@ -200,8 +200,7 @@ class RoundBookkeeping:
         # Wall clock of this process at the row: consecutive rows give the whole time between
         # rounds, Flower's own work and the previous checkpoint included.
         seconds["since_start"] = time.perf_counter() - self.created
-        row["adapter_params"] = adapter_numel(slm_adapter)
-        row["slm_params"] = self.server.slm_params()
+        row.update(self.server.sizes(slm_adapter))
         return row, predictions
 
     def record(self, server_round: int, row: dict[str, Any], predictions: dict) -> None:

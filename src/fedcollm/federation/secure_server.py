@@ -24,7 +24,8 @@ from flwr.serverapp import Grid
 
 from fedcollm.algorithm.aggregation import aggregation_rule
 from fedcollm.algorithm.compute import planned_steps
-from fedcollm.algorithm.groups import GroupedServer, group_means, join, part, upload_layout
+from fedcollm.algorithm.grouped_server import GroupedServer
+from fedcollm.algorithm.groups import group_means, join, part, upload_layout
 from fedcollm.algorithm.ranks import HOLDERS, heterogeneous, per_slice_mean
 from fedcollm.config import Config
 from fedcollm.data import DataSplit

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.compute import ON_TIME
-from fedcollm.algorithm.groups import GroupedServer, server_for
+from fedcollm.algorithm.grouped_server import GroupedServer, server_for
 from fedcollm.algorithm.ranks import client_rank
 from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config

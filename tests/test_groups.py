@@ -21,7 +21,7 @@ from fedcollm.algorithm.groups import (
     part,
     slm_groups,
 )
-from fedcollm.algorithm.round import reference_rounds, sampled_partitions
+from fedcollm.algorithm.round import reference_rounds
 from fedcollm.config import Config, ConfigError, DistillConfig, LoraConfig, OptimConfig, load_config
 from fedcollm.experiments.grouped import _group_row
 from fedcollm.experiments.runs import run_experiment
@@ -107,21 +107,23 @@ def test_the_llm_learns_from_a_group_that_differs():
     assert any(not torch.equal(get_adapter(one)[k], v) for k, v in get_adapter(two).items())
 
 
+# configs/hetero_models.toml on tiny models: the SmolLM2 group a tiny SLM with another
+# tokenizer, as cheap a budget as runs.
+TINY_SETS = {
+    "llm.name": '"tiny"',
+    "slm.name": '"tiny"',
+    "client.profiles": '[{name="SmolLM2", clients=[2, 3], slm={tiny={tokenizer="pieces"}}}]',
+    "rounds": "2",
+    "client.max_steps": "2",
+    "distill.kd_steps": "2",
+    "eval.limit": "6",
+    "eval.every": "1",
+    "federation.client_cpus": "1",
+}
+
+
 def _tiny_hetero_models(**sets: str) -> Config:
-    """configs/hetero_models.toml on tiny models: the SmolLM2 group a tiny SLM with another
-    tokenizer, as cheap a budget as runs."""
-    overrides = {
-        "llm.name": '"tiny"',
-        "slm.name": '"tiny"',
-        "client.profiles": '[{name="SmolLM2", clients=[2, 3], slm={tiny={tokenizer="pieces"}}}]',
-        "rounds": "2",
-        "client.max_steps": "2",
-        "distill.kd_steps": "2",
-        "eval.limit": "6",
-        "eval.every": "1",
-        "federation.client_cpus": "1",
-        **sets,
-    }
+    overrides = {**TINY_SETS, **sets}
     return load_config(CONFIGS / "hetero_models.toml", [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -196,54 +198,24 @@ def test_an_unknown_slm_of_a_profile_is_refused_by_name():
         check_run(config)
 
 
-@pytest.mark.parametrize("command", ["audit"])
-def test_commands_of_one_slm_refuse_a_grouped_config_in_one_line(capsys, tmp_path, command):
-    config = str(CONFIGS / "hetero_models.toml")
-    code = cli.main([command, config, "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    assert f"{command}: not yet for clients of several SLMs" in err[0]
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_under_secagg_each_group_gets_its_own_clients_weighted_mean(tmp_path, distilled_aggregates):
-    # One SecAgg+ over every group's block: the unmasked vector, divided block by block by
-    # the group's masked share of the weight, is each group's plain weighted mean. Sizes
-    # differ (Dirichlet), so the weights matter; client 3 also holds a lower rank.
-    profiles = '[{clients=[2, 3], slm={tiny={tokenizer="pieces"}}}, {clients=[1], lora_r=4}]'
-    plain = {
-        "rounds": "1",
-        "client.aggregation": '"num_examples"',
-        "data.partition": '"dirichlet"',
-        "client.profiles": profiles,
-    }
-    secure = {"federation.secure_aggregation": "true", "federation.min_clients": "2"}
-    simulate(_tiny_hetero_models(**plain, **secure), tmp_path / "secure")
-    (secure_aggregate,) = distilled_aggregates  # before the reference adds its own
-    (reference,) = reference_rounds(_tiny_hetero_models(**plain))
-    assert secure_aggregate.keys() == reference.aggregate.keys()
-    errors = [(reference.aggregate[k] - v).abs().max().item() for k, v in secure_aggregate.items()]
-    # SecAgg+ quantises to steps of 2 / 2**22 over [-1, 1]: four uploads' steps, divided by
-    # a group's weight share (a quarter at least here) and by a slice's holders' share.
-    assert 0 < max(errors) <= 4 * 2 / 2**22 * 4 * 4
-    # A group of one would hand its client's update over as the group's mean.
-    alone = '[{clients=[3], slm={tiny={tokenizer="pieces"}}}]'
-    with pytest.raises(ConfigError, match="is held by client 3 alone"):
-        _tiny_hetero_models(**secure, **{"client.profiles": alone})
-
-
-def test_a_group_none_of_whose_clients_was_sampled_keeps_its_theta():
-    config = _tiny_hetero_models(rounds="1", **{"federation.clients_per_round": "1"})
-    server = GroupedServer.from_config(config)
-    before = server.slm_adapter
-    (result,) = reference_rounds(config, server)
-    (sampled,) = sampled_partitions(config, 1)
-    for group in slm_groups(config):
-        kept = adapter_digest(part(result.aggregate, group.name)) == adapter_digest(
-            part(before, group.name)
-        )
-        assert kept == (sampled not in group.clients), group.name
+def test_an_audit_of_a_grouped_run_measures_client_0s_own_slm(tmp_path, capsys):
+    # Client 0 holds the pieces-tokenizer SLM: its canaries are encoded, trained and ranked
+    # by that SLM, its upload and its group's theta.
+    profiles = '[{clients=[0, 1], slm={tiny={tokenizer="pieces"}}}]'
+    sets = {"client.profiles": profiles, "rounds": "1", "client.max_steps": "0"}
+    sets.update({"client.lr": "1e-2", "eval.limit": "8"})
+    config = _tiny_hetero_models(**sets)
+    assert member_config(config, 0).slm.tiny.tokenizer == "pieces"
+    out = tmp_path / "audit"
+    args = ["audit", str(CONFIGS / "hetero_models.toml"), "--out", str(out)]
+    args += ["--candidates", "50", "--repeats", "20"]
+    overrides = {**TINY_SETS, **sets}
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    assert cli.main(args) == 0, capsys.readouterr().err[-2000:]
+    artefacts = json.loads((out / "audit.json").read_text())["artefacts"]
+    assert list(artefacts) == ["base SLM", "client 0's upload", "global theta", "LLM with omega"]
+    assert artefacts["client 0's upload"]["exposure"] > artefacts["base SLM"]["exposure"] + 1
 
 
 def test_an_experiment_compares_the_methods_within_each_group(tmp_path):

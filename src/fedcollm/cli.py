@@ -89,15 +89,6 @@ def _prepare_models(config) -> None:
             model_path(spec.name)
 
 
-def _one_slm(config: Config, command: str) -> None:
-    """`audit` attacks one SLM's uploads: refuse clients of several."""
-    if any(profile.slm for profile in config.client.profiles):
-        raise ConfigError(
-            f"{command}: not yet for clients of several SLMs (client.profiles' slm); audit "
-            "each group alone (configs/hetero_models.toml shows how)"
-        )
-
-
 def cmd_experiment(args: argparse.Namespace) -> int:
     from fedcollm.registry import METHODS
 
@@ -183,7 +174,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_audits(args)
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
-    _one_slm(config, "audit")
     from fedcollm.experiments.audit import (
         NAMES,
         SECRETS,

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fedcollm.algorithm.client import Client
+from fedcollm.algorithm.grouped_server import GroupedServer, server_for
 from fedcollm.algorithm.privacy import update_norm
 from fedcollm.algorithm.round import in_process_clients, reference_rounds
-from fedcollm.algorithm.server import CoTuningServer
 from fedcollm.config import Config
 from fedcollm.data import (
     Question,
@@ -123,13 +123,16 @@ def held_out(
 def run_audit(
     config: Config, settings: AuditSettings, progress: Callable[[str], None] = print
 ) -> dict:
-    """Train with canaries in client 0's data, then measure every artefact."""
+    """Train with canaries in client 0's data, then measure every artefact. With clients of
+    several SLMs, the artefacts are those of client 0's SLM (its group's theta)."""
     rng = random.Random(SEED)
     canaries = make_canaries(settings.canaries, rng)
-    server = CoTuningServer.from_config(config, progress=progress)
+    server = server_for(config, progress=progress)
     clients = in_process_clients(config)
     target = RecordingClient(**{k: getattr(clients[0], k) for k in Client.__dataclass_fields__})
-    inserted = encode_examples(canaries, range(len(canaries)), server.tokenizer, config)
+    # Client 0's SLM on the server: the server's own, or its group's.
+    own = server.servers[server.group_of(0)] if isinstance(server, GroupedServer) else server
+    inserted = encode_examples(canaries, range(len(canaries)), own.tokenizer, target.config)
     target.client_data = target.client_data + inserted * settings.repeats
     clients[0] = target
     questions, split = training_split(config)
@@ -161,18 +164,18 @@ def run_audit(
 
     # The untrained SLM is the control: it never saw a canary, so it ranks them at about
     # chance. (The untrained LLM would be another such control, at four times the cost.)
-    artefacts = {"base SLM": measure("the SLM before training", server.slm, server.tokenizer)}
+    artefacts = {"base SLM": measure("the SLM before training", own.slm, own.tokenizer)}
     theta = server.slm_adapter
     for server_round, result in enumerate(reference_rounds(config, server, clients), 1):
         theta = result.slm_adapter
         losses = " ".join(f"{k} {v:.3f}" for k, v in result.losses.items())
         progress(f"audit: round {server_round}/{config.rounds} trained; distillation {losses}")
     if target.upload is not None:  # None when sampling never chose client 0
-        set_adapter(server.slm, target.upload)
-        artefacts["client 0's upload"] = measure("client 0's upload", server.slm, server.tokenizer)
-    set_adapter(server.slm, theta)
-    artefacts["global theta"] = measure("the global theta", server.slm, server.tokenizer)
-    artefacts["LLM with omega"] = measure("the LLM with omega", server.llm, server.llm_tokenizer)
+        set_adapter(own.slm, target.upload)
+        artefacts["client 0's upload"] = measure("client 0's upload", own.slm, own.tokenizer)
+    set_adapter(own.slm, server.broadcast_to(0, theta))
+    artefacts["global theta"] = measure("the global theta", own.slm, own.tokenizer)
+    artefacts["LLM with omega"] = measure("the LLM with omega", server.llm, own.llm_tokenizer)
     privacy = server.privacy.spent() if config.privacy.enabled else {}
     return {
         "settings": vars(settings),

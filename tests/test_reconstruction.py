@@ -11,8 +11,11 @@ from fedcollm.algorithm.training import answer_loss, fine_tune
 from fedcollm.config import LoraConfig, ModelConfig, OptimConfig, TinyModel
 from fedcollm.data import collate, encode_pair
 from fedcollm.experiments.reconstruction import (
+    adam_observations,
+    first_layer_inputs,
     gradient_estimate,
     precision_recall,
+    pursue_tokens,
     recover_tokens,
 )
 from fedcollm.models import add_lora, byte_tokenizer, get_adapter, tiny_llama
@@ -22,13 +25,14 @@ BATCH = [("Question: the cat sat?\nAnswer:", " yes")]  # 19 distinct byte tokens
 LR = 3e-4
 
 
-def _client(rank: int, hidden: int = 128):
-    """A tiny client SLM as in round 2 or later (B != 0, else A's gradient is zero), without
-    dropout, and its planted batch."""
+def _client(rank: int, hidden: int = 128, first_round: bool = False):
+    """A tiny client SLM as in round 2 or later (B != 0; in round 1 B = 0 and A's gradient
+    is zero), without dropout, and its planted batch."""
     spec = ModelConfig(tiny=TinyModel(hidden, 2, 4, 2 * hidden))
     lora = LoraConfig(r=rank, alpha=2 * rank, dropout=0.0)
     model = add_lora(tiny_llama(spec, len(TOKENIZER), 0), lora)
-    nudge_lora_b(model, scale=0.05, seed=3)
+    if not first_round:
+        nudge_lora_b(model, scale=0.05, seed=3)
     examples = [encode_pair(TOKENIZER, context, answer, 128) for context, answer in BATCH]
     return model, examples
 
@@ -85,3 +89,29 @@ def test_adamws_first_step_shows_every_gradient_sign_but_not_the_span():
         key = name.replace(".default", "")
         assert torch.equal(torch.sign(estimate[key]).float(), torch.sign(grad)), key
     assert recover_tokens(model, estimate) == set()
+
+
+def _one_adamw_step(rank: int, first_round: bool = False):
+    model, examples = _client(rank=rank, first_round=first_round)
+    theta = get_adapter(model)
+    pad = TOKENIZER.pad_token_id
+    fine_tune(model, examples, epochs=1, max_steps=1, batch_size=1, lr=LR, optim=OptimConfig(),
+              pad_id=pad, seed=0)  # fmt: skip
+    return model, examples, get_adapter(model), theta
+
+
+def test_the_entries_adamw_keeps_give_the_batch_away_whatever_the_rank():
+    # The server knows theta, lr and wd; the entries whose size survived fp32 (about 70%
+    # here) are enough. Each row of A's gradient is a combination of the batch's 19 inputs
+    # out of 259: a sparse combination, which a greedy pursuit over the vocabulary finds
+    # from one row as well as from many, so the rank does not protect (the span test's 3r
+    # limit is not the attack's). Told how many distinct tokens there are, it names 18 of
+    # the 19 at rank 8 and at rank 2. In round 1 (B = 0) A does not move: nothing to read.
+    for rank, first_round, floor, ceiling in ((8, False, 0.8, 1.0), (2, False, 0.8, 1.0),
+                                              (8, True, 0.0, 0.3)):  # fmt: skip
+        model, examples, upload, theta = _one_adamw_step(rank, first_round)
+        true = _true_tokens(examples)
+        rows, observed = adam_observations(upload, theta, LR, OptimConfig())
+        chosen = pursue_tokens(first_layer_inputs(model), rows, observed, len(true))
+        precision, _ = precision_recall(set(chosen), true)
+        assert floor <= precision <= ceiling, (rank, first_round, precision)

@@ -20,8 +20,10 @@ batch. What changes with LoRA and with fedcollm's clients:
   (|g| = eps u / (1 - u)); `gradient_estimate` inverts it. After several AdamW steps no such
   inversion exists and the update (DAGER's FedAvg mode) is the attacker's best proxy.
 
-`recover_tokens` runs the span test on a client's upload; `token_scores` gives every token's
-distance from the span, for precision and recall against the batch's true tokens.
+`recover_tokens` runs the span test on a gradient or an estimate of one; `token_scores` gives
+every token's distance from the span. `pursue_tokens` needs only some entries of the rows:
+those AdamW's inversion recovers well (`adam_observations`), so it reads a one-step AdamW
+upload where the span test cannot.
 """
 
 from __future__ import annotations
@@ -97,6 +99,48 @@ def recover_tokens(model, estimate: Adapter, threshold: float = 1e-3) -> set[int
     a gradient itself)."""
     scores = token_scores(first_layer_inputs(model), input_span(estimate))
     return set(torch.nonzero(scores < threshold).flatten().tolist())
+
+
+def adam_observations(
+    upload: Adapter, theta: Adapter, lr: float, optim: OptimConfig, reliable: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the first layer's q/k/v A gradient that one AdamW step's upload shows,
+    (3r, d), and where they are trustworthy: the entries whose |u| = |g| / (|g| + eps) is
+    below 1 - `reliable`, so that fp32 kept their size (larger entries keep only a sign)."""
+    rows, masks = [], []
+    for key, value in upload.items():
+        if not (
+            ".layers.0." in key and "lora_A" in key and any(p in key for p in EMBEDDING_INPUTS)
+        ):
+            continue
+        delta = value.double() - theta[key].double()
+        u = -(delta + lr * optim.weight_decay * theta[key].double()) / lr
+        rows.append(gradient_estimate({key: value}, {key: theta[key]}, lr, optim, 1)[key])
+        masks.append((1 - u.abs()) > reliable)
+    return torch.cat(rows), torch.cat(masks)
+
+
+def pursue_tokens(
+    inputs: torch.Tensor, rows: torch.Tensor, observed: torch.Tensor, count: int
+) -> list[int]:
+    """`count` tokens, greedily (orthogonal matching pursuit over the vocabulary): each time
+    the token whose input best explains what is left of the rows on their observed entries,
+    then every row refitted on the tokens chosen. Where the span test needs every entry, this
+    needs only some: AdamW's inversion gives them."""
+    x, mask = inputs.double(), observed.double()
+    target = rows.double() * mask
+    residual, chosen = target.clone(), []
+    norms = (mask @ (x**2).T).clamp_min(1e-30)  # (rows, V): each input's norm on each mask
+    for _ in range(count):
+        gain = ((residual @ x.T) ** 2 / norms).sum(0)
+        gain[chosen] = -1
+        chosen.append(int(gain.argmax()))
+        basis = x[chosen]
+        for j in range(len(rows)):
+            seen = mask[j].bool()
+            fit = torch.linalg.lstsq(basis[:, seen].T, target[j, seen].unsqueeze(1)).solution
+            residual[j, seen] = target[j, seen] - (basis[:, seen].T @ fit).squeeze(1)
+    return chosen
 
 
 def precision_recall(recovered: set[int], true: set[int]) -> tuple[float, float]:

@@ -28,8 +28,6 @@ upload where the span test cannot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 from fedcollm.config import OptimConfig
@@ -69,17 +67,21 @@ def first_layer_inputs(model) -> torch.Tensor:
         return norm(embeddings.unsqueeze(0)).squeeze(0).float()
 
 
-def _first_layer_a(estimate: Adapter) -> Iterable[torch.Tensor]:
-    for key, value in estimate.items():
-        if ".layers.0." in key and "lora_A" in key and any(p in key for p in EMBEDDING_INPUTS):
-            yield value
+def _first_layer_a(key: str) -> bool:
+    """Whether an adapter key is the first layer's A of a projection of the embeddings."""
+    return ".layers.0." in key and "lora_A" in key and any(p in key for p in EMBEDDING_INPUTS)
+
+
+def first_layer_rows(estimate: Adapter) -> torch.Tensor:
+    """(3r, d): the first layer's q/k/v A rows of an adapter-shaped estimate, stacked."""
+    return torch.cat([v for k, v in estimate.items() if _first_layer_a(k)])
 
 
 def input_span(estimate: Adapter, tolerance: float = 1e-6) -> torch.Tensor:
     """(k, d): an orthonormal basis of the directions the first layer's A updates show: the
     row space of the stacked q/k/v A estimates, singular values above `tolerance` times the
     largest."""
-    rows = torch.cat(list(_first_layer_a(estimate)), dim=0).double()
+    rows = first_layer_rows(estimate).double()
     _, singular, vh = torch.linalg.svd(rows, full_matrices=False)
     if not len(singular) or singular[0] == 0:
         return vh[:0].float()
@@ -135,11 +137,11 @@ def pursue_tokens(
         gain = ((residual @ x.T) ** 2 / norms).sum(0)
         gain[chosen] = -1
         chosen.append(int(gain.argmax()))
-        basis = x[chosen]
-        for j in range(len(rows)):
-            seen = mask[j].bool()
-            fit = torch.linalg.lstsq(basis[:, seen].T, target[j, seen].unsqueeze(1)).solution
-            residual[j, seen] = target[j, seen] - (basis[:, seen].T @ fit).squeeze(1)
+        # Every row refitted at once: zeroing a row's unobserved entries in its target and
+        # in the chosen inputs gives its least squares on the observed ones.
+        design = mask[:, :, None] * x[chosen].T[None]  # (rows, d, chosen)
+        fit = torch.linalg.lstsq(design, target.unsqueeze(-1)).solution
+        residual = target - (design @ fit).squeeze(-1)
     return chosen
 
 

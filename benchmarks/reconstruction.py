@@ -1,0 +1,100 @@
+"""How much of a client's batch the server reads from one upload, on a registry SLM (issue 29).
+
+A client holding `--model` (default SmolLM2-135M) with LoRA of rank r on q, k, v and o, as
+in round 2 or later (B drawn with the standard deviation a trained B has: 2.6e-3, the demo
+SLM's after two rounds; in round 1 B = 0 and A's update is zero), takes one AdamW step on
+its first `batch` training rows of ARC-Easy, as fedcollm's clients do. The server inverts
+the step on the entries fp32 kept (`adam_observations`) and pursues as many tokens as the
+batch has distinct ones (an oracle count; `pursue_tokens`). Reported per (rank, batch): the
+batch's distinct tokens, the share of observed entries, the token-set precision (= recall,
+with the oracle count) and the attack's seconds. Also the same pursuit on the exact gradient
+(what an SGD client's upload would give), for reference.
+
+    .venv/bin/python benchmarks/reconstruction.py --data-dir ../shared/data --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from common import machine
+
+from fedcollm.algorithm.training import answer_loss, fine_tune
+from fedcollm.config import load_config
+from fedcollm.data import collate, encode_examples, load_questions
+from fedcollm.experiments.reconstruction import (
+    adam_observations,
+    first_layer_inputs,
+    first_layer_rows,
+    precision_recall,
+    pursue_tokens,
+)
+from fedcollm.models import build_slm, get_adapter
+
+TRAINED_B_STD = 2.6e-3
+
+
+def one_case(args, rank: int, batch: int) -> dict:
+    sets = [f'slm.name="{args.model}"', f"lora.r={rank}", f"lora.alpha={2 * rank}"]
+    config = load_config(args.config, overrides=[*sets, "lora.dropout=0.0"])
+    slm, tokenizer = build_slm(config)
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for name, p in slm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * TRAINED_B_STD)
+    questions = load_questions("arc_easy", "train", args.data_dir)[:batch]
+    examples = encode_examples(questions, range(batch), tokenizer, config)
+    true = {t for e in examples for t in e.input_ids}
+    theta = get_adapter(slm)
+    answer_loss(slm, collate(examples, tokenizer.pad_token_id)).backward()
+    exact = {n: p.grad.clone() for n, p in slm.named_parameters() if p.requires_grad}
+    slm.zero_grad(set_to_none=True)
+    lr = config.client.lr
+    fine_tune(slm, examples, epochs=1, max_steps=1, batch_size=batch, lr=lr, optim=config.optim,
+              pad_id=tokenizer.pad_token_id, seed=0)  # fmt: skip
+    inputs = first_layer_inputs(slm)
+    start = time.perf_counter()
+    rows, observed = adam_observations(get_adapter(slm), theta, lr, config.optim)
+    chosen = pursue_tokens(inputs, rows, observed, len(true))
+    seconds = time.perf_counter() - start
+    exact_rows = first_layer_rows(exact)
+    everything = torch.ones_like(exact_rows, dtype=torch.bool)
+    exact_chosen = pursue_tokens(inputs, exact_rows, everything, len(true))
+    return {
+        "rank": rank,
+        "batch": batch,
+        "distinct_tokens": len(true),
+        "observed_share": observed.float().mean().item(),
+        "precision_adamw_upload": precision_recall(set(chosen), true)[0],
+        "precision_exact_gradient": precision_recall(set(exact_chosen), true)[0],
+        "attack_seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--config", default="configs/tiny.toml")
+    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--ranks", default="8,32")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    cases = []
+    for rank in map(int, args.ranks.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            cases.append(one_case(args, rank, batch))
+            print(json.dumps(cases[-1]), flush=True)
+    figures = {"machine": machine(), "model": args.model, "cases": cases}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

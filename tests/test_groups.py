@@ -13,6 +13,7 @@ import torch
 from tinymodels import PAD, examples, nudge_lora_b, tiny_lora_model
 
 from fedcollm import cli
+from fedcollm.algorithm.client import ClientUpdate
 from fedcollm.algorithm.distillation import MutualDistillation, distil_groups
 from fedcollm.algorithm.grouped_server import GroupedServer
 from fedcollm.algorithm.groups import (
@@ -253,3 +254,21 @@ def test_a_groups_view_of_a_metrics_row_is_a_one_slm_row():
         "round": 1, "llm_acc": 0.5, "slm_acc": 0.25, "distill_slm_kd": 1.0,
         "distill_llm_kd": 2.0, "adapter_params": 10,
     }  # fmt: skip
+
+
+def test_each_groups_dp_noise_is_its_own_draw():
+    # Seeded noise (tests only) keyed per group: two groups of one shape must not share it.
+    sets = {"privacy.clip_norm": "1.0", "privacy.noise_multiplier": "1.0"}
+    sets.update({"privacy.noise_source": '"seeded"', "distill.enabled": "false"})
+    config = _tiny_hetero_models(**sets)
+    server = GroupedServer.from_config(config)
+    theta = server.slm_adapter
+    still = [  # every client sends back what it got: the aggregate is theta plus noise
+        ClientUpdate(server.broadcast_to(k, theta), 10, 1.0, 1, partition=k) for k in range(4)
+    ]
+    aggregate = server.server_update(still, theta, 1).aggregate
+    noise = {k: v - theta[k] for k, v in aggregate.items()}
+    first, second = part(noise, "tiny"), part(noise, "tiny-2")
+    assert first.keys() == second.keys()
+    assert all(v.abs().max() > 0 for v in first.values())
+    assert not any(torch.equal(first[k], second[k]) for k in first)

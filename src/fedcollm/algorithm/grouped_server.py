@@ -34,6 +34,9 @@ class GroupedServer:
         # One omega, one optimiser: every group's distillation steps the same LLM.
         for server in servers[1:]:
             server.distillation.llm_optimizer = self.lead.distillation.llm_optimizer
+        # Each group's DP noise its own draw (seeded noise would repeat one across groups).
+        for group, server in zip(groups, servers, strict=True):
+            server.noise_label = f"server {group.name}"
         self._group_of = {k: g.name for g in groups for k in g.clients}
 
     @classmethod

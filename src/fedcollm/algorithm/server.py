@@ -91,6 +91,7 @@ class CoTuningServer:
         self.distillation = MutualDistillation(llm, slm, config.distill, config.optim, vocabulary)
         self.rule = aggregation_rule(config.client.aggregation)
         self.privacy = PrivacyAccountant(config)
+        self.noise_label = "server"  # what DP's noise key is drawn for (a group: its own)
 
     @classmethod
     def from_config(
@@ -160,7 +161,7 @@ class CoTuningServer:
             ]
         aggregate = self.combine(updates, broadcast)
         if server_noise and privacy.noise_multiplier:
-            key = noise_key(privacy, self.config.seed, server_round, "server")
+            key = noise_key(privacy, self.config.seed, server_round, self.noise_label)
             noise = gaussian_noise(aggregate, noise_std(self.config), key)
             aggregate = add(aggregate, noise, 1 / len(updates))
         return aggregate

@@ -405,9 +405,9 @@ def test_identical_adapters_are_identical_files_whatever_the_hash_seed(tmp_path)
 
 
 def test_an_experiment_reads_every_tasks_data_before_its_first_run(capsys, tmp_path, monkeypatch):
-    from fedcollm.experiments import methods
+    from fedcollm.experiments import runs
 
-    monkeypatch.setattr(methods, "run_experiment", lambda *a, **k: pytest.fail("it started"))
+    monkeypatch.setattr(runs, "run_experiment", lambda *a, **k: pytest.fail("it started"))
     data = _arc_dir(tmp_path, GOOD, [{**ARC, "answerKey": "Z"}])
     line = refused(
         capsys,
@@ -437,9 +437,9 @@ def test_an_experiment_reads_every_tasks_data_before_its_first_run(capsys, tmp_p
 def test_a_bad_sweep_is_refused_before_any_point_runs(
     capsys, tmp_path, data_dir, monkeypatch, sweep, says
 ):
-    from fedcollm.experiments import methods
+    from fedcollm.experiments import runs
 
-    monkeypatch.setattr(methods, "run_experiment", lambda *a, **k: pytest.fail("it started"))
+    monkeypatch.setattr(runs, "run_experiment", lambda *a, **k: pytest.fail("it started"))
     args = ["experiment", str(TINY), "--data-dir", str(data_dir), "--out", str(tmp_path / "x")]
     line = refused(capsys, *args, *[a for s in sweep for a in ("--sweep", s)])
     assert says in line

@@ -46,15 +46,20 @@ def gradient_estimate(
     small); after several, minus the update itself."""
     estimate = {}
     for key, value in upload.items():
-        delta = value.double() - theta[key].double()
         if steps != 1:
-            estimate[key] = -delta
+            estimate[key] = theta[key].double() - value.double()
             continue
-        # delta = -lr * wd * theta - lr * u, u = g / (|g| + eps)
-        u = -(delta + lr * optim.weight_decay * theta[key].double()) / lr
+        u = _adam_ratio(value, theta[key], lr, optim)
         size = u.abs().clamp(max=1 - 1e-12)
         estimate[key] = torch.sign(u) * ADAM_EPS * size / (1 - size)
     return estimate
+
+
+def _adam_ratio(value: torch.Tensor, theta: torch.Tensor, lr: float, optim: OptimConfig):
+    """u = g / (|g| + eps) of AdamW's first step, read off its update:
+    value - theta = -lr * wd * theta - lr * u."""
+    delta = value.double() - theta.double()
+    return -(delta + lr * optim.weight_decay * theta.double()) / lr
 
 
 def first_layer_inputs(model) -> torch.Tensor:
@@ -109,17 +114,9 @@ def adam_observations(
     """The rows of the first layer's q/k/v A gradient that one AdamW step's upload shows,
     (3r, d), and where they are trustworthy: the entries whose |u| = |g| / (|g| + eps) is
     below 1 - `reliable`, so that fp32 kept their size (larger entries keep only a sign)."""
-    rows, masks = [], []
-    for key, value in upload.items():
-        if not (
-            ".layers.0." in key and "lora_A" in key and any(p in key for p in EMBEDDING_INPUTS)
-        ):
-            continue
-        delta = value.double() - theta[key].double()
-        u = -(delta + lr * optim.weight_decay * theta[key].double()) / lr
-        rows.append(gradient_estimate({key: value}, {key: theta[key]}, lr, optim, 1)[key])
-        masks.append((1 - u.abs()) > reliable)
-    return torch.cat(rows), torch.cat(masks)
+    first = {k: v for k, v in upload.items() if _first_layer_a(k)}
+    masks = [(1 - _adam_ratio(v, theta[k], lr, optim).abs()) > reliable for k, v in first.items()]
+    return first_layer_rows(gradient_estimate(first, theta, lr, optim, 1)), torch.cat(masks)
 
 
 def pursue_tokens(

@@ -29,14 +29,13 @@ from fedcollm.data import collate, encode_examples, load_questions
 from fedcollm.experiments.reconstruction import (
     adam_observations,
     first_layer_inputs,
-    first_layer_rows,
     gradient_estimate,
+    layer_rows,
     precision_recall,
     pursue_tokens,
 )
+from fedcollm.experiments.reconstruction_audit import draw_trained_b
 from fedcollm.models import build_slm, get_adapter, set_adapter
-
-TRAINED_B_STD = 2.6e-3
 
 
 def client(args, rank: int):
@@ -44,11 +43,7 @@ def client(args, rank: int):
     sets = [f'slm.name="{args.model}"', f"lora.r={rank}", f"lora.alpha={2 * rank}"]
     config = load_config(args.config, overrides=[*sets, "lora.dropout=0.0"])
     slm, tokenizer = build_slm(config)
-    generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in slm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * TRAINED_B_STD)
+    draw_trained_b(slm, args.seed)
     return config, slm, tokenizer, get_adapter(slm)
 
 
@@ -78,7 +73,7 @@ def one_case(args, rank: int, batch: int) -> dict:
     rows, observed = adam_observations(sent, theta, lr, config.optim)
     chosen = pursue_tokens(inputs, rows, observed, len(true))
     seconds = time.perf_counter() - start
-    exact_rows = first_layer_rows(exact)
+    exact_rows = layer_rows(exact)
     everything = torch.ones_like(exact_rows, dtype=torch.bool)
     exact_chosen = pursue_tokens(inputs, exact_rows, everything, len(true))
     return {
@@ -104,7 +99,7 @@ def other_views(args, rank: int = 8, clients: int = 4) -> dict:
     rows, observed = adam_observations(mean, theta, lr, config.optim)
     secure = precision_recall(set(pursue_tokens(inputs, rows, observed, len(union))), union)[0]
     two, true, _ = upload(config, slm, tokenizer, theta, [0, 1], args.data_dir, steps=2)
-    proxy = first_layer_rows(gradient_estimate(two, theta, lr, config.optim, steps=2))
+    proxy = layer_rows(gradient_estimate(two, theta, lr, config.optim, steps=2))
     everything = torch.ones_like(proxy, dtype=torch.bool)
     chosen = pursue_tokens(inputs, proxy, everything, len(true))
     return {

@@ -112,3 +112,29 @@ def test_more_candidates_than_six_digit_secrets_and_no_methods_are_refused(capsy
     assert cli.main(["experiment", tiny, "--methods", ","]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--methods ',': name at least one method" in line
+
+
+def test_the_reconstruction_audit_reads_a_clients_upload_but_not_its_dp_sum(tmp_path, data_dir):
+    # A tiny SLM wide enough for the attack (hidden 128, r 16, no dropout): one client's
+    # upload names most of its row's tokens; the DP sum of three (C 0.5, sigma 1) almost none.
+    from fedcollm import cli
+
+    wide = "slm.tiny={hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256}"
+    sets = [wide, "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "client.lr=3e-4"]
+    out = tmp_path / "rec"
+    args = ["audit", str(TINY), "--attack", "reconstruction", "--data-dir", str(data_dir)]
+    args += ["--out", str(out), "--batches", "1", "--draws", "1"]
+    assert cli.main(args + [a for s in sets for a in ("--set", s)]) == 0
+    results = json.loads((out / "reconstruction.json").read_text())
+    precision = {row["view"]: row["token_precision"] for row in results["summary"]}
+    assert precision["upload"] > 0.5 and precision["secagg+dp"] < 0.25, precision
+    assert (out / "reconstruction.png").stat().st_size > 0
+    assert "| upload | 1 |" in (out / "reconstruction.md").read_text()
+
+
+def test_reconstruction_batches_that_are_not_sizes_are_refused(capsys):
+    from fedcollm import cli
+
+    assert cli.main(["audit", str(TINY), "--attack", "reconstruction", "--batches", "4,x"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--batches: comma-separated sizes" in line

@@ -12,8 +12,11 @@ from fedcollm.config import LoraConfig, ModelConfig, OptimConfig, TinyModel
 from fedcollm.data import collate, encode_pair
 from fedcollm.experiments.reconstruction import (
     adam_observations,
+    branch_counts,
     first_layer_inputs,
     gradient_estimate,
+    grow_sequences,
+    input_span,
     precision_recall,
     pursue_tokens,
     recover_tokens,
@@ -59,6 +62,28 @@ def test_a_rank_too_low_for_the_batch_shows_none_of_its_tokens():
     # 3 r = 6 directions of a 19-dimensional span: no token's input lies in them.
     model, examples = _client(rank=2)
     assert recover_tokens(model, _gradient(model, examples)) == set()
+
+
+def test_the_second_layer_gives_the_sequence_in_order_when_its_positions_fit_its_span():
+    # The second layer's input at a position depends on every token before it. Grown one
+    # token at a time from the first layer's set, the planted row comes back exactly (but
+    # its last token, which feeds no loss) once 3r covers its 33 positions (r = 16: 48);
+    # at r = 8 (24 directions) it does not.
+    for rank, recovered in ((16, True), (8, False)):
+        model, examples = _client(rank=rank)
+        gradient = _gradient(model, examples)
+        row = list(examples[0].input_ids[:-1])
+        found = grow_sequences(
+            model,
+            sorted(_true_tokens(examples)),
+            input_span(gradient, layer=1),
+            branch_counts([row]),
+        )
+        assert (found == [row]) is recovered, rank
+
+
+def test_branch_counts_are_the_distinct_prefixes_at_each_length():
+    assert branch_counts([[1, 2, 3], [1, 2, 4], [1, 5]]) == [1, 2, 2]
 
 
 def test_noise_on_the_gradient_fills_the_span_and_every_token_passes():

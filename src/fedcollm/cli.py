@@ -174,6 +174,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare_audits(args)
     config = check_run(load_config(args.config, overrides=args.set, data_dir=args.data_dir))
+    if args.attack == "reconstruction":
+        return _reconstruction_audit(config, args)
     from fedcollm.experiments.audit import (
         NAMES,
         SECRETS,
@@ -205,6 +207,42 @@ def cmd_audit(args: argparse.Namespace) -> int:
     table = audit_table(results)
     (out / "audit.md").write_text(table + "\n")
     print(f"\n{table}\n\naudit: {out / 'audit.json'}")
+    return 0
+
+
+def _reconstruction_audit(config, args: argparse.Namespace) -> int:
+    """What the server reads of client batches from one AdamW step's uploads
+    (experiments/reconstruction_audit.py): reconstruction.json, .md and .png in --out."""
+    from fedcollm.experiments.reconstruction_audit import (
+        AttackSettings,
+        plot_reconstruction,
+        reconstruction_table,
+        run_reconstruction,
+    )
+    from fedcollm.preflight import check_data, check_models
+    from fedcollm.tracking.run_dir import check_writable
+
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--batches: comma-separated sizes such as 1,4,16, got {args.batches!r}"
+        ) from None
+    if min(*batches, args.draws) < 1:
+        raise ConfigError("--batches and --draws: each must be 1 or more")
+    check_data(config)
+    out = Path(args.out or f"runs/audit-{Path(args.config).stem}")
+    check_writable(out)
+    _prepare_models(config)
+    check_models(config)
+    settings = AttackSettings(batches, args.draws)
+    results = run_reconstruction(config, settings, progress=lambda m: print(m, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reconstruction.json").write_text(json.dumps(results, indent=2))
+    table = reconstruction_table(results)
+    (out / "reconstruction.md").write_text(table + "\n")
+    plot_reconstruction(results, out / "reconstruction.png")
+    print(f"\n{table}\n\nreconstruction: {out / 'reconstruction.md'}, {out / 'reconstruction.png'}")
     return 0
 
 
@@ -461,6 +499,14 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--canaries", type=int, default=5, help="secrets in client 0's data")
     audit.add_argument("--repeats", type=int, default=10, help="copies of each secret")
     audit.add_argument("--candidates", type=int, default=200, help="secrets ranked against")
+    audit.add_argument(
+        "--attack",
+        choices=["canary", "reconstruction"],
+        default="canary",
+        help="canary: exposure and membership (default); reconstruction: text from uploads",
+    )
+    audit.add_argument("--batches", default="1,4,16", help="reconstruction: batch sizes")
+    audit.add_argument("--draws", type=int, default=2, help="reconstruction: batches per size")
     audit.set_defaults(func=cmd_audit)
     rep = sub.add_parser("report", help="rebuild an experiment's report, or compare two")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="one directory, or two to compare")

@@ -62,31 +62,57 @@ def _adam_ratio(value: torch.Tensor, theta: torch.Tensor, lr: float, optim: Opti
     return -(delta + lr * optim.weight_decay * theta.double()) / lr
 
 
+def layer_inputs(model, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """(n, d): the input of layer `layer`'s projections (its input norm's output) at the last
+    position of each sequence in `ids` (n, t), as the model with its current adapter computes
+    it; only the layers below `layer` run."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    captured = []
+
+    def stop(module, args, output):
+        captured.append(output)
+        raise _Stop
+
+    handle = base.model.layers[layer].input_layernorm.register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            base.model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0][:, -1].float()
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the layer the attack reads has its input."""
+
+
 def first_layer_inputs(model) -> torch.Tensor:
     """(V, d): every vocabulary token's input to the first layer's projections, the
-    embedding after that layer's input norm."""
+    embedding after that layer's input norm (the same wherever the token stands)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embeddings = base.get_input_embeddings().weight.detach().float()
-    norm = base.model.layers[0].input_layernorm
-    with torch.no_grad():
-        return norm(embeddings.unsqueeze(0)).squeeze(0).float()
+    vocabulary = base.get_input_embeddings().weight.shape[0]
+    return layer_inputs(model, torch.arange(vocabulary).unsqueeze(1), 0)
 
 
-def _first_layer_a(key: str) -> bool:
-    """Whether an adapter key is the first layer's A of a projection of the embeddings."""
-    return ".layers.0." in key and "lora_A" in key and any(p in key for p in EMBEDDING_INPUTS)
+def _layer_a(key: str, layer: int) -> bool:
+    """Whether an adapter key is layer `layer`'s A of a projection of that layer's input."""
+    return (
+        f".layers.{layer}." in key and "lora_A" in key and any(p in key for p in EMBEDDING_INPUTS)
+    )
 
 
-def first_layer_rows(estimate: Adapter) -> torch.Tensor:
-    """(3r, d): the first layer's q/k/v A rows of an adapter-shaped estimate, stacked."""
-    return torch.cat([v for k, v in estimate.items() if _first_layer_a(k)])
+def layer_rows(estimate: Adapter, layer: int = 0) -> torch.Tensor:
+    """(3r, d): a layer's q/k/v A rows of an adapter-shaped estimate, stacked."""
+    return torch.cat([v for k, v in estimate.items() if _layer_a(k, layer)])
 
 
-def input_span(estimate: Adapter, tolerance: float = 1e-6) -> torch.Tensor:
-    """(k, d): an orthonormal basis of the directions the first layer's A updates show: the
-    row space of the stacked q/k/v A estimates, singular values above `tolerance` times the
+def input_span(estimate: Adapter, layer: int = 0, tolerance: float = 1e-6) -> torch.Tensor:
+    """(k, d): an orthonormal basis of the directions a layer's A updates show: the row
+    space of its stacked q/k/v A estimates, singular values above `tolerance` times the
     largest."""
-    rows = first_layer_rows(estimate).double()
+    rows = layer_rows(estimate, layer).double()
     _, singular, vh = torch.linalg.svd(rows, full_matrices=False)
     if not len(singular) or singular[0] == 0:
         return vh[:0].float()
@@ -109,37 +135,104 @@ def recover_tokens(model, estimate: Adapter, threshold: float = 1e-3) -> set[int
 
 
 def adam_observations(
-    upload: Adapter, theta: Adapter, lr: float, optim: OptimConfig, reliable: float = 1e-5
+    upload: Adapter,
+    theta: Adapter,
+    lr: float,
+    optim: OptimConfig,
+    layer: int = 0,
+    reliable: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of the first layer's q/k/v A gradient that one AdamW step's upload shows,
-    (3r, d), and where they are trustworthy: the entries whose |u| = |g| / (|g| + eps) is
-    below 1 - `reliable`, so that fp32 kept their size (larger entries keep only a sign)."""
-    first = {k: v for k, v in upload.items() if _first_layer_a(k)}
-    masks = [(1 - _adam_ratio(v, theta[k], lr, optim).abs()) > reliable for k, v in first.items()]
-    return first_layer_rows(gradient_estimate(first, theta, lr, optim, 1)), torch.cat(masks)
+    """The rows of a layer's q/k/v A gradient that one AdamW step's upload shows, (3r, d),
+    and where they are trustworthy: the entries whose |u| = |g| / (|g| + eps) is below
+    1 - `reliable`, so that fp32 kept their size (larger entries keep only a sign)."""
+    rows = {k: v for k, v in upload.items() if _layer_a(k, layer)}
+    masks = [(1 - _adam_ratio(v, theta[k], lr, optim).abs()) > reliable for k, v in rows.items()]
+    return layer_rows(gradient_estimate(rows, theta, lr, optim, 1), layer), torch.cat(masks)
+
+
+class MaskedPursuit:
+    """Orthogonal matching pursuit of rows known only on some entries: each row (one row of
+    a gradient of A, a combination of the layer's inputs) is explained by inputs chosen one
+    at a time, every row refitted by least squares on its observed entries after each
+    choice (kept as one orthonormal basis per row, so a choice costs O(rows d k))."""
+
+    def __init__(self, rows: torch.Tensor, observed: torch.Tensor):
+        self.mask = observed.double()
+        self.residual = rows.double() * self.mask
+        self.basis = self.residual.new_zeros(len(rows), rows.shape[1], 0)
+
+    def gains(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(n,): how much of what is left of the rows each input explains (summed over rows
+        of (r . x)^2 / |x|^2 on each row's observed entries)."""
+        x = inputs.double()
+        norms = (self.mask @ (x**2).T).clamp_min(1e-30)
+        return ((self.residual @ x.T) ** 2 / norms).sum(0)
+
+    def choose(self, vector: torch.Tensor) -> None:
+        atoms = self.mask * vector.double()  # (rows, d): the input as each row observes it
+        for _ in range(2):  # twice: Gram-Schmidt keeps the basis orthogonal in fp64
+            atoms = atoms - torch.einsum(
+                "rdk,rk->rd", self.basis, torch.einsum("rdk,rd->rk", self.basis, atoms)
+            )
+        size = atoms.norm(dim=1, keepdim=True)
+        atoms = torch.where(size > 1e-12, atoms / size.clamp_min(1e-30), torch.zeros_like(atoms))
+        self.residual = self.residual - (self.residual * atoms).sum(1, keepdim=True) * atoms
+        self.basis = torch.cat([self.basis, atoms.unsqueeze(-1)], dim=-1)
 
 
 def pursue_tokens(
     inputs: torch.Tensor, rows: torch.Tensor, observed: torch.Tensor, count: int
 ) -> list[int]:
-    """`count` tokens, greedily (orthogonal matching pursuit over the vocabulary): each time
-    the token whose input best explains what is left of the rows on their observed entries,
-    then every row refitted on the tokens chosen. Where the span test needs every entry, this
-    needs only some: AdamW's inversion gives them."""
-    x, mask = inputs.double(), observed.double()
-    target = rows.double() * mask
-    residual, chosen = target.clone(), []
-    norms = (mask @ (x**2).T).clamp_min(1e-30)  # (rows, V): each input's norm on each mask
+    """`count` tokens, greedily: each time the token whose first-layer input best explains
+    what is left of the rows on their observed entries (`MaskedPursuit`). Where the span
+    test needs every entry, this needs only some: AdamW's inversion gives them."""
+    pursuit, chosen = MaskedPursuit(rows, observed), []
     for _ in range(count):
-        gain = ((residual @ x.T) ** 2 / norms).sum(0)
+        gain = pursuit.gains(inputs)
         gain[chosen] = -1
         chosen.append(int(gain.argmax()))
-        # Every row refitted at once: zeroing a row's unobserved entries in its target and
-        # in the chosen inputs gives its least squares on the observed ones.
-        design = mask[:, :, None] * x[chosen].T[None]  # (rows, d, chosen)
-        fit = torch.linalg.lstsq(design, target.unsqueeze(-1)).solution
-        residual = target - (design @ fit).squeeze(-1)
+        pursuit.choose(inputs[chosen[-1]])
     return chosen
+
+
+def grow_sequences(
+    model, tokens: list[int], basis: torch.Tensor, branches: list[int]
+) -> list[list[int]]:
+    """DAGER's sequence search through the second layer: the batch's prefixes grown one
+    position at a time from `tokens` (the first layer's recovered set), keeping at position t
+    the `branches[t]` extensions (prefix + token) whose second-layer inputs lie nearest the
+    span `basis` (`input_span` of the second layer's A). Returns the sequences not extended
+    further (the search tree's leaves)."""
+    prefixes, leaves, seen = [[]], [], torch.zeros(0, basis.shape[1])
+    for count in branches:
+        grown = [p + [t] for p in prefixes for t in tokens]
+        inputs = layer_inputs(model, torch.tensor(grown, dtype=torch.long), 1)
+        distance = token_scores(inputs, basis)
+        # An extension whose input repeats one already kept explains nothing new (a token
+        # repeated at the start attends to copies of itself: the same input as before).
+        distance[_repeats(inputs, seen)] = float("inf")
+        order = distance.argsort()[:count].tolist()
+        kept = [grown[i] for i in order]
+        seen = torch.cat([seen, inputs[order]])
+        parents = {tuple(k[:-1]) for k in kept}
+        leaves += [p for p in prefixes if p and tuple(p) not in parents]
+        prefixes = kept
+    return leaves + prefixes
+
+
+def _repeats(inputs: torch.Tensor, seen: torch.Tensor, tolerance: float = 1e-4) -> torch.Tensor:
+    """(n,): whether each input lies within `tolerance` (relative) of one in `seen`."""
+    if not len(seen):
+        return torch.zeros(len(inputs), dtype=torch.bool)
+    gaps = torch.cdist(inputs.double(), seen.double()).min(1).values
+    return gaps < tolerance * inputs.double().norm(dim=1)
+
+
+def branch_counts(sequences: list[list[int]]) -> list[int]:
+    """How many distinct prefixes the batch has at each length: the sequence search's count
+    per position (an oracle, as the token count is to `pursue_tokens`)."""
+    longest = max(len(s) for s in sequences)
+    return [len({tuple(s[: t + 1]) for s in sequences if len(s) > t}) for t in range(longest)]
 
 
 def precision_recall(recovered: set[int], true: set[int]) -> tuple[float, float]:

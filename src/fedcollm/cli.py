@@ -228,14 +228,14 @@ def _reconstruction_audit(config, args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--batches: comma-separated sizes such as 1,4,16, got {args.batches!r}"
         ) from None
-    if min(*batches, args.draws) < 1:
-        raise ConfigError("--batches and --draws: each must be 1 or more")
+    if min(*batches, args.draws, args.steps) < 1:
+        raise ConfigError("--batches, --draws and --steps: each must be 1 or more")
     check_data(config)
     out = Path(args.out or f"runs/audit-{Path(args.config).stem}")
     check_writable(out)
     _prepare_models(config)
     check_models(config)
-    settings = AttackSettings(batches, args.draws)
+    settings = AttackSettings(batches, args.draws, args.steps)
     results = run_reconstruction(config, settings, progress=lambda m: print(m, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     (out / "reconstruction.json").write_text(json.dumps(results, indent=2))
@@ -507,6 +507,9 @@ def parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--batches", default="1,4,16", help="reconstruction: batch sizes")
     audit.add_argument("--draws", type=int, default=2, help="reconstruction: batches per size")
+    audit.add_argument(
+        "--steps", type=int, default=1, help="reconstruction: AdamW steps each client takes"
+    )
     audit.set_defaults(func=cmd_audit)
     rep = sub.add_parser("report", help="rebuild an experiment's report, or compare two")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="one directory, or two to compare")

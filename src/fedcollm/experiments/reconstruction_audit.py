@@ -3,9 +3,11 @@ batches the server reads from what it receives, by the attack of `reconstruction
 
 Client 0's SLM as the config builds it, with its LoRA B drawn at the size a trained B has
 (`TRAINED_B_STD`: in round 1 B = 0 and A's update is zero, so round 2 on is the case that
-matters), is the broadcast theta. Each of the config's K clients takes one AdamW step on
-`batch` rows of its own training part (the single-gradient case; with more steps no
-inversion of AdamW exists). What the server holds, three views:
+matters), is the broadcast theta. Each of the config's K clients takes `steps` AdamW steps
+on `batch` rows of its own training part, each step on all of them (one step is the
+single-gradient case, which the server inverts exactly in sign; after more no inversion
+exists and the update itself stands in for the gradient, DAGER's FedAvg mode). What the
+server holds, three views:
 
 - "upload": client 0's theta_k (no secure aggregation);
 - "secagg": the mean of the K uploads (secure aggregation shows only their sum);
@@ -44,6 +46,7 @@ from fedcollm.experiments.reconstruction import (
     gradient_estimate,
     grow_sequences,
     input_span,
+    layer_rows,
     precision_recall,
     pursue_tokens,
 )
@@ -59,6 +62,7 @@ VIEWS = ("upload", "secagg", "secagg+dp")
 class AttackSettings:
     batches: tuple[int, ...] = (1, 4, 16)
     draws: int = 2
+    steps: int = 1
 
 
 def run_reconstruction(
@@ -83,7 +87,9 @@ def run_reconstruction(
         for draw in range(settings.draws):
             parts = [rows[draw * batch : (draw + 1) * batch] for rows in split.clients]
             examples = [encode_examples(questions, part, tokenizer, member) for part in parts]
-            uploads = [one_step(member, slm, tokenizer, theta, e) for e in examples]
+            uploads = [
+                local_update(member, slm, tokenizer, theta, e, settings.steps) for e in examples
+            ]
             seen = {
                 "upload": (uploads[0], examples[0]),
                 "secagg": (_mean(uploads), sum(examples, [])),
@@ -91,7 +97,9 @@ def run_reconstruction(
             }
             for view in VIEWS:
                 upload, batch_examples = seen[view]
-                case = attack(slm, tokenizer, upload, theta, member, batch_examples, inputs)
+                case = attack(
+                    slm, tokenizer, upload, theta, member, batch_examples, inputs, settings.steps
+                )
                 cases.append({"view": view, "batch": batch, "draw": draw, **case})
                 progress(_progress_line(cases[-1]))
     return {
@@ -100,24 +108,33 @@ def run_reconstruction(
         "lora_dropout": member.lora.dropout,
         "clients": config.num_clients,
         "dp": {"clip_norm": dp[0], "noise_multiplier": dp[1]},
-        "settings": {"batches": list(settings.batches), "draws": settings.draws},
+        "settings": {
+            "batches": list(settings.batches),
+            "draws": settings.draws,
+            "steps": settings.steps,
+        },
         "cases": cases,
         "summary": summarise(cases),
     }
 
 
-def attack(slm, tokenizer, upload, theta, config, examples, inputs) -> dict:
+def attack(slm, tokenizer, upload, theta, config, examples, inputs, steps: int = 1) -> dict:
     """The attack on one view: tokens from the first layer, sequences from the second."""
     lr, optim = config.client.lr, config.optim
     true_tokens = {t for e in examples for t in e.input_ids}
     sequences = [list(e.input_ids[:-1]) for e in examples]
     start = time.perf_counter()
-    rows, observed = adam_observations(upload, theta, lr, optim)
+    estimate = gradient_estimate(upload, theta, lr, optim, steps)
+    if steps == 1:
+        rows, observed = adam_observations(upload, theta, lr, optim)
+    else:
+        rows = layer_rows(estimate)
+        observed = torch.ones_like(rows, dtype=torch.bool)
     tokens = pursue_tokens(inputs, rows, observed, len(true_tokens))
     positions = sum(branch_counts(sequences))
     found = None
     if positions <= 3 * config.lora.r:
-        basis = input_span(gradient_estimate(upload, theta, lr, optim, 1), layer=1)
+        basis = input_span(estimate, layer=1)
         found = grow_sequences(slm, tokens, basis, branch_counts(sequences))
     seconds = time.perf_counter() - start
     precision, recall = precision_recall(set(tokens), true_tokens)
@@ -164,7 +181,7 @@ def summarise(cases: list[dict]) -> list[dict]:
 def reconstruction_table(results: dict) -> str:
     dp = results["dp"]
     lines = [
-        f"Reconstruction from one AdamW step: {results['model']}, LoRA rank {results['rank']} "
+        f"Reconstruction from {_steps(results)}: {results['model']}, LoRA rank {results['rank']} "
         f"(dropout {results['lora_dropout']}), {results['clients']} clients; DP view: C = "
         f"{dp['clip_norm']}, sigma = {dp['noise_multiplier']}. Medians of "
         f"{results['settings']['draws']} draws; the attacker is told the counts. Sequences: "
@@ -206,6 +223,11 @@ def plot_reconstruction(results: dict, path) -> None:
         fig.suptitle(f"What the server reads: {results['model']}, LoRA rank {results['rank']}")
 
 
+def _steps(results: dict) -> str:
+    steps = results["settings"].get("steps", 1)
+    return "one AdamW step" if steps == 1 else f"{steps} AdamW steps"
+
+
 def _cell(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -227,10 +249,10 @@ def draw_trained_b(slm, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * TRAINED_B_STD)
 
 
-def one_step(config: Config, slm, tokenizer, theta: Adapter, examples) -> Adapter:
-    """theta_k after one AdamW step on the whole batch, as a client takes it."""
+def local_update(config: Config, slm, tokenizer, theta: Adapter, examples, steps: int) -> Adapter:
+    """theta_k after `steps` AdamW steps, each on the whole batch, as a client takes them."""
     set_adapter(slm, theta)
-    fine_tune(slm, examples, epochs=1, max_steps=1, batch_size=len(examples),
+    fine_tune(slm, examples, epochs=steps, max_steps=steps, batch_size=len(examples),
               lr=config.client.lr, optim=config.optim, pad_id=tokenizer.pad_token_id,
               seed=config.seed)  # fmt: skip
     upload = get_adapter(slm)

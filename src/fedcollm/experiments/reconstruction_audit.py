@@ -207,20 +207,26 @@ def plot_reconstruction(results: dict, path) -> None:
     """Token precision and ROUGE-1 per view, one bar per batch size."""
     batches = results["settings"]["batches"]
     width = 0.8 / len(batches)
-    with figure(path, 1, 2, figsize=(10, 4)) as (fig, axes):
+    with figure(path, 1, 2, figsize=(10, 4.4)) as (fig, axes):
         panels = (("token_precision", "token-set precision"), ("rouge1", "ROUGE-1 of sequences"))
         for ax, (key, title) in zip(axes, panels, strict=True):
             for i, batch in enumerate(batches):
                 rows = {r["view"]: r for r in results["summary"] if r["batch"] == batch}
-                values = [rows[v][key] or 0.0 for v in VIEWS]
-                ax.bar([j + i * width for j in range(len(VIEWS))], values, width,
-                       label=f"batch {batch}")  # fmt: skip
+                values = [rows[v][key] for v in VIEWS]
+                places = [j + i * width for j in range(len(VIEWS))]
+                ax.bar(places, [v or 0.0 for v in values], width, label=f"batch {batch}")
+                for place, value in zip(places, values, strict=True):
+                    if value is None:  # the sequence search could not succeed: say so
+                        ax.text(place, 0.02, "not run", rotation=90, ha="center", fontsize=8)
             ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(VIEWS))])
             ax.set_xticklabels(VIEWS)
             ax.set_ylim(0, 1.05)
             ax.set_title(title)
             ax.legend()
-        fig.suptitle(f"What the server reads: {results['model']}, LoRA rank {results['rank']}")
+        fig.suptitle(
+            f"What the server reads from {_steps(results)}: {results['model']}, LoRA rank "
+            f"{results['rank']}\n(not run: more positions than the 3r directions layer 2 shows)"
+        )
 
 
 def _steps(results: dict) -> str:

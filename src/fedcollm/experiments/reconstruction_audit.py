@@ -9,6 +9,8 @@ single-gradient case, which the server inverts exactly in sign; after more no in
 exists and the update itself stands in for the gradient, DAGER's FedAvg mode). What the
 server holds, three views:
 
+- "gradient": client 0's exact gradient, for reference (what DAGER assumes, and what one
+  step of plain SGD would send; fedcollm's clients step with AdamW);
 - "upload": client 0's theta_k (no secure aggregation);
 - "secagg": the mean of the K uploads (secure aggregation shows only their sum);
 - "secagg+dp": that mean after DP under secure aggregation: each update clipped to C, the
@@ -35,9 +37,9 @@ import torch
 
 from fedcollm.algorithm.groups import member_config
 from fedcollm.algorithm.privacy import clip_update
-from fedcollm.algorithm.training import fine_tune
+from fedcollm.algorithm.training import answer_loss, fine_tune
 from fedcollm.config import Config, ConfigError
-from fedcollm.data import encode_examples, training_split
+from fedcollm.data import collate, encode_examples, training_split
 from fedcollm.evaluation.text_metrics import rouge
 from fedcollm.experiments.reconstruction import (
     adam_observations,
@@ -55,7 +57,7 @@ from fedcollm.tracking.plots import figure
 
 TRAINED_B_STD = 2.6e-3  # the demo SLM's B after two rounds
 DEFAULT_DP = (0.5, 1.0)  # (C, sigma) where the config sets none
-VIEWS = ("upload", "secagg", "secagg+dp")
+VIEWS = ("gradient", "upload", "secagg", "secagg+dp")
 
 
 @dataclass
@@ -90,16 +92,17 @@ def run_reconstruction(
             uploads = [
                 local_update(member, slm, tokenizer, theta, e, settings.steps) for e in examples
             ]
+            gradient = batch_gradient(slm, tokenizer, theta, examples[0])
             seen = {
+                "gradient": (gradient, examples[0]),
                 "upload": (uploads[0], examples[0]),
                 "secagg": (_mean(uploads), sum(examples, [])),
                 "secagg+dp": (_noised_mean(uploads, theta, *dp, seed=draw), sum(examples, [])),
             }
             for view in VIEWS:
                 upload, batch_examples = seen[view]
-                case = attack(
-                    slm, tokenizer, upload, theta, member, batch_examples, inputs, settings.steps
-                )
+                steps = 0 if view == "gradient" else settings.steps
+                case = attack(slm, tokenizer, upload, theta, member, batch_examples, inputs, steps)
                 cases.append({"view": view, "batch": batch, "draw": draw, **case})
                 progress(_progress_line(cases[-1]))
     return {
@@ -119,12 +122,13 @@ def run_reconstruction(
 
 
 def attack(slm, tokenizer, upload, theta, config, examples, inputs, steps: int = 1) -> dict:
-    """The attack on one view: tokens from the first layer, sequences from the second."""
+    """The attack on one view: tokens from the first layer, sequences from the second.
+    `steps`: the AdamW steps behind `upload`; 0: `upload` is a gradient itself."""
     lr, optim = config.client.lr, config.optim
     true_tokens = {t for e in examples for t in e.input_ids}
     sequences = [list(e.input_ids[:-1]) for e in examples]
     start = time.perf_counter()
-    estimate = gradient_estimate(upload, theta, lr, optim, steps)
+    estimate = upload if steps == 0 else gradient_estimate(upload, theta, lr, optim, steps)
     if steps == 1:
         rows, observed = adam_observations(upload, theta, lr, optim)
     else:
@@ -264,6 +268,16 @@ def local_update(config: Config, slm, tokenizer, theta: Adapter, examples, steps
     upload = get_adapter(slm)
     set_adapter(slm, theta)
     return upload
+
+
+def batch_gradient(slm, tokenizer, theta: Adapter, examples) -> Adapter:
+    """The answer loss's gradient at theta on the whole batch, keyed as an adapter."""
+    set_adapter(slm, theta)
+    slm.train()
+    answer_loss(slm, collate(examples, tokenizer.pad_token_id)).backward()
+    gradient = {n: p.grad.clone() for n, p in slm.named_parameters() if p.requires_grad}
+    slm.zero_grad(set_to_none=True)
+    return {k.replace(".default", ""): v for k, v in gradient.items()}
 
 
 def _mean(uploads: list[Adapter]) -> Adapter:

@@ -10,6 +10,7 @@ lambda 1, T 1, one local epoch); see docs/CONFIG.md for the reasons.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import tomllib
@@ -46,6 +47,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # "auto" (a CUDA GPU when PyTorch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
     device: str = "auto"
+    # "nf4" (4-bit NormalFloat, double quantisation, bf16 compute: QLoRA's) or "int8": the
+    # frozen base weights through bitsandbytes; the adapter stays float32. "none": `dtype`.
+    quantization: Literal["none", "nf4", "int8"] = "none"
     tiny: TinyModel = field(default_factory=TinyModel)
 
 
@@ -458,6 +462,7 @@ def _check_meaning(config: Config) -> None:
         )
     for role in ("llm", "slm"):
         _check_device(f"{role}.device", _get(config, f"{role}.device"))
+        _check_quantization(f"{role}.quantization", _get(config, f"{role}.quantization"))
     if not 0 <= config.data.aux_fraction < 1:
         raise ConfigError(
             f"data.aux_fraction: must be in [0, 1) (0: the paper's 1/(K+1)), got "
@@ -499,6 +504,14 @@ def _check_meaning(config: Config) -> None:
     _check_tracking(config)
 
 
+def _check_quantization(key: str, quantization: str) -> None:
+    if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f'{key} = "{quantization}" needs bitsandbytes, which is not installed here: '
+            f'pip install "bitsandbytes==0.50.2" (make test installs it), or set "none"'
+        )
+
+
 def _check_device(key: str, device: str) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(
@@ -536,7 +549,9 @@ def _check_profiles(config: Config) -> None:
                 f"{key}.lora_r: {profile.lora_r} is not a rank up to lora.r = {config.lora.r} "
                 "(theta's rank, the largest); raise lora.r or lower the profile's"
             )
-        _check_device(f"{key}.slm.device", profile_slm(config, profile, f"{key}.slm.").device)
+        slm = profile_slm(config, profile, f"{key}.slm.")
+        _check_device(f"{key}.slm.device", slm.device)
+        _check_quantization(f"{key}.slm.quantization", slm.quantization)
     _check_groups(config)
     ranks = {p.lora_r for p in config.client.profiles if p.lora_r and p.lora_r < config.lora.r}
     if ranks and config.lora.variant == "ffa":

@@ -20,6 +20,7 @@ from transformers import (
 
 from fedcollm.config import ModelConfig
 from fedcollm.errors import ModelError  # noqa: F401 - re-exported
+from fedcollm.models.quantization import load_quantized, quantize_built
 from fedcollm.models.registry import REGISTRY, RegistryError, ensure_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -173,7 +174,10 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
     device = resolve_device(spec.device)
     if spec.name == "tiny":
         tokenizer = tiny_tokenizer(spec)
-        return tiny_llama(spec, len(tokenizer), seed).to(device), tokenizer
+        model = tiny_llama(spec, len(tokenizer), seed)
+        if spec.quantization != "none":
+            return quantize_built(model, spec, device, DTYPES[spec.dtype]), tokenizer
+        return model.to(device), tokenizer
     local = model_path(spec.name)
     if looks_like_path(spec.name) and not local.is_dir():
         raise ModelError(
@@ -185,15 +189,18 @@ def load_model(spec: ModelConfig, seed: int) -> tuple[torch.nn.Module, PreTraine
         check_model_dir(local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local.is_dir())
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[spec.dtype], local_files_only=local.is_dir()
-        )
+        if spec.quantization != "none":
+            model = load_quantized(spec, source, local.is_dir(), device, DTYPES[spec.dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=DTYPES[spec.dtype], local_files_only=local.is_dir()
+            ).to(device)
     except (OSError, ValueError) as err:
         where = "the directory" if local.is_dir() else "the hub (is it reachable?)"
         raise ModelError(f"could not load model {spec.name!r} from {where}: {err}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 def architecture(spec: ModelConfig) -> PretrainedConfig:

@@ -34,13 +34,16 @@ def _config(data_dir, slm: str = "none", llm: str = "none", tiny=(SLM_TINY, LLM_
     return load_config(TINY, overrides=sets, data_dir=str(data_dir))
 
 
-def _client_update(config):
+def _client_update(config, steps: int = 2):
+    """Client 0's SLM after `steps` steps on 8 of its rows, and each step's loss."""
     slm, tokenizer = build_slm(config)
     questions, split = training_split(config)
     examples = encode_examples(questions, split.clients[0][:8], tokenizer, config)
-    result = fine_tune(slm, examples, epochs=1, max_steps=2, batch_size=4, lr=3e-3,
-                       optim=config.optim, pad_id=tokenizer.pad_token_id, seed=0)  # fmt: skip
-    return slm, result
+    losses = []
+    fine_tune(slm, examples, epochs=steps, max_steps=steps, batch_size=4, lr=3e-3,
+              optim=config.optim, pad_id=tokenizer.pad_token_id, seed=0,
+              on_step=lambda step, total, loss: losses.append(loss))  # fmt: skip
+    return slm, losses
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
@@ -54,7 +57,7 @@ def test_a_client_update_on_quantised_base_weights_tracks_full_precision(data_di
     adapter = get_adapter(quantised)
     assert adapter.keys() == get_adapter(full).keys()
     assert {v.dtype for v in adapter.values()} == {torch.float32}
-    assert abs(result.mean_loss - full_result.mean_loss) < 0.02 * full_result.mean_loss
+    assert abs(sum(result) - sum(full_result)) < 0.02 * sum(full_result)
 
 
 def test_an_adapter_trained_on_a_4bit_base_loads_on_the_full_precision_one(data_dir, tmp_path):
@@ -73,10 +76,7 @@ def test_a_4bit_teacher_distils_with_full_precision_students(data_dir):
     server = CoTuningServer.from_config(_config(data_dir, llm="nf4"))
     llm_before, slm_before = get_adapter(server.llm), server.slm_adapter
     server.co_tune(slm_before, server_round=1)
-    assert (
-        type(server.llm.base_model.model.model.layers[0].mlp.up_proj).__name__
-        == "Linear4bit"
-    )
+    assert type(server.llm.base_model.model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     assert any(not v.equal(llm_before[k]) for k, v in get_adapter(server.llm).items())
     assert any(not v.equal(slm_before[k]) for k, v in server.slm_adapter.items())
 
@@ -95,3 +95,26 @@ def test_quantisation_without_bitsandbytes_is_refused_in_one_line(monkeypatch):
 def test_4bit_widths_the_cpu_kernel_cannot_cut_are_refused_before_loading(data_dir):
     with pytest.raises(ModelError, match="multiples of 64"):
         build_slm(_config(data_dir, slm="nf4", tiny=()))  # configs/tiny.toml's SLM: 48 wide
+
+
+def test_bf16_autocast_tracks_float32_and_keeps_the_adapter_in_float32(data_dir):
+    # Four client steps under bf16 autocast: each step's loss within 0.1% of float32's
+    # (measured: 0.004%), yet not equal (the forward ran in bf16); the adapter stays float32.
+    def run(*sets):
+        return _client_update(load_config(TINY, overrides=list(sets), data_dir=str(data_dir)), 4)
+
+    full, full_losses = run()
+    mixed, losses = run('slm.autocast="bfloat16"')
+    assert losses != full_losses
+    for a, b in zip(losses, full_losses, strict=True):
+        assert abs(a - b) < 1e-3 * b
+    assert {v.dtype for v in get_adapter(mixed).values()} == {torch.float32}
+
+
+def test_gradient_checkpointing_gives_the_same_update(data_dir):
+    sets = ["slm.gradient_checkpointing=true", "lora.dropout=0.0"]
+    plain, _ = _client_update(load_config(TINY, overrides=sets[1:], data_dir=str(data_dir)))
+    checkpointed, _ = _client_update(load_config(TINY, overrides=sets, data_dir=str(data_dir)))
+    assert checkpointed.base_model.model.is_gradient_checkpointing
+    a, b = get_adapter(plain), get_adapter(checkpointed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

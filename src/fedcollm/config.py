@@ -50,6 +50,13 @@ class ModelConfig:
     # "nf4" (4-bit NormalFloat, double quantisation, bf16 compute: QLoRA's) or "int8": the
     # frozen base weights through bitsandbytes; the adapter stays float32. "none": `dtype`.
     quantization: Literal["none", "nf4", "int8"] = "none"
+    # "bfloat16": training, distillation and target-loss forwards under bf16 autocast (the
+    # multiple-choice scorer stays in `dtype`); the adapter and its optimiser state stay
+    # float32. CPUs and Ampere-or-later GPUs run it.
+    autocast: Literal["none", "bfloat16"] = "none"
+    # Recompute activations in the backward pass instead of keeping them (less memory,
+    # about a third more compute).
+    gradient_checkpointing: bool = False
     tiny: TinyModel = field(default_factory=TinyModel)
 
 

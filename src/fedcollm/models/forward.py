@@ -29,16 +29,21 @@ def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     (B, L, V), which matters with a 150k-token vocabulary. Returns (N, V) logits and (N,)
     targets, row-major over the batch.
     """
-    batch = batch.to(model_device(model))  # batches are made on the CPU
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        output_hidden_states=True,
-        logits_to_keep=1,  # the model's own logits are not used; keep them to one position
-    )
-    predicts = batch.answer_mask[:, 1:]  # (B, L-1)
-    hidden = out.hidden_states[-1][:, :-1][predicts]  # (N, H): final-norm output
-    return output_logits(model, hidden), batch.answer_targets
+    device = model_device(model)
+    batch = batch.to(device)  # batches are made on the CPU
+    dtype = getattr(model, "autocast_dtype", None)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,  # the model's own logits are not used; keep them to one position
+        )
+        predicts = batch.answer_mask[:, 1:]  # (B, L-1)
+        hidden = out.hidden_states[-1][:, :-1][predicts]  # (N, H): final-norm output
+        logits = output_logits(model, hidden)
+    # Losses and distances in float32 whatever the forward ran in.
+    return (logits.float() if dtype else logits), batch.answer_targets
 
 
 @contextmanager

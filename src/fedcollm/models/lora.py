@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 
 from fedcollm import seeds
 from fedcollm.config import Config, LoraConfig, ModelConfig
-from fedcollm.models.loading import ModelError, load_model, model_device
+from fedcollm.models.loading import DTYPES, ModelError, load_model, model_device
 
 Adapter = dict[str, torch.Tensor]
 
@@ -74,11 +74,15 @@ def add_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
 
 
 def tuned_model(spec: ModelConfig, lora: LoraConfig, seed: int):
-    """A model with a fresh, seeded LoRA adapter, and its tokenizer."""
+    """A model with a fresh, seeded LoRA adapter, and its tokenizer; run as `spec` says
+    (autocast, gradient checkpointing)."""
     model, tokenizer = load_model(spec, seed)
+    if spec.gradient_checkpointing:  # non-reentrant: no input needs requires_grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = add_lora(model, lora)
+    model.autocast_dtype = DTYPES.get(spec.autocast)  # read by every forward (answer_logits)
     return model, tokenizer
 
 

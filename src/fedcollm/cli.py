@@ -53,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         _prepare_models(config)
         check_models(config)
+        _check_gpu_memory(config)
     except USER_ERRORS:
         start.abandon()
         raise
@@ -87,6 +88,30 @@ def _prepare_models(config) -> None:
     for _, spec in model_specs(config):
         if spec.name != "tiny":
             model_path(spec.name)
+
+
+def _check_gpu_memory(config) -> None:
+    """Clients sharing a GPU (federation.client_gpus) must fit on it, by the memory plan."""
+    import torch
+
+    if config.federation.client_gpus > 0 and torch.cuda.is_available():
+        from fedcollm.plan import check_clients_fit
+
+        check_clients_fit(config, torch.cuda.get_device_properties(0).total_memory)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The predicted peak memory of the server and of one client (plan.py), from the
+    models' configs only; with --device-memory, how many simulated clients fit on one."""
+    config = check_run(load_config(args.config, overrides=args.set), simulated=False)
+    from fedcollm.plan import memory_plan, parse_size, plan_table
+    from fedcollm.preflight import check_models
+
+    device = parse_size(args.device_memory) if args.device_memory else None
+    _prepare_models(config)
+    check_models(config)
+    print(plan_table(config, memory_plan(config), device))
+    return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -511,6 +536,13 @@ def parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=1, help="reconstruction: AdamW steps each client takes"
     )
     audit.set_defaults(func=cmd_audit)
+    plan = sub.add_parser("plan", help="predicted peak memory of the server and a client")
+    plan.add_argument("config", help="the run's TOML file")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument(
+        "--device-memory", metavar="SIZE", help="e.g. 80GiB: how many clients fit on one device"
+    )
+    plan.set_defaults(func=cmd_plan)
     rep = sub.add_parser("report", help="rebuild an experiment's report, or compare two")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="one directory, or two to compare")
     rep.add_argument("--metric", default="acc", help="acc, acc_norm, rougeL, target_loss...")

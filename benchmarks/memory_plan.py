@@ -67,9 +67,10 @@ def measure(role: str, config_path: str, overrides: list[str], data_dir: str) ->
         questions, split = training_split(config)
         rows = split.clients[0][: config.client.batch_size]
         examples = full_length(encode_examples(questions, rows, tokenizer, config), length)
+        lr, pad = config.client.lr, tokenizer.pad_token_id
         step = lambda: fine_tune(slm, examples, epochs=1, max_steps=1,  # noqa: E731
-                                 batch_size=len(examples), lr=config.client.lr,
-                                 optim=config.optim, pad_id=tokenizer.pad_token_id, seed=0)  # fmt: skip
+                                 batch_size=len(examples), lr=lr, optim=config.optim,
+                                 pad_id=pad, seed=0)  # fmt: skip
     else:
         server = CoTuningServer.from_config(config)  # the configs measured share a tokenizer
         server.aux_data = full_length(server.aux_data[: config.distill.batch_size], length)

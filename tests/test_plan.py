@@ -68,3 +68,36 @@ def test_sizes_read_as_people_write_them():
     assert parse_size("80GiB") == 80 * 2**30 and parse_size("512M") == 512 * 2**20
     with pytest.raises(ConfigError, match="write it like 80GiB"):
         parse_size("eighty")
+
+
+@pytest.mark.slow
+def test_a_quarter_gpu_share_places_four_client_actors_on_one_logical_gpu():
+    # Ray with one declared (logical) GPU, clients asking fedcollm's resources: four start
+    # at once and take the whole GPU; a fifth waits. Ray's view, which the memory check
+    # in `fedcollm run` must then back with real memory.
+    import ray
+
+    from fedcollm.federation.simulation import backend_config
+
+    config = load_config(
+        TINY, overrides=["federation.client_gpus=0.25", "federation.client_cpus=1"]
+    )
+    backend = backend_config(config, gpus=1)
+    ray.init(**{**backend["init_args"], "num_cpus": 8}, log_to_driver=False)
+    try:
+
+        @ray.remote
+        class Client:
+            def ready(self) -> bool:
+                return True
+
+        resources = backend["client_resources"]
+        actors = [Client.options(**resources).remote() for _ in range(5)]
+        calls = [a.ready.remote() for a in actors]
+        ready, waiting = ray.wait(calls, num_returns=4, timeout=600)  # however slow starts are
+        assert len(ready) == 4
+        assert ray.available_resources().get("GPU", 0) == 0
+        # The fifth has no GPU share left to start on, however long it waits.
+        assert ray.wait(waiting, num_returns=1, timeout=5)[0] == []
+    finally:
+        ray.shutdown()

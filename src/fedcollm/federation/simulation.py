@@ -57,20 +57,12 @@ def simulate(
         except Exception as err:  # noqa: BLE001
             outcome["error"] = err
 
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {
-            "num_cpus": config.federation.client_cpus,
-            "num_gpus": config.federation.client_gpus,
-        },
-        "init_args": {"num_cpus": cpus, "include_dashboard": False},
-    }
     with processes.stopped_with_the_run(out_dir):
         run_simulation(
             server_app=server_app,
             client_app=client_app or make_client_app(config),
             num_supernodes=config.num_clients,
-            backend_config=backend_config,
+            backend_config=backend_config(config),
             verbose_logging=verbose,
         )
     if "error" in outcome:
@@ -78,3 +70,20 @@ def simulate(
     if "rows" not in outcome:
         raise RuntimeError("the simulation ended before the server finished; rerun with -v")
     return outcome["rows"]
+
+
+def backend_config(config: Config, gpus: float | None = None) -> dict:
+    """Ray's resources: each client actor asks for `client_cpus` and `client_gpus` (a share
+    of a GPU is bookkeeping: 0.25 lets Ray place four actors on one GPU, whatever memory
+    they need; `fedcollm run` checks that against the memory plan). `gpus` declares that
+    many GPUs to Ray instead of its own detection (tests)."""
+    init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    if gpus is not None:
+        init_args["num_gpus"] = gpus
+    return {
+        "client_resources": {
+            "num_cpus": config.federation.client_cpus,
+            "num_gpus": config.federation.client_gpus,
+        },
+        "init_args": init_args,
+    }

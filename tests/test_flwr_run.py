@@ -45,7 +45,8 @@ def test_flwr_run_on_the_local_simulation_federation(tmp_path, data_dir):
 
 
 def _stop_local_superlink(home: Path) -> None:
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    ps = ["ps", "-ww", "-eo", "pid,args"]
+    listing = subprocess.run(ps, capture_output=True, text=True).stdout
     for line in listing.splitlines()[1:]:
         pid, args = line.strip().split(" ", 1)
         if "flower-super" in args and (str(home) in args or "--parent-pid" in args):

@@ -180,6 +180,10 @@ def parse_size(text: str) -> float:
     return float(match[1]) * units[match[2]]
 
 
+def _on_cpu(spec: ModelConfig) -> bool:
+    return spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available())
+
+
 def _omega(lora: LoraConfig) -> LoraConfig:
     return dataclasses.replace(lora, variant="lora")  # omega trains A and B whatever theta does
 
@@ -198,6 +202,13 @@ def plan_table(config: Config, plan: dict, device_bytes: float | None) -> str:
         cells = [part[k] / gib for k in ("weights", "adapter_and_optimiser", "activations")]
         cells += [part["overhead"] / gib, part["total"] / gib]
         lines.append(f"| {role} | " + " | ".join(f"{c:.2f} GiB" for c in cells) + " |")
+    if any(s.quantization != "none" and _on_cpu(s) for s in (config.llm, config.slm)):
+        lines += [
+            "",
+            "Quantised base weights on a CPU: bitsandbytes' CPU path was measured far above",
+            "these figures, above even float32's (BENCHMARKS.md section 13). They count what the",
+            "4-bit weights take; on CUDA that is not measured yet (section 15).",
+        ]
     if device_bytes:
         fit = clients_per_device(plan, device_bytes)
         lines += [

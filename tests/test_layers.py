@@ -27,6 +27,7 @@ LAYERS = {
     "data": 1,
     "evaluation": 2,
     "preflight": 2,
+    "plan": 2,
     "algorithm": 3,
     "tracking": 4,
     "federation": 5,

@@ -60,6 +60,9 @@ bench: setup bench-agreement
 	$(BIN)/python benchmarks/secure_aggregation.py --data-dir $(DATA_DIR)
 	$(BIN)/python benchmarks/privacy.py --data-dir $(DATA_DIR) --json runs/bench/privacy.json
 	$(BIN)/python benchmarks/generation.py --data-dir $(DATA_DIR) --json runs/bench/generation.json
+	$(BIN)/python benchmarks/memory_plan.py --data-dir $(DATA_DIR) --json runs/bench/memory_plan.json
+	$(BIN)/python benchmarks/quantization.py --data-dir $(DATA_DIR) --json runs/bench/quantization.json
+	$(BIN)/python benchmarks/reconstruction.py --data-dir $(DATA_DIR) --json runs/bench/reconstruction.json
 	$(BIN)/fedcollm models --fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 	$(BIN)/python benchmarks/demo_profile.py --json runs/bench/demo.json --plot runs/bench/demo.png
 

@@ -22,8 +22,12 @@ CASES = [  # (name, config, overrides, roles)
     ("SmolLM2-135M client", "configs/audit.toml", [], ("client",)),
     ("demo: Qwen 0.5B clients, Qwen 1.5B server", "configs/demo.toml", [], ("client", "server")),
     ("demo, 4-bit LLM", "configs/demo.toml", ['llm.quantization="nf4"'], ("server",)),
-    ("demo, 4-bit SLM, bf16 autocast", "configs/demo.toml",
-     ['slm.quantization="nf4"', 'slm.autocast="bfloat16"'], ("client",)),
+    (
+        "demo, 4-bit SLM, bf16 autocast",
+        "configs/demo.toml",
+        ['slm.quantization="nf4"', 'slm.autocast="bfloat16"'],
+        ("client",),
+    ),
 ]
 
 

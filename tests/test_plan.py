@@ -43,6 +43,7 @@ def test_quantisation_bf16_and_checkpointing_shrink_what_they_should():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["client", "server"])
 def test_the_tiny_plan_is_within_25_percent_of_the_measured_peak(role, data_dir):
     # The tiny models' peaks are mostly the process's and the step's own allocations, which

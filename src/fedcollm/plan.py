@@ -210,9 +210,11 @@ def plan_table(config: Config, plan: dict, device_bytes: float | None) -> str:
             "4-bit weights take; on CUDA that is not measured yet (section 15).",
         ]
     if device_bytes:
-        fit = clients_per_device(plan, device_bytes)
+        alone = clients_per_device(plan, device_bytes)
+        beside = clients_per_device(plan, max(device_bytes - plan["server"]["total"], 0))
         lines += [
             "",
-            f"Simulated clients that fit on a device of {device_bytes / gib:.0f} GiB: {fit}",
+            f"Simulated clients that fit on a device of {device_bytes / gib:.0f} GiB: {alone} "
+            f"on their own, {beside} beside the server",
         ]
     return "\n".join(lines)

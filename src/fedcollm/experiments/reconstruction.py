@@ -161,12 +161,16 @@ class MaskedPursuit:
         self.residual = rows.double() * self.mask
         self.basis = self.residual.new_zeros(len(rows), rows.shape[1], 0)
 
-    def gains(self, inputs: torch.Tensor) -> torch.Tensor:
+    def norms(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(rows, n): each input's squared norm on each row's observed entries."""
+        return (self.mask @ (inputs.double() ** 2).T).clamp_min(1e-30)
+
+    def gains(self, inputs: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
         """(n,): how much of what is left of the rows each input explains (summed over rows
-        of (r . x)^2 / |x|^2 on each row's observed entries)."""
-        x = inputs.double()
-        norms = (self.mask @ (x**2).T).clamp_min(1e-30)
-        return ((self.residual @ x.T) ** 2 / norms).sum(0)
+        of (r . x)^2 / |x|^2 on each row's observed entries); `norms` as `norms` gives
+        them, when the same inputs are scored again."""
+        norms = self.norms(inputs) if norms is None else norms
+        return ((self.residual @ inputs.double().T) ** 2 / norms).sum(0)
 
     def choose(self, vector: torch.Tensor) -> None:
         atoms = self.mask * vector.double()  # (rows, d): the input as each row observes it
@@ -187,8 +191,9 @@ def pursue_tokens(
     what is left of the rows on their observed entries (`MaskedPursuit`). Where the span
     test needs every entry, this needs only some: AdamW's inversion gives them."""
     pursuit, chosen = MaskedPursuit(rows, observed), []
+    norms = pursuit.norms(inputs)  # the same vocabulary every time
     for _ in range(count):
-        gain = pursuit.gains(inputs)
+        gain = pursuit.gains(inputs, norms)
         gain[chosen] = -1
         chosen.append(int(gain.argmax()))
         pursuit.choose(inputs[chosen[-1]])

@@ -12,7 +12,8 @@ server holds, three views:
 - "gradient": client 0's exact gradient, for reference (what DAGER assumes, and what one
   step of plain SGD would send; fedcollm's clients step with AdamW);
 - "upload": client 0's theta_k (no secure aggregation);
-- "secagg": the mean of the K uploads (secure aggregation shows only their sum);
+- "secagg": the mean of the K uploads (secure aggregation shows only their sum; with SLM
+  groups, the K clients of client 0's group);
 - "secagg+dp": that mean after DP under secure aggregation: each update clipped to C, the
   sum noised with N(0, (sigma C)^2) (the config's privacy keys, else `DEFAULT_DP`).
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcollm.algorithm.groups import member_config
+from fedcollm.algorithm.groups import member_config, slm_groups
 from fedcollm.algorithm.privacy import clip_update
 from fedcollm.algorithm.training import answer_loss, fine_tune
 from fedcollm.config import Config, ConfigError
@@ -73,11 +74,15 @@ def run_reconstruction(
     """Every (batch size, draw, view) case's attack; the medians per (view, batch)."""
     member = member_config(config, 0)
     questions, split = training_split(config)
+    # The clients whose uploads are summed with client 0's: its SLM group's (all of them
+    # where every client holds the same SLM).
+    group = next(g.clients for g in slm_groups(config) if 0 in g.clients)
+    parts = [split.clients[k] for k in group]
     needed = max(settings.batches) * settings.draws
-    if min(len(rows) for rows in split.clients) < needed:
+    if min(len(rows) for rows in parts) < needed:
         raise ConfigError(
             f"--batches/--draws: each client needs {needed} training rows, the smallest part "
-            f"has {min(len(r) for r in split.clients)}; use smaller batches or fewer draws"
+            f"has {min(len(r) for r in parts)}; use smaller batches or fewer draws"
         )
     slm, tokenizer = build_slm(member)
     draw_trained_b(slm, config.seed)
@@ -87,8 +92,8 @@ def run_reconstruction(
     cases = []
     for batch in settings.batches:
         for draw in range(settings.draws):
-            parts = [rows[draw * batch : (draw + 1) * batch] for rows in split.clients]
-            examples = [encode_examples(questions, part, tokenizer, member) for part in parts]
+            batches = [rows[draw * batch : (draw + 1) * batch] for rows in parts]
+            examples = [encode_examples(questions, rows, tokenizer, member) for rows in batches]
             uploads = [
                 local_update(member, slm, tokenizer, theta, e, settings.steps) for e in examples
             ]
@@ -109,7 +114,7 @@ def run_reconstruction(
         "model": member.slm.name or "tiny",
         "rank": member.lora.r,
         "lora_dropout": member.lora.dropout,
-        "clients": config.num_clients,
+        "clients": len(group),
         "dp": {"clip_norm": dp[0], "noise_multiplier": dp[1]},
         "settings": {
             "batches": list(settings.batches),

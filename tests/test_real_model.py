@@ -41,3 +41,25 @@ def test_smollm2_is_well_above_chance_on_arc_easy(smollm2, data_dir):
     questions = load_questions("arc_easy", "validation", data_dir)[:100]
     result = evaluate_multiple_choice(model, tokenizer, questions)
     assert result.acc > 0.38  # chance is about 0.25 on four choices
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_smollm2_in_4_and_8_bits_still_answers_the_known_question(quantization, data_dir):
+    # bitsandbytes' CPU path on a registry model: loaded quantised, scored, one LoRA step.
+    from fedcollm.algorithm.training import fine_tune
+    from fedcollm.config import LoraConfig, OptimConfig
+    from fedcollm.data import encode_pair
+    from fedcollm.models import add_lora
+
+    ensure_model("smollm2-135m")
+    model, tokenizer = load_model(ModelConfig(name="smollm2-135m", quantization=quantization), 0)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ in {"Linear4bit", "Linear8bitLt"}
+    questions = load_questions("arc_easy", "validation", data_dir)
+    question = next(q for q in questions if q.id == KNOWN_ID)
+    (scores,) = choice_loglikelihoods(model, tokenizer, [question])
+    assert question.choices[max(range(len(scores)), key=scores.__getitem__)] == question.answer
+    tuned = add_lora(model, LoraConfig())
+    example = encode_pair(tokenizer, "Question: a bird has\nAnswer:", " feathers", 64)
+    result = fine_tune(tuned, [example], epochs=1, max_steps=1, batch_size=1, lr=1e-3,
+                       optim=OptimConfig(), pad_id=tokenizer.pad_token_id, seed=0)  # fmt: skip
+    assert result.steps == 1 and result.mean_loss > 0

@@ -23,9 +23,9 @@ import time
 import torch
 from common import machine
 
-from fedcollm.algorithm.training import answer_loss, fine_tune
+from fedcollm.algorithm.training import fine_tune
 from fedcollm.config import load_config
-from fedcollm.data import collate, encode_examples, load_questions
+from fedcollm.data import encode_examples, load_questions
 from fedcollm.experiments.reconstruction import (
     adam_observations,
     first_layer_inputs,
@@ -34,7 +34,7 @@ from fedcollm.experiments.reconstruction import (
     precision_recall,
     pursue_tokens,
 )
-from fedcollm.experiments.reconstruction_audit import draw_trained_b
+from fedcollm.experiments.reconstruction_audit import batch_gradient, draw_trained_b
 from fedcollm.models import build_slm, get_adapter, set_adapter
 
 
@@ -64,9 +64,7 @@ def one_case(args, rank: int, batch: int) -> dict:
     lr = config.client.lr
     questions = load_questions("arc_easy", "train", args.data_dir)
     examples = encode_examples(questions, range(batch), tokenizer, config)
-    answer_loss(slm, collate(examples, tokenizer.pad_token_id)).backward()
-    exact = {n: p.grad.clone() for n, p in slm.named_parameters() if p.requires_grad}
-    slm.zero_grad(set_to_none=True)
+    exact = batch_gradient(slm, tokenizer, theta, examples)
     sent, true, _ = upload(config, slm, tokenizer, theta, list(range(batch)), args.data_dir)
     inputs = first_layer_inputs(slm)
     start = time.perf_counter()

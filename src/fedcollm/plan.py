@@ -19,7 +19,6 @@ peaks in benchmarks/memory_plan.py (BENCHMARKS.md).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -102,7 +101,7 @@ def weight_bytes(shape: Shapes, spec: ModelConfig) -> float:
 
 def activation_bytes(shape: Shapes, spec: ModelConfig, lora: LoraConfig, rows: int, length: int):
     """What one training step keeps for its backward pass at `rows` x `length` tokens."""
-    size = 2 if spec.autocast == "bfloat16" else BYTES[spec.dtype]
+    size = _activation_size(spec)
     tokens = rows * length
     per_layer = 5 * shape.hidden + 2 * shape.kv + 3 * shape.intermediate
     if lora.dropout > 0:
@@ -116,8 +115,13 @@ def activation_bytes(shape: Shapes, spec: ModelConfig, lora: LoraConfig, rows: i
 
 def teacher_bytes(shape: Shapes, spec: ModelConfig, rows: int, length: int) -> float:
     """A forward without gradient: its returned hidden states, one per layer, and logits."""
-    size = 2 if spec.autocast == "bfloat16" else BYTES[spec.dtype]
+    size = _activation_size(spec)
     return rows * length * (shape.layers + 1) * shape.hidden * size + _logits_bytes(shape, rows)
+
+
+def _activation_size(spec: ModelConfig) -> int:
+    """Bytes an activation takes: bf16 under autocast, else the model's dtype."""
+    return 2 if spec.autocast == "bfloat16" else BYTES[spec.dtype]
 
 
 def _logits_bytes(shape: Shapes, rows: int) -> float:
@@ -127,7 +131,7 @@ def _logits_bytes(shape: Shapes, rows: int) -> float:
 def memory_plan(config: Config) -> dict:
     """Bytes per part and in total, for the server process and for one client."""
     length = config.data.max_length
-    slm, llm = shapes(config.slm, config.lora), shapes(config.llm, _omega(config.lora))
+    slm, llm = shapes(config.slm, config.lora), shapes(config.llm, config.lora)
     slm_weights, llm_weights = weight_bytes(slm, config.slm), weight_bytes(llm, config.llm)
     rows = config.distill.batch_size
     slm_step = activation_bytes(slm, config.slm, config.lora, rows, length)
@@ -182,10 +186,6 @@ def parse_size(text: str) -> float:
 
 def _on_cpu(spec: ModelConfig) -> bool:
     return spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available())
-
-
-def _omega(lora: LoraConfig) -> LoraConfig:
-    return dataclasses.replace(lora, variant="lora")  # omega trains A and B whatever theta does
 
 
 def plan_table(config: Config, plan: dict, device_bytes: float | None) -> str:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedcollm.algorithm.aggregation import weighted_mean
 from fedcollm.algorithm.groups import member_config, slm_groups
 from fedcollm.algorithm.privacy import clip_update
 from fedcollm.algorithm.training import answer_loss, fine_tune
@@ -140,11 +141,11 @@ def attack(slm, tokenizer, upload, theta, config, examples, inputs, steps: int =
         rows = layer_rows(estimate)
         observed = torch.ones_like(rows, dtype=torch.bool)
     tokens = pursue_tokens(inputs, rows, observed, len(true_tokens))
-    positions = sum(branch_counts(sequences))
+    branches = branch_counts(sequences)
+    positions = sum(branches)
     found = None
     if positions <= 3 * config.lora.r:
-        basis = input_span(estimate, layer=1)
-        found = grow_sequences(slm, tokens, basis, branch_counts(sequences))
+        found = grow_sequences(slm, tokens, input_span(estimate, layer=1), branches)
     seconds = time.perf_counter() - start
     precision, recall = precision_recall(set(tokens), true_tokens)
     return {
@@ -286,7 +287,7 @@ def batch_gradient(slm, tokenizer, theta: Adapter, examples) -> Adapter:
 
 
 def _mean(uploads: list[Adapter]) -> Adapter:
-    return {k: sum(u[k].double() for u in uploads).div(len(uploads)).float() for k in uploads[0]}
+    return weighted_mean(uploads, [1 / len(uploads)] * len(uploads))
 
 
 def _noised_mean(uploads, theta, clip_norm, noise_multiplier, seed) -> Adapter:

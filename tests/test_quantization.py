@@ -93,8 +93,13 @@ def test_quantisation_without_bitsandbytes_is_refused_in_one_line(monkeypatch):
 
 
 def test_4bit_widths_the_cpu_kernel_cannot_cut_are_refused_before_loading(data_dir):
+    from fedcollm.preflight import check_models
+
+    config = _config(data_dir, slm="nf4", tiny=())  # configs/tiny.toml's SLM: 48 wide
     with pytest.raises(ModelError, match="multiples of 64"):
-        build_slm(_config(data_dir, slm="nf4", tiny=()))  # configs/tiny.toml's SLM: 48 wide
+        check_models(config)  # what a run checks before any process starts
+    with pytest.raises(ModelError, match="multiples of 64"):
+        build_slm(config)
 
 
 def test_bf16_autocast_tracks_float32_and_keeps_the_adapter_in_float32(data_dir):

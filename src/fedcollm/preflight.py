@@ -34,6 +34,7 @@ from fedcollm.models import (
 )
 from fedcollm.models.loading import tiny_tokenizer
 from fedcollm.models.lora import TARGET_MODULES
+from fedcollm.models.quantization import check_quantizable
 from fedcollm.models.registry import REGISTRY
 from fedcollm.models.vocabulary import check_cross_family, same_vocabulary
 from fedcollm.registry import AGGREGATIONS
@@ -194,6 +195,7 @@ def check_models(config: Config) -> None:
                 continue
             check_model_dir(model_path(spec.name))
         arch = architecture(spec)
+        check_quantizable(arch, spec, resolve_device(spec.device))  # before any process starts
         _check_targets(config, role, spec.name, arch)
         if config.data.prompt_format == "chat":
             _check_chat_template(role, spec.name)

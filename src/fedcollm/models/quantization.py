@@ -36,7 +36,7 @@ def load_quantized(spec: ModelConfig, source, local_only: bool, device: torch.de
     k-bit preparation: norms and embeddings in float32, inputs that carry gradients)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_blocks(AutoConfig.from_pretrained(source, local_files_only=local_only), spec, device)
+    check_quantizable(AutoConfig.from_pretrained(source, local_files_only=local_only), spec, device)
     _quiet_bitsandbytes()
     from peft import prepare_model_for_kbit_training
 
@@ -60,9 +60,10 @@ def quantize_built(model: torch.nn.Module, spec: ModelConfig, device: torch.devi
 BLOCK = 64  # bitsandbytes' 4-bit block; its CPU kernel needs whole blocks per row
 
 
-def _check_blocks(architecture, spec: ModelConfig, device: torch.device) -> None:
+def check_quantizable(architecture, spec: ModelConfig, device: torch.device) -> None:
     """On a CPU, bitsandbytes' 4-bit kernel reshapes each weight into blocks of 64 inputs
-    and fails deep inside on other widths: say so first."""
+    and fails deep inside on other widths: say so first (the preflight, before any process
+    starts, and the loader, for models built outside a run)."""
     if spec.quantization != "nf4" or device.type != "cpu":
         return
     widths = {getattr(architecture, k, 0) for k in ("hidden_size", "intermediate_size")}

@@ -48,13 +48,17 @@ def test_quantisation_bf16_and_checkpointing_shrink_what_they_should():
 def test_the_tiny_plan_is_within_25_percent_of_the_measured_peak(role, data_dir):
     # The tiny models' peaks are mostly the process's and the step's own allocations, which
     # the plan's constants were measured from; the registry models' figures are in
-    # BENCHMARKS.md. A fresh process each, as a client or the server is.
+    # BENCHMARKS.md. A fresh process each, as a client or the server is. One process's peak
+    # varies from run to run (the tiny server's between 58 and 77 MiB), and a plan must cover
+    # the worst run: the largest of five is the measured peak.
     command = [sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--data-dir",
                str(data_dir), "--measure", role, str(TINY), "[]"]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    measured = json.loads(out.strip().splitlines()[-1])["peak"]
+    peaks = []
+    for _ in range(5):
+        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
     predicted = memory_plan(load_config(TINY))[role]["total"]
-    assert abs(predicted / measured - 1) < 0.25, (predicted, measured)
+    assert abs(predicted / max(peaks) - 1) < 0.25, (predicted, peaks)
 
 
 def test_clients_that_cannot_share_a_gpu_are_refused_in_one_line():

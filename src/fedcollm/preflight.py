@@ -1,6 +1,6 @@
 """What can be checked about a run before any model loads or any process starts.
 
-`config.py` checks each value on its own; this module checks them against what they point
+`config/` checks each value on its own; this module checks them against what they point
 at: the task and its files, the models, this machine. `fedcollm run` and `fedcollm
 experiment` call `check_run`, `check_data` and `check_models` in that order (the last after
 registry models are fetched), before Ray starts; the deployed ServerApp calls them too.

@@ -2,7 +2,7 @@
 members (a config key, a task file's metric_list, `experiment --methods`) accepts it at once
 (lm-eval's `@register_metric`, PEFT's `register_peft_method`).
 
-The registries live here, below every layer, so that `config.py` and the task-file reader
+The registries live here, below every layer, so that `config/` and the task-file reader
 can check a name without importing the layers that implement the members. Each knows the
 module that registers its built-in members (`home`) and imports it on first use. A member
 added outside fedcollm must be registered (its module imported) before a config that

@@ -88,7 +88,7 @@ def test_a_bad_value_stops_the_run_before_it_starts(
     capsys, tmp_path, data_dir, started, setting, fragment
 ):
     line = refused(capsys, *run_args(data_dir, tmp_path / "out", setting))
-    arc = Path(cli.__file__).parent / "data" / "task_files" / "arc_easy.yaml"
+    arc = Path(cli.__file__).parents[1] / "data" / "task_files" / "arc_easy.yaml"
     assert fragment.format(arc=arc) in line
     assert not started and not (tmp_path / "out").exists()
 

@@ -242,6 +242,22 @@ def test_the_run_plot_draws_the_majority_floor(tmp_path, monkeypatch):
     assert drawn == [0.3] and (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 
+def test_the_run_plots_legend_covers_no_point(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from fedcollm.tracking.report import plot_accuracy
+
+    legends = []
+    real = Axes.legend
+    monkeypatch.setattr(Axes, "legend", lambda ax, *a, **kw: legends.append(real(ax, *a, **kw)))
+    row = {"task": "t", "eval_questions": 60, "eval_split": "validation", "llm_majority": 0.3}
+    rows = [{**row, "round": n, "llm_acc": 0.75, "llm_acc_norm": 0.72} for n in (0, 2)]
+    rows = [{**r, "slm_acc": 0.5, "slm_acc_norm": 0.5} for r in rows]
+    plot_accuracy(rows, tmp_path / "accuracy.png")
+    (legend,) = legends  # one legend, outside the axes that hold the points
+    assert not legend.get_window_extent().overlaps(legend.axes.get_window_extent())
+
+
 def test_a_tracker_that_would_fail_later_refuses_the_run_before_it_starts(
     tmp_path, data_dir, monkeypatch, capsys
 ):

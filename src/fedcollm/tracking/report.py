@@ -17,7 +17,10 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     rows = [r for r in rows if r.get(f"{roles[0]}_{row_metrics(r)[0]}") is not None]  # scored
     rounds = [r["round"] for r in rows]
     first, second = row_metrics(rows[-1])[:2]
-    with figure(path, figsize=(6, 4), dpi=120) as (fig, ax):
+    # The legend goes below the axes, where it hides no point (the LLM's round-0 score sat
+    # under it, top left): two columns, the figure taller by its rows.
+    legend_rows = (2 * (1 + len(roles)) + 1 + 1) // 2
+    with figure(path, figsize=(6, 3.6 + 0.2 * legend_rows), dpi=120) as (fig, ax):
         loss_ax = ax.twinx() if not is_share(second) else ax
         models = [("llm", "server LLM", "tab:blue")] + [
             (role, f"global SLM{role[3:]}", f"C{k}") for k, role in enumerate(roles, start=1)
@@ -53,11 +56,15 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set(
             xlabel="round (0 = zero-shot)", ylabel=ylabel, ylim=(0, 1), xticks=rounds, title=title
         )
+        handles, labels = ax.get_legend_handles_labels()
         if loss_ax is not ax:
             loss_ax.set(ylabel=f"{second} (dashed)")
-            loss_ax.legend(fontsize=8, loc="upper right")
+            more = loss_ax.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(
+            handles, labels, fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2)
+        )
 
 
 _METRICS_NOTE = (
